@@ -70,6 +70,9 @@ class GenerateConfig(_Section):
 
 class ValidateConfig(_Section):
     max_bad_row_share: float = Field(0.05, ge=0.0, le=1.0)  # above it the stage fails
+    # Events may arrive up to this many days late (ts before the partition's day); older ones and any
+    # ts after the partition's day are quarantined as ts_outside_day.
+    late_days: int = Field(2, ge=0)
     max_value: float = 1e9  # browse "value" must be finite and within [0, max_value]
 
 
