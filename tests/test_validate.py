@@ -1,0 +1,216 @@
+"""Validation: each rule on a hand-broken input, rows conserved, table-level failures, reports."""
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import validate
+from jobs.validate import ValidationFailed
+from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
+from synergen_core import lake
+from synergen_core.config import Config
+
+DS = "2026-01-02"
+T0 = dt.datetime(2026, 1, 2, 12, tzinfo=dt.timezone.utc)
+
+
+def cfg_for(tmp_path, **validate_overrides) -> Config:
+    cfg = Config()
+    cfg.lake.root = tmp_path / "lake"
+    for k, v in validate_overrides.items():
+        setattr(cfg.validate_, k, v)
+    return cfg
+
+
+def write_raw(cfg, table, rows, schema, ds=DS, name="part-0.parquet"):
+    part = lake.partition(cfg.lake.root, f"raw/{table}", ds)
+    part.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), part / name)
+    return part / name
+
+
+def catalog_rows():
+    return [
+        {C.ITEM_ID: "i1", C.TITLE: "red lipstick", C.CATEGORIES: ["beauty", "lips"]},
+        {C.ITEM_ID: "i2", C.TITLE: "blue mascara", C.CATEGORIES: ["beauty", "eyes"]},
+        {C.ITEM_ID: "i2", C.TITLE: "duplicate of i2"},  # duplicate_item_id: first row kept
+        {C.ITEM_ID: "i3", C.TITLE: None},  # null:title
+        {C.ITEM_ID: None, C.TITLE: "no id"},  # null:item_id
+    ]
+
+
+def browse(eid, **kw):
+    row = {C.EVENT_ID: eid, C.USER_ID: "u1", C.TS: T0, C.ITEM_ID: "i1", C.ACTION: "view", C.SURFACE: "home"}
+    row.update(kw)
+    return row
+
+
+def search(eid, **kw):
+    row = {C.EVENT_ID: eid, C.USER_ID: "u1", C.TS: T0, C.QUERY: "red lipstick", C.ITEM_ID: "i1", C.ACTION: "click"}
+    row.update(kw)
+    return row
+
+
+BROWSE_CASES = {
+    "b-ok": ({}, ""),
+    "b-late": ({C.TS: T0 - dt.timedelta(days=1)}, ""),  # within late_days=2
+    "b-rating": ({C.ACTION: "rate", C.VALUE: 4.5}, ""),
+    "b-null-user": ({C.USER_ID: None}, "null:user_id"),
+    "b-null-ts": ({C.TS: None}, "null:ts"),
+    "b-null-item": ({C.ITEM_ID: None}, "null:item_id"),
+    "b-future": ({C.TS: T0 + dt.timedelta(days=1)}, "ts_outside_day"),
+    "b-too-late": ({C.TS: T0 - dt.timedelta(days=3)}, "ts_outside_day"),
+    "b-action": ({C.ACTION: "clik"}, "unknown_action"),
+    "b-unknown-item": ({C.ITEM_ID: "i999"}, "unknown_item"),
+    "b-dropped-item": ({C.ITEM_ID: "i3"}, "unknown_item"),  # its catalog row was quarantined
+    "b-nan": ({C.VALUE: float("nan")}, "bad_value"),
+    "b-negative": ({C.VALUE: -1.0}, "bad_value"),
+    "b-inf": ({C.VALUE: float("inf")}, "bad_value"),
+    "b-two": ({C.ACTION: "clik", C.ITEM_ID: "i999"}, "unknown_action;unknown_item"),
+}
+SEARCH_CASES = {
+    "s-ok": ({}, ""),
+    "s-no-click": ({C.ITEM_ID: None, C.ACTION: "none"}, ""),
+    "s-empty": ({C.QUERY: ""}, "empty_query"),
+    "s-blank": ({C.QUERY: "   "}, "empty_query"),
+    "s-null-query": ({C.QUERY: None}, "null:query"),
+    "s-null-event": ({C.EVENT_ID: None}, "null:event_id"),
+    "s-action": ({C.ACTION: "view"}, "unknown_action"),  # a browse action is not a search action
+}
+
+
+@pytest.fixture()
+def broken_lake(tmp_path):
+    cfg = cfg_for(tmp_path, max_bad_row_share=1.0)
+    write_raw(cfg, "catalog", catalog_rows(), CATALOG)
+    write_raw(cfg, "browse_events", [browse(k, **kw) for k, (kw, _) in BROWSE_CASES.items()], BROWSE_EVENTS)
+    write_raw(cfg, "search_events", [search(k, **kw) for k, (kw, _) in SEARCH_CASES.items()], SEARCH_EVENTS)
+    return cfg
+
+
+def quarantined(cfg, table, ds=DS):
+    return pq.read_table(lake.partition(cfg.lake.root, f"quarantine/{table}", ds)).to_pylist()
+
+
+def validated(cfg, table, ds=DS):
+    return pq.read_table(lake.partition(cfg.lake.root, f"validated/{table}", ds))
+
+
+def test_every_rule_quarantines_with_its_reason(broken_lake):
+    cfg = broken_lake
+    out = validate.run(cfg, DS)
+    for table, cases in (("browse_events", BROWSE_CASES), ("search_events", SEARCH_CASES)):
+        got = {r[C.EVENT_ID]: r[C.REASON] for r in quarantined(cfg, table)}
+        # the row whose event id is null comes back keyed by None
+        want = {(None if k == "s-null-event" else k): reason for k, (_, reason) in cases.items() if reason}
+        assert got == want, table
+        ok = set(validated(cfg, table).column(C.EVENT_ID).to_pylist())
+        assert ok == {k for k, (_, reason) in cases.items() if not reason}
+    cat_q = {(r[C.ITEM_ID], r[C.TITLE]): r[C.REASON] for r in quarantined(cfg, "catalog")}
+    assert cat_q == {("i2", "duplicate of i2"): "duplicate_item_id", ("i3", None): "null:title",
+                     (None, "no id"): "null:item_id"}
+    assert validated(cfg, "catalog").column(C.TITLE).to_pylist() == ["red lipstick", "blue mascara"]
+    assert out["browse_events"]["reasons"]["bad_value"] == 3
+    assert out["browse_events"]["reasons"]["unknown_item"] == 3
+
+
+def test_rows_are_conserved_and_traceable(broken_lake):
+    cfg = broken_lake
+    out = validate.run(cfg, DS)
+    for table, n in (("catalog", 5), ("browse_events", len(BROWSE_CASES)), ("search_events", len(SEARCH_CASES))):
+        q = quarantined(cfg, table)
+        assert validated(cfg, table).num_rows + len(q) == n == out[table]["rows_in"]
+        for r in q:  # every quarantined row names its file and row
+            assert r[C.SOURCE_FILE] == f"raw/{table}/ds={DS}/part-0.parquet"
+            assert 0 <= r[C.SOURCE_ROW] < n
+    q = {r[C.EVENT_ID]: r[C.SOURCE_ROW] for r in quarantined(cfg, "browse_events")}
+    assert q["b-future"] == list(BROWSE_CASES).index("b-future")
+
+
+def test_reports_are_saved_beside_the_data(broken_lake):
+    cfg = broken_lake
+    validate.run(cfg, DS)
+    part = lake.partition(cfg.lake.root, "validated/browse_events", DS)
+    summary = json.loads((part / "_validation.json").read_text())
+    assert summary["rows_in"] == len(BROWSE_CASES) and summary["reasons"]["ts_outside_day"] == 2
+    ge = json.loads((part / "_validation.ge.json").read_text())
+    assert ge["success"] is False and len(ge["results"]) == 9
+    assert "check_value_in_range" in (part / "_validation.html").read_text()
+    assert (part / lake.SUCCESS).exists()
+
+
+def test_rerun_is_idempotent(broken_lake):
+    cfg = broken_lake
+    validate.run(cfg, DS)
+    first = validated(cfg, "browse_events")
+    validate.run(cfg, DS)
+    assert validated(cfg, "browse_events").equals(first)
+    part = lake.partition(cfg.lake.root, "validated/browse_events", DS)
+    assert [p.name for p in part.parent.iterdir()] == [part.name]  # no staging folders left behind
+
+
+def test_bad_share_over_threshold_fails_naming_file_field_and_counts(broken_lake):
+    cfg = broken_lake
+    validate.run(cfg, DS, tables=["catalog"])
+    cfg.validate_.max_bad_row_share = 0.2
+    with pytest.raises(ValidationFailed) as e:
+        validate.run(cfg, DS, tables=["browse_events"])
+    msg = str(e.value)
+    assert f"raw/browse_events/ds={DS}" in msg and "max_bad_row_share=20.0%" in msg
+    assert "bad_value 3" in msg and "null:user_id 1" in msg
+    assert "part-0.parquet row 3" in msg  # the first bad row: b-null-user
+    # quarantine is written for inspection, validated data is not published
+    assert len(quarantined(cfg, "browse_events")) == 12
+    assert not lake.partition(cfg.lake.root, "validated/browse_events", DS).exists()
+
+
+def test_wrong_schema_fails_naming_file_and_field(tmp_path):
+    cfg = cfg_for(tmp_path)
+    write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
+    schema = BROWSE_EVENTS.remove(BROWSE_EVENTS.get_field_index(C.USER_ID))
+    path = write_raw(cfg, "browse_events", [browse("b1")], schema)
+    with pytest.raises(ValidationFailed, match=f"{path}: missing field 'user_id'"):
+        validate.run(cfg, DS, tables=["browse_events"])
+    bad_type = BROWSE_EVENTS.set(BROWSE_EVENTS.get_field_index(C.VALUE), pa.field(C.VALUE, pa.string()))
+    path = write_raw(cfg, "browse_events", [browse("b1", value="lots")], bad_type)
+    with pytest.raises(ValidationFailed, match="field 'value' has type string"):
+        validate.run(cfg, DS, tables=["browse_events"])
+
+
+def test_castable_types_and_extra_fields_are_accepted(tmp_path):
+    cfg = cfg_for(tmp_path)
+    write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
+    schema = pa.schema([pa.field(C.USER_ID, pa.int64()) if f.name == C.USER_ID else f for f in BROWSE_EVENTS])
+    schema = schema.append(pa.field("session_hint", pa.string()))
+    write_raw(cfg, "browse_events", [browse("b1", user_id=7, session_hint="x")], schema)
+    out = validate.run(cfg, DS, tables=["catalog", "browse_events"])
+    assert out["browse_events"]["extra_fields_ignored"] == ["session_hint"]
+    assert validated(cfg, "browse_events").column(C.USER_ID).to_pylist() == ["7"]
+
+
+def test_missing_or_empty_events_partition_fails(tmp_path):
+    cfg = cfg_for(tmp_path)
+    write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
+    with pytest.raises(ValidationFailed, match="raw/search_events: no partition for 2026-01-02"):
+        validate.run(cfg, DS, tables=["search_events"])
+    write_raw(cfg, "search_events", [], SEARCH_EVENTS)
+    with pytest.raises(ValidationFailed, match=r"ds=2026-01-02: empty partition \(0 rows"):
+        validate.run(cfg, DS, tables=["search_events"])
+
+
+def test_range_validates_each_day_against_the_catalog_as_of_that_day(tmp_path):
+    cfg = cfg_for(tmp_path, max_bad_row_share=1.0)
+    d1, d2 = "2026-01-01", "2026-01-02"
+    write_raw(cfg, "catalog", catalog_rows()[:1], CATALOG, ds=d1)
+    write_raw(cfg, "catalog", [{C.ITEM_ID: "i9", C.TITLE: "new on day 2"}], CATALOG, ds=d2)
+    t1 = T0 - dt.timedelta(days=1)
+    write_raw(cfg, "browse_events", [browse("a", ts=t1), browse("b", ts=t1, item_id="i9")], BROWSE_EVENTS, ds=d1)
+    write_raw(cfg, "browse_events", [browse("c", item_id="i9")], BROWSE_EVENTS, ds=d2)
+    out = validate.run_range(cfg, d1, d2, tables=["catalog", "browse_events"])
+    assert out["browse_events"]["days"] == 2
+    assert [r[C.EVENT_ID] for r in quarantined(cfg, "browse_events", d1)] == ["b"]  # i9 not yet in the catalog
+    assert validated(cfg, "browse_events", d2).column(C.EVENT_ID).to_pylist() == ["c"]
+    summary = json.loads((lake.partition(cfg.lake.root, "validated/browse_events", d1) / "_validation.json").read_text())
+    assert summary["rows_in"] == 2 and summary["ge_report"].startswith("validated/browse_events/_reports/")
