@@ -54,7 +54,8 @@ def cmd_ingest(cfg: Config, args) -> None:
 def cmd_validate(cfg: Config, args) -> None:
     from jobs import validate
 
-    _print(validate.run(cfg, args.ds, tables=args.table))
+    last = args.last_ds or args.ds
+    _print(validate.run_range(cfg, args.ds, last, tables=args.table))
 
 
 def cmd_run(cfg: Config, args) -> None:
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--table", action="append", choices=["catalog", "search_events", "browse_events"],
                    help="only these tables (repeatable; default all)")
+    p.add_argument("--last-ds", type=_ds, help="validate every day from --ds to this day as one batch (backfills)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="the main job on the embedded default (generated logs)")
