@@ -7,7 +7,8 @@ replaces the day. Beside the validated data: ``_validation.json`` (the day's cou
 single-day run, the GE result (``_validation.ge.json``) and its data docs page (``_validation.html``).
 
 Table-level failures raise ``ValidationFailed`` naming the file, field and counts: a file that does
-not match the contract, an empty or missing events partition, or a bad-row share above
+not match the contract, an events partition that is empty, a day with no events partition in either
+events table (for a one-day run), or a bad-row share above
 ``validate.max_bad_row_share`` (the quarantine and report are still written, the validated data not).
 
 The catalog is validated first: events are checked against the validated catalog as of their day.
@@ -42,7 +43,12 @@ DAY_US = 86_400 * 1_000_000
 
 
 class ValidationFailed(RuntimeError):
-    """A table-level failure: the stage stops, with the file, field and counts in the message."""
+    """A table-level failure: the stage stops, with the file, field and counts in the message.
+    ``report_dirs`` lists the partitions whose reports this run wrote before it stopped."""
+
+    def __init__(self, message: str, report_dirs: list[Path] | None = None):
+        super().__init__(message)
+        self.report_dirs = report_dirs or []
 
 
 @dataclass
@@ -57,6 +63,11 @@ class Batch:
     metadata: dict[bytes, bytes] = field(default_factory=dict)
     extra_fields: list[str] = field(default_factory=list)
 
+    def rows_of(self, day: str) -> np.ndarray:
+        """Row numbers of one day (read_batch concatenates days in order, so they are contiguous)."""
+        lo, hi = np.searchsorted(self.ds, [day, day + "~"])  # "~" sorts after any digit
+        return np.arange(lo, hi)
+
 
 def run(cfg: Config, ds: str, tables: list[str] | None = None) -> dict:
     """Validate one day."""
@@ -66,25 +77,37 @@ def run(cfg: Config, ds: str, tables: list[str] | None = None) -> dict:
 def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None = None) -> dict:
     """Validate every raw partition in ``[first_ds, last_ds]``: catalog first, then events."""
     root = Path(cfg.lake.root)
-    days = _days(first_ds, last_ds)
-    result = {}
+    days_without_events = _check_days_have_events(root, first_ds, last_ds)
+    result, report_dirs = {"days_without_events": len(days_without_events)}, []
     for table in [t for t in TABLES if not tables or t in tables]:
         t0 = time.perf_counter()
         present = [d for d in lake.partitions(root, f"raw/{table}") if first_ds <= d <= last_ds]
-        if table in EVENT_TABLES:
-            missing = sorted(set(days) - set(present))
-            if missing:
-                raise ValidationFailed(
-                    f"{root / 'raw' / table}: no partition for {_span(missing)}: "
-                    "an events table must have data every day"
-                )
-        if not present:  # the catalog only has partitions on days items were added or changed
-            result[table] = {"days": 0, "rows_in": 0, "rows_valid": 0, "rows_quarantined": 0, "reasons": {}}
+        if not present:  # e.g. the catalog on a day nothing changed, or a source with no search logs
+            result[table] = {"days": 0, "rows_in": 0, "rows_valid": 0, "rows_quarantined": 0, "reasons": {},
+                             "report_dirs": []}
             continue
-        batch = read_batch(root, table, present)
-        result[table] = validate_batch(cfg, batch, present)
+        try:
+            batch = read_batch(root, table, present)
+            result[table] = validate_batch(cfg, batch, present)
+        except ValidationFailed as e:
+            raise ValidationFailed(str(e), report_dirs + e.report_dirs) from None
+        report_dirs += result[table]["report_dirs"]
         result[table]["seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+def _check_days_have_events(root: Path, first_ds: str, last_ds: str) -> list[str]:
+    """Days in the range with no events partition in either events table.
+
+    A daily run (one day) with none fails: upstream did not deliver, and training on a gap is worse than
+    stopping. A range (a backfill over history, e.g. MovieLens) reports such days and goes on: real
+    histories have days without events. One events table may be absent on a day (sources without
+    search logs, days without tags)."""
+    present = set().union(*(lake.partitions(root, f"raw/{t}") for t in EVENT_TABLES))
+    missing = [d for d in _days(first_ds, last_ds) if d not in present]
+    if missing and first_ds == last_ds:
+        raise ValidationFailed(f"{root / 'raw'}: no search_events or browse_events partition for {first_ds}")
+    return missing
 
 
 def _days(first_ds: str, last_ds: str) -> list[str]:
@@ -121,7 +144,7 @@ def read_batch(root: Path, table: str, days: list[str]) -> Batch:
             raise ValidationFailed(f"{part_dir}: empty partition (0 rows in {len(day_files)} file(s))")
     data = pa.concat_tables(parts) if parts else contract.empty_table()
     cat = lambda xs, dtype: np.concatenate(xs) if xs else np.array([], dtype=dtype)  # noqa: E731
-    return Batch(table, data, cat(ds_col, object), cat(files, object), cat(rows, np.int64), meta, sorted(extra))
+    return Batch(table, data, cat(ds_col, "U10"), cat(files, object), cat(rows, np.int64), meta, sorted(extra))
 
 
 def conform(t: pa.Table, contract: pa.Schema, path: Path) -> pa.Table:
@@ -253,17 +276,17 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str]) -> dict:
     _slim(result)
     report = Report(root, batch.table, days, result)
 
-    failures = []
+    failures, report_dirs = [], []
     for day in days:
-        in_day = batch.ds == day
-        summary = _day_summary(batch, day, in_day, bad, reasons, cfg)
+        rows = batch.rows_of(day)
+        summary = _day_summary(batch, day, rows, bad, reasons, cfg)
         failed = summary["bad_share"] > cfg.validate_.max_bad_row_share
         if failed:
-            failures.append(_too_many_bad(root, batch, day, in_day, bad, reasons, summary, cfg))
-        _write_day(root, batch, day, in_day, bad, reasons, summary, report, publish_valid=not failed)
+            failures.append(_too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg))
+        report_dirs.append(_write_day(root, batch, day, rows, bad, reasons, summary, report, not failed))
     report.write_range()
     if failures:
-        raise ValidationFailed("\n".join(failures))
+        raise ValidationFailed("\n".join(failures), report_dirs)
     return {
         "days": len(days),
         "rows_in": int(batch.data.num_rows),
@@ -271,6 +294,7 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str]) -> dict:
         "rows_quarantined": int(bad.sum()),
         "reasons": _count_reasons(reasons[bad]),
         "extra_fields_ignored": batch.extra_fields,
+        "report_dirs": report_dirs,
     }
 
 
@@ -298,8 +322,9 @@ class Report:
             (self.range_dir / "validation.html").write_text(self.html)
 
 
-def _day_summary(batch: Batch, day: str, in_day, bad, reasons, cfg: Config) -> dict:
-    n, n_bad = int(in_day.sum()), int((in_day & bad).sum())
+def _day_summary(batch: Batch, day: str, rows: np.ndarray, bad, reasons, cfg: Config) -> dict:
+    bad_rows = rows[bad[rows]]
+    n, n_bad = len(rows), len(bad_rows)
     return {
         "table": batch.table,
         "ds": day,
@@ -309,14 +334,14 @@ def _day_summary(batch: Batch, day: str, in_day, bad, reasons, cfg: Config) -> d
         "rows_quarantined": n_bad,
         "bad_share": n_bad / n if n else 0.0,
         "max_bad_row_share": cfg.validate_.max_bad_row_share,
-        "reasons": _count_reasons(reasons[in_day & bad]),
-        "source_files": sorted(set(batch.source_file[in_day])),
+        "reasons": _count_reasons(reasons[bad_rows]),
+        "source_files": sorted(set(batch.source_file[rows])),
         "extra_fields_ignored": batch.extra_fields,
     }
 
 
-def _too_many_bad(root, batch, day, in_day, bad, reasons, summary, cfg) -> str:
-    first = np.flatnonzero(in_day & bad)[0]
+def _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) -> str:
+    first = rows[bad[rows]][0]
     counts = ", ".join(f"{code} {n:,}" for code, n in summary["reasons"].items())
     return (
         f"{root / 'raw' / batch.table / f'ds={day}'}: {summary['rows_quarantined']:,} of {summary['rows_in']:,} rows "
@@ -327,20 +352,23 @@ def _too_many_bad(root, batch, day, in_day, bad, reasons, summary, cfg) -> str:
     )
 
 
-def _write_day(root, batch, day, in_day, bad, reasons, summary, report, publish_valid: bool) -> None:
-    idx_bad = np.flatnonzero(in_day & bad)
+def _write_day(root, batch, day, rows, bad, reasons, summary, report, publish_valid: bool) -> Path:
+    """Publish the day's quarantine and (unless it failed) validated rows; returns where its report is."""
+    idx_bad = rows[bad[rows]]
     quarantined = batch.data.take(idx_bad)
     quarantined = quarantined.append_column(C.REASON, pa.array(reasons[idx_bad], pa.string()))
     quarantined = quarantined.append_column(C.SOURCE_FILE, pa.array(batch.source_file[idx_bad], pa.string()))
     quarantined = quarantined.append_column(C.SOURCE_ROW, pa.array(batch.source_row[idx_bad], pa.int64()))
-    lake.write_partition(
+    # When the day fails, its report goes with the quarantine: the validated day is not published and
+    # the previous one (if any) stays as it was.
+    quarantine_dir = lake.write_partition(
         quarantined.cast(quarantine_schema(batch.table)), lake.partition(root, f"quarantine/{batch.table}", day),
-        metadata=batch.metadata,
+        metadata=batch.metadata, extra_files=None if publish_valid else report.side_files(summary),
     )
-    if not publish_valid:  # the stage fails: yesterday's validated data (if any) stays as it was
-        return
-    lake.write_partition(
-        batch.data.take(np.flatnonzero(in_day & ~bad)), lake.partition(root, f"validated/{batch.table}", day),
+    if not publish_valid:
+        return quarantine_dir
+    return lake.write_partition(
+        batch.data.take(rows[~bad[rows]]), lake.partition(root, f"validated/{batch.table}", day),
         metadata=batch.metadata, extra_files=report.side_files(summary),
     )
 

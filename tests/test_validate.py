@@ -164,6 +164,8 @@ def test_bad_share_over_threshold_fails_naming_file_field_and_counts(broken_lake
     # quarantine is written for inspection, validated data is not published
     assert len(quarantined(cfg, "browse_events")) == 12
     assert not lake.partition(cfg.lake.root, "validated/browse_events", DS).exists()
+    report = lake.partition(cfg.lake.root, "quarantine/browse_events", DS) / "_validation.json"
+    assert json.loads(report.read_text())["rows_quarantined"] == 12
 
 
 def test_wrong_schema_fails_naming_file_and_field(tmp_path):
@@ -193,11 +195,19 @@ def test_castable_types_and_extra_fields_are_accepted(tmp_path):
 def test_missing_or_empty_events_partition_fails(tmp_path):
     cfg = cfg_for(tmp_path)
     write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
-    with pytest.raises(ValidationFailed, match="raw/search_events: no partition for 2026-01-02"):
-        validate.run(cfg, DS, tables=["search_events"])
+    with pytest.raises(ValidationFailed, match="no search_events or browse_events partition for 2026-01-02"):
+        validate.run(cfg, DS)
     write_raw(cfg, "search_events", [], SEARCH_EVENTS)
-    with pytest.raises(ValidationFailed, match=r"ds=2026-01-02: empty partition \(0 rows"):
-        validate.run(cfg, DS, tables=["search_events"])
+    with pytest.raises(ValidationFailed, match=r"search_events/ds=2026-01-02: empty partition \(0 rows"):
+        validate.run(cfg, DS)
+
+
+def test_a_source_without_search_logs_validates(tmp_path):
+    cfg = cfg_for(tmp_path)
+    write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
+    write_raw(cfg, "browse_events", [browse("b1")], BROWSE_EVENTS)
+    out = validate.run(cfg, DS)
+    assert out["search_events"]["rows_in"] == 0 and out["browse_events"]["rows_valid"] == 1
 
 
 def test_range_validates_each_day_against_the_catalog_as_of_that_day(tmp_path):
@@ -208,9 +218,39 @@ def test_range_validates_each_day_against_the_catalog_as_of_that_day(tmp_path):
     t1 = T0 - dt.timedelta(days=1)
     write_raw(cfg, "browse_events", [browse("a", ts=t1), browse("b", ts=t1, item_id="i9")], BROWSE_EVENTS, ds=d1)
     write_raw(cfg, "browse_events", [browse("c", item_id="i9")], BROWSE_EVENTS, ds=d2)
-    out = validate.run_range(cfg, d1, d2, tables=["catalog", "browse_events"])
-    assert out["browse_events"]["days"] == 2
+    write_raw(cfg, "browse_events", [browse("d", ts=T0 + dt.timedelta(days=2))], BROWSE_EVENTS, ds="2026-01-04")
+    out = validate.run_range(cfg, d1, "2026-01-04", tables=["catalog", "browse_events"])
+    assert out["browse_events"]["days"] == 3 and out["days_without_events"] == 1  # 01-03 had none
     assert [r[C.EVENT_ID] for r in quarantined(cfg, "browse_events", d1)] == ["b"]  # i9 not yet in the catalog
     assert validated(cfg, "browse_events", d2).column(C.EVENT_ID).to_pylist() == ["c"]
     summary = json.loads((lake.partition(cfg.lake.root, "validated/browse_events", d1) / "_validation.json").read_text())
     assert summary["rows_in"] == 2 and summary["ge_report"].startswith("validated/browse_events/_reports/")
+
+
+def test_tracked_stage_logs_counts_reports_and_failures_to_mlflow(broken_lake, tmp_path):
+    import mlflow
+
+    from jobs import stages
+
+    cfg = broken_lake
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.mlflow.artifact_root = tmp_path / "artifacts"
+    stages.validate_raw(cfg, DS, group="run-1")
+    cfg.validate_.max_bad_row_share = 0.2
+    with pytest.raises(ValidationFailed):
+        stages.validate_raw(cfg, DS, group="run-2")
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    runs = {(r.data.tags["synergen.group"], r.data.tags["synergen.stage"]): r
+            for r in client.search_runs([client.get_experiment_by_name("synergen").experiment_id])}
+    ok, failed = runs[("run-1", "validate_raw")], runs[("run-2", "validate_raw")]
+    assert ok.data.tags["mlflow.parentRunId"] == runs[("run-1", "pipeline")].info.run_id
+    assert ok.data.metrics["browse_events.rows_in"] == len(BROWSE_CASES)
+    assert ok.data.metrics["browse_events.quarantined.bad_value"] == 3
+    assert ok.data.params["validate.max_bad_row_share"] == "1.0" and ok.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(ok.info.run_id, f"validation/browse_events/ds={DS}")} == {
+        f"validation/browse_events/ds={DS}/_validation.json", f"validation/browse_events/ds={DS}/_validation.html"}
+    assert failed.info.status == "FAILED" and "max_bad_row_share" in failed.data.tags["synergen.failure"]
+    # the catalog failed first: its report comes from the quarantine, and events were not validated
+    assert [a.path for a in client.list_artifacts(failed.info.run_id, f"validation/catalog/ds={DS}")] == [
+        f"validation/catalog/ds={DS}/_validation.html", f"validation/catalog/ds={DS}/_validation.json"]
+    assert client.list_artifacts(failed.info.run_id, "validation/browse_events") == []
