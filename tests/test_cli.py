@@ -1,0 +1,68 @@
+"""The command line and the main job on the embedded default, as a user runs them."""
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import cli
+from synergen_core import lake
+from synergen_core.config import ConfigError, load_config
+
+
+def test_help_lists_one_subcommand_per_stage():
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("generate", "ingest", "validate", "run", "config"):
+        assert command in out.stdout
+
+
+def test_config_file_and_environment_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("spark:\n  master: spark://h:7077\nvalidate:\n  max_bad_row_share: 0.1\n")
+    cfg = load_config(path, environ={"SYNERGEN__VALIDATE__MAX_BAD_ROW_SHARE": "0.2"})
+    assert cfg.spark.master == "spark://h:7077" and cfg.validate_.max_bad_row_share == 0.2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("spark:\n  mastr: x\n", "spark.mastr: unknown key"),
+    ("generate:\n  events: lots\n", "generate.events: Input should be a valid integer"),
+    ("validate:\n  max_bad_row_share: 2\n", "validate.max_bad_row_share: Input should be less than or equal to 1"),
+    ("sparks: {}\n", "sparks: unknown key"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path, environ={})
+    assert str(path) in str(e.value)
+
+
+def test_bad_ds_and_bad_config_exit_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["validate", "--ds", "2026-13-01"])
+    assert "bad ds '2026-13-01'" in capsys.readouterr().err
+    path = tmp_path / "c.yaml"
+    path.write_text("lake: {rot: x}\n")
+    assert cli.main(["config", "--config", str(path)]) == 2
+    assert "lake.rot: unknown key" in capsys.readouterr().err
+
+
+def test_main_job_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SYNERGEN__LAKE__ROOT", str(tmp_path / "lake"))
+    monkeypatch.setenv("SYNERGEN__MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("SYNERGEN__MLFLOW__ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("SYNERGEN__GENERATE__EVENTS", "6000")
+    monkeypatch.setenv("SYNERGEN__GENERATE__DAYS", "2")
+    assert cli.main(["run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    generated = out["generated"]["tables"]
+    for ds in ("2026-01-01", "2026-01-02"):
+        for table in ("catalog", "search_events", "browse_events"):
+            counts = out["days"][ds]["validate"][table]
+            truth = generated[table][ds]
+            assert counts["rows_in"] == truth["rows"]
+            assert counts["rows_quarantined"] == sum(truth["malformed"].values())
+            valid = pq.read_table(lake.partition(tmp_path / "lake", f"validated/{table}", ds))
+            quarantined = pq.read_table(lake.partition(tmp_path / "lake", f"quarantine/{table}", ds))
+            assert valid.num_rows + quarantined.num_rows == truth["rows"]
