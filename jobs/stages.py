@@ -5,6 +5,7 @@ durations and reports. ``group`` ties the stages of one pipeline run (an Airflow
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from synergen_core.config import Config
@@ -34,6 +35,18 @@ def validate_raw(cfg: Config, ds: str, group: str | None = None, last_ds: str | 
 
 
 def _log_reports(run, report_dirs: list[Path]) -> None:
-    for part in report_dirs:  # <area>/<table>/ds=D
-        for name in ("_validation.json", "_validation.html"):
-            run.artifact(part / name, f"validation/{part.parent.name}/{part.name}")
+    """One day's reports as they are; a range's per-day summaries as one JSON per table (a backfill over
+    years would otherwise upload thousands of files)."""
+    if len(report_dirs) <= MAX_REPORT_DAYS:
+        for part in report_dirs:  # <area>/<table>/ds=D
+            for name in ("_validation.json", "_validation.html"):
+                run.artifact(part / name, f"validation/{part.parent.name}/{part.name}")
+        return
+    by_table: dict[str, list] = {}
+    for part in report_dirs:
+        by_table.setdefault(part.parent.name, []).append(json.loads((part / "_validation.json").read_text()))
+    for table, summaries in by_table.items():
+        run.text(json.dumps(summaries, indent=1), f"validation/{table}/days.json")
+
+
+MAX_REPORT_DAYS = 31
