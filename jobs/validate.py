@@ -142,7 +142,8 @@ def read_batch(root: Path, table: str, days: list[str]) -> Batch:
             day_rows += t.num_rows
         if table in EVENT_TABLES and day_rows == 0:
             raise ValidationFailed(f"{part_dir}: empty partition (0 rows in {len(day_files)} file(s))")
-    data = pa.concat_tables(parts) if parts else contract.empty_table()
+    # one chunk, not one per file: per-day takes over thousands of chunks are quadratic
+    data = pa.concat_tables(parts).combine_chunks() if parts else contract.empty_table()
     cat = lambda xs, dtype: np.concatenate(xs) if xs else np.array([], dtype=dtype)  # noqa: E731
     return Batch(table, data, cat(ds_col, "U10"), cat(files, object), cat(rows, np.int64), meta, sorted(extra))
 
