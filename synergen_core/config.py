@@ -77,8 +77,13 @@ class ValidateConfig(_Section):
 
 
 class SessionizeConfig(_Section):
-    gap_minutes: float = Field(30.0, gt=0)
-    max_seq_len: int = Field(200, ge=2)
+    """Sessionize + tokenize + splits (jobs.sessionize, jobs.splits)."""
+
+    gap_minutes: float = Field(30.0, gt=0)  # an inactivity gap longer than this starts a new session
+    max_seq_len: int = Field(200, ge=2)  # tokens kept per sequence, split input and eval context
+    source: str = "validated"  # lake layer read (search_events, browse_events, catalog)
+    output: str = "sessionized"  # lake layer written (tables of schemas.sequences)
+    splits: list[Literal["loo", "temporal"]] = ["loo", "temporal"]  # split protocols written per run
 
 
 class ModelConfig(_Section):
@@ -87,14 +92,115 @@ class ModelConfig(_Section):
     n_heads: int = Field(2, ge=1)
     max_seq_len: int = Field(50, ge=2)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp_ratio: float = Field(4.0, gt=0)
+    # "time": half the rotary pairs turn with the token position, half with the timestamp (periods
+    # log-spaced from rope_min_period_s to rope_max_period_s); "position": ordinary RoPE (ablation).
+    rope: Literal["time", "position"] = "time"
+    rope_base: float = Field(10_000.0, gt=1.0)
+    rope_min_period_s: float = Field(1.0, gt=0)
+    rope_max_period_s: float = Field(3.2e8, gt=0)  # ~10 years
+    # Input parts of an item token (ablations: no text, no semantic IDs; ID-only = both off).
+    use_id_emb: bool = True
+    use_text_emb: bool = True
+    use_semantic_ids: bool = True
+    use_action_surface: bool = True
+    semantic_head: bool = True  # GenSAR path: predict the next item's semantic ID code by code
+    # Losses: total = w_retrieval * InfoNCE + w_ranking * (w_point * BCE + w_pair * pairwise)
+    #               + w_semantic * mean per-level semantic-ID cross-entropy.
+    temperature: float = Field(0.05, gt=0)  # InfoNCE temperature (initial value when learned)
+    learn_temperature: bool = True
+    w_retrieval: float = Field(1.0, ge=0)
+    w_ranking: float = Field(1.0, ge=0)
+    w_semantic: float = Field(1.0, ge=0)
+    w_point: float = Field(1.0, ge=0)
+    w_pair: float = Field(1.0, ge=0)
+
+
+# Trained models of ``synergen train``: the full model, the ID-only SASRec-style baseline, single-task
+# versions and ablations (synergen_core.baselines.VARIANTS holds what each one switches).
+VariantName = Literal["synergen", "sasrec", "rec_only", "search_only", "no_time_rope", "no_text", "no_semantic_ids"]
 
 
 class TrainConfig(_Section):
+    """``synergen train`` (synergen_core.train, jobs.train)."""
+
     seed: int = 42
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_grad: float | None = Field(1.0, gt=0)  # max global gradient norm; null: no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA (the CPU always trains in float32)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; null: torch's default
+    protocols: list[Literal["loo", "temporal"]] = ["loo", "temporal"]  # one model per protocol's split
+    variants: list[VariantName] = ["synergen"]
+    max_windows: int | None = Field(None, ge=1)  # windows of model.max_seq_len tokens per user, latest first
+    # Task weights of the joint objective: recommendation = next item at item positions, search = the
+    # engaged item at query positions (0 turns a task off: the single-task variants).
+    w_search: float = Field(1.0, ge=0)
+    w_rec: float = Field(1.0, ge=0)
+    # Retrieval negatives: "full" = softmax over the whole catalog (exact, fine up to ~1e5 items);
+    # "sampled" = in-batch + n_negatives popularity-sampled items with log-Q correction (large catalogs).
+    negatives: Literal["full", "sampled"] = "full"
+    n_negatives: int = Field(1024, ge=1)
+    # Ranking candidates per request: the engaged item + popularity-sampled + hard negatives (the items
+    # nearest the engaged one in the retrieval space). Logged impressions are not in the sessionized
+    # tables, so they cannot be used yet.
+    rank_pop_negatives: int = Field(8, ge=0)
+    rank_hard_negatives: int = Field(4, ge=0)
+    patience: int = Field(3, ge=1)  # epochs without a better validation metric before stopping
+    valid_metric: str = "ndcg@10"  # mean over the trained tasks on the validation targets
+    valid_max_rows: int = Field(20_000, ge=1)  # a seeded sample of validation targets beyond this
+    checkpoint_every: int = Field(500, ge=1)  # optimizer steps between checkpoints (and every epoch end)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (a time budget)
+    resume: bool = True  # continue from the checkpoint of the same ds/protocol/variant when present
+    progress: bool = True  # tqdm bar with loss and throughput
+    output: str = "models"  # lake layer: <lake>/<output>/ds=D/<protocol>/<variant>/
+
+
+class EvaluateConfig(_Section):
+    """``synergen evaluate`` (synergen_core.evaluate, jobs.evaluate)."""
+
+    ks: list[int] = [5, 10, 20, 50]
+    baselines: list[Literal["popularity", "bm25"]] = ["popularity", "bm25"]  # untrained, scored in-process
+    rank_negatives: int = Field(99, ge=1)  # popularity-sampled negatives per candidate list (same for all models)
+    batch_size: int = Field(512, ge=1)
+    seed: int = 7
+
+
+class TextEncoderConfig(_Section):
+    """The frozen text encoder that embeds item texts (search view of semantic IDs)."""
+
+    kind: Literal["wordllama", "sentence_transformers"] = "wordllama"
+    path: Path | None = None  # sentence_transformers only: a model folder on local disk (no download)
+    batch_size: int = Field(256, ge=1)
+    max_description_chars: int = Field(500, ge=0)  # long descriptions would drown the title in a mean pool
+
+
+class SemanticIdConfig(_Section):
+    """GenSAR-style RQ-VAE: shared codebooks over both views, then one codebook chain per view."""
+
+    latent_dim: int = Field(32, ge=2)  # per view; shared codebooks live in the concatenated 2x space
+    hidden_dims: list[int] = [256, 128]
+    shared_levels: int = Field(2, ge=0)
+    specific_levels: int = Field(1, ge=1)  # without one the two views' IDs would be the same ID
+    codebook_size: int = Field(256, ge=2)  # every level, as in TIGER
+    beta: float = Field(0.25, ge=0.0)  # commitment weight
+    epochs: int = Field(80, ge=1)
+    batch_size: int = Field(1024, ge=2)  # the first batch seeds k-means: keep it >= codebook_size
+    lr: float = Field(1e-3, gt=0)
+    warm_epochs: int = Field(20, ge=0)  # a daily run fine-tunes yesterday's model this long
+    warm_lr: float = Field(1e-4, gt=0)
+    dead_code_interval: int = Field(30, ge=1)  # optimizer steps; unused codes are re-seeded after it
+    kmeans_iters: int = Field(20, ge=1)
+    collision: Literal["reassign", "extra_code"] = "reassign"
+    candidates: int = Field(32, ge=1)  # last-level codes kept per item for collision re-assignment
+    hysteresis: float = Field(0.1, ge=0.0)  # keep yesterday's code unless another is 1+h times nearer (sq.)
+    assign_batch_size: int = Field(8192, ge=1)
+    seed: int = 42
 
 
 class Config(_Section):
@@ -106,6 +212,9 @@ class Config(_Section):
     sessionize: SessionizeConfig = SessionizeConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    semantic_ids: SemanticIdConfig = SemanticIdConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 

@@ -1,0 +1,304 @@
+"""SynerGen: one decoder-only Transformer for personalized search and recommendation, retrieval and
+ranking, with GenSAR-style semantic-ID generation.
+
+Seams: ``embeddings`` (input preprocessor) -> ``backbone`` (encoder, masks from ``masks``, rotary
+angles from ``rope``) -> ``heads`` (output postprocessors) -> ``losses``; ``decoding`` generates items
+through the semantic-ID head; ``item_vectors()`` is the candidate index's catalog side.
+
+Batch contract: a dict of tensors, history padded to [B, L] (left or right padding; see masks.py).
+
+==================  ============  ===========================================================
+key                 shape/dtype   meaning
+==================  ============  ===========================================================
+token_type          [B, L] long   0 pad, 1 item (an engagement), 2 query (``TokenType``)
+item_idx            [B, L] long   item index 1..n_items-1 at item tokens, else 0
+query_idx           [B, L] long   query index 1..n_queries-1 at query tokens, else 0
+action              [B, L] long   action index, 0 = none/pad (vocabulary owned by the data loader)
+surface             [B, L] long   surface index, 0 = none/pad
+ts                  [B, L] f64    event time, epoch seconds (float32 resolves epoch seconds to
+                                  only ~2 min; seconds from any per-sequence origin also work)
+position            [B, L] long   order of the token in the user's sequence (any origin)
+query_text          [B, L, Dt]    optional: query text embeddings overriding the model's buffer
+                                  (queries unseen at training time)
+target              [B, L] long   optional: item to retrieve from each position, 0 = none.
+                                  Default ``next_item_targets``: at an item token the next
+                                  token's item; at a query token the next token's item only if
+                                  it is the same event (same ts), as jobs.tokens lays out a
+                                  search event: query token, then the engaged item's token.
+candidates          [B, C] long   optional: items to rank after the history, 0 = padding
+labels              [B, C] float  with candidates for ranking loss: engagement label in [0, 1]
+request_ts          [B] f64       optional: time of the ranking request (default: latest
+                                  history ts); candidates sit at position max(position) + 1
+==================  ============  ===========================================================
+
+A search request ends its history with the query token; a recommendation request ends with the last
+engaged item. The hidden state at the last valid history token is the request's retrieval state
+(``last_hidden``); candidates see the whole valid history, so they see the query of a search request.
+
+Semantic IDs (GenSAR) come in views: ``item_codes`` (recommendation view, required for the semantic-ID
+path) and optionally ``search_codes`` (search view). Search positions (query tokens) predict and
+generate search-view IDs when given, recommendation positions the recommendation-view IDs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from synergen_core.backbone import Backbone
+from synergen_core.config import ModelConfig
+from synergen_core.decoding import BeamResult, SemanticIdTrie, constrained_beam_search
+from synergen_core.embeddings import TokenEmbedding, TokenType
+from synergen_core.heads import RankingHead, RetrievalHead, SemanticIdHead
+from synergen_core.losses import hybrid_ranking_loss, info_nce, semantic_id_loss
+from synergen_core.masks import attention_mask, last_valid_index
+from synergen_core.rope import RotaryEmbedding
+
+SEARCH, RECOMMEND = 1, 2  # prediction task of a position (``prediction_task``), 0 = none
+
+
+def next_item_targets(batch: dict[str, Tensor]) -> Tensor:
+    """-> [B, L] long: ``batch["target"]`` if given, else the next valid token's item where it is an
+    item token and, at a query token, of the same event (same ts): a query that engaged nothing has no
+    search target even if a browse item follows.
+
+    The next valid token is found in tensor order, so this works with left or right padding.
+    """
+    if "target" in batch:
+        return batch["target"]
+    tt, items = batch["token_type"], batch["item_idx"]
+    B, L = tt.shape
+    idx = torch.arange(L, device=tt.device).expand(B, L)
+    # For each position, the index of the first valid token strictly after it (L if none).
+    later = torch.where(tt != TokenType.PAD, idx, torch.full_like(idx, L))
+    nxt = later.flip(1).cummin(1).values.flip(1)  # first valid index >= i
+    nxt = torch.cat([nxt[:, 1:], torch.full_like(nxt[:, :1], L)], dim=1)  # strictly after i
+    has = nxt < L
+    nxt_c = nxt.clamp(max=L - 1)
+    is_item = tt.gather(1, nxt_c) == TokenType.ITEM
+    same_event = batch["ts"].gather(1, nxt_c) == batch["ts"]
+    ok = has & is_item & ((tt == TokenType.ITEM) | ((tt == TokenType.QUERY) & same_event))
+    target = items.gather(1, nxt_c)
+    return torch.where(ok, target, torch.zeros_like(target))
+
+
+def prediction_task(batch: dict[str, Tensor]) -> Tensor:
+    """-> [B, L] long: SEARCH at query tokens, RECOMMEND at item tokens, 0 at padding."""
+    tt = batch["token_type"]
+    return torch.where(tt == TokenType.QUERY, SEARCH, torch.where(tt == TokenType.ITEM, RECOMMEND, 0))
+
+
+class SynerGen(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        n_items: int,
+        n_queries: int,
+        n_actions: int,
+        n_surfaces: int,
+        item_text: Tensor | None = None,  # [n_items, d_text] frozen text-encoder embeddings, row 0 padding
+        query_text: Tensor | None = None,  # [n_queries, d_text]
+        item_codes: Tensor | None = None,  # [n_items, levels] rec-view semantic IDs from the RQ-VAE
+        search_codes: Tensor | None = None,  # [n_items, levels'] search-view semantic IDs (optional)
+        codebook_size: int | None = None,
+    ):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+            raise ValueError(f"model: d_model / n_heads must be an even integer, got {cfg.d_model} / {cfg.n_heads}")
+        if cfg.semantic_head and item_codes is None:
+            raise ValueError("model.semantic_head is on but no item_codes were given")
+        self.cfg, self.n_items = cfg, n_items
+        d = cfg.d_model
+        self.embed = TokenEmbedding(
+            cfg, n_items=n_items, n_queries=n_queries, n_actions=n_actions, n_surfaces=n_surfaces,
+            item_text=item_text, query_text=query_text, item_codes=item_codes, search_codes=search_codes,
+            codebook_size=codebook_size,
+        )
+        self.rope = RotaryEmbedding(
+            d // cfg.n_heads, cfg.rope, cfg.rope_base, cfg.rope_min_period_s, cfg.rope_max_period_s
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.backbone = Backbone(cfg)
+        self.retrieval = RetrievalHead(d)
+        self.ranking = RankingHead(d)
+        views = self.embed.views
+        self.semantic = (
+            nn.ModuleDict({v: SemanticIdHead(d, self.embed.codes(v).shape[1], codebook_size) for v in views})
+            if cfg.semantic_head else None
+        )
+        self.log_temp = nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
+        self.apply(_init_weights)
+        self.backbone.init_residual_()
+        self.tries = nn.ModuleDict({v: SemanticIdTrie(self.embed.codes(v), codebook_size) for v in views})
+
+    # ---- encoder -------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """-> hidden states [B, L + C, d]: history positions first, then candidates (C = 0 without)."""
+        tt = batch["token_type"]
+        valid = tt != TokenType.PAD  # [B, L]
+        x = self.embed(
+            batch["item_idx"], batch["query_idx"], tt, batch["action"], batch["surface"], batch.get("query_text")
+        )
+        pos, ts, cand_valid = batch["position"], batch["ts"], None
+        if "candidates" in batch:
+            cand = batch["candidates"]  # [B, C]
+            cand_valid = cand > 0
+            cpos, cts = self._request_position_ts(batch, valid)  # [B], [B]
+            x = torch.cat([x, self.embed.candidates(cand)], dim=1)
+            pos = torch.cat([pos, cpos[:, None].expand_as(cand)], dim=1)
+            ts = torch.cat([ts.to(cts.dtype), cts[:, None].expand_as(cand)], dim=1)
+            valid = torch.cat([valid, cand_valid], dim=1)
+        mask = attention_mask(valid[:, : tt.shape[1]], cand_valid)  # [B, 1, T, T]
+        cos, sin = self.rope(pos, ts, valid, dtype=x.dtype)
+        return self.backbone(self.drop(x), cos, sin, mask)
+
+    @staticmethod
+    def _request_position_ts(batch: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Candidates sit one step after the latest history token, at the request time."""
+        pos = batch["position"].masked_fill(~valid, torch.iinfo(batch["position"].dtype).min).amax(1) + 1
+        if "request_ts" in batch:
+            return pos, batch["request_ts"].to(torch.float64)
+        ts = batch["ts"].to(torch.float64).masked_fill(~valid, -math.inf).amax(1)
+        return pos, torch.where(torch.isfinite(ts), ts, torch.zeros_like(ts))
+
+    def last_hidden(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """-> [B, d]: hidden state at each row's last valid history token (the request's prediction)."""
+        idx = last_valid_index(batch["token_type"] != TokenType.PAD)  # [B]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+    # ---- retrieval -----------------------------------------------------------------------------
+
+    def temperature(self) -> Tensor:
+        return self.log_temp.exp().clamp(min=1e-3)
+
+    def item_vectors(self, item_idx: Tensor | None = None) -> Tensor:
+        """-> [n, d] unit vectors of items (the whole catalog [n_items, d] by default, row 0 padding)."""
+        if item_idx is None:
+            item_idx = torch.arange(self.n_items, device=self.log_temp.device)
+        return self.retrieval.item(self.embed.item_content(item_idx))
+
+    def retrieval_logits(self, hidden: Tensor, items: Tensor | None = None) -> Tensor:
+        """hidden: [N, d] at prediction positions -> [N, n_items] cosine / temperature, -inf at padding.
+
+        ``items`` [n_items, d]: precomputed ``item_vectors()`` to reuse over many calls.
+        """
+        items = self.item_vectors() if items is None else items
+        logits = self.retrieval.query(hidden) @ items.T / self.temperature()
+        logits[:, 0] = float("-inf")
+        return logits
+
+    def retrieval_loss(
+        self, batch: dict[str, Tensor], hidden: Tensor, neg_idx: Tensor | None = None, log_q: Tensor | None = None
+    ) -> Tensor:
+        """InfoNCE at every position with a target, against in-batch positives and ``neg_idx`` [M].
+
+        log_q: [n_items] log sampling probability of each item as a candidate (e.g. log popularity),
+        used for both in-batch and sampled columns.
+        """
+        L = batch["token_type"].shape[1]
+        target = next_item_targets(batch)
+        sel = target > 0
+        if not sel.any():
+            return hidden.sum() * 0.0
+        pos_ids = target[sel]  # [N]
+        q = self.retrieval.query(hidden[:, :L][sel])  # [N, d]
+        neg = None if neg_idx is None else self.item_vectors(neg_idx)
+        pos_lq = None if log_q is None else log_q[pos_ids]
+        neg_lq = None if log_q is None or neg_idx is None else log_q[neg_idx]
+        return info_nce(
+            q, self.item_vectors(pos_ids), pos_ids, neg, neg_idx,
+            temperature=self.temperature(), pos_log_q=pos_lq, neg_log_q=neg_lq,
+        )
+
+    # ---- ranking -------------------------------------------------------------------------------
+
+    def ranking_scores(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """-> [B, C] logits of the candidates (meaningless where candidates == 0)."""
+        return self.ranking(hidden[:, batch["token_type"].shape[1]:])
+
+    def ranking_loss(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        valid = batch["candidates"] > 0
+        return hybrid_ranking_loss(
+            self.ranking_scores(batch, hidden), batch["labels"], valid, self.cfg.w_point, self.cfg.w_pair
+        )
+
+    # ---- semantic IDs (GenSAR) -----------------------------------------------------------------
+
+    def view_of(self, task: str) -> str:
+        """"search" or "rec" task -> the semantic-ID view its positions predict."""
+        return "search" if task == "search" and "search" in self.embed.views else "rec"
+
+    def semantic_logits(self, hidden: Tensor, codes: Tensor, view: str = "rec") -> Tensor:
+        """Teacher-forced. hidden: [N, d]; codes: [N, levels] of ``view`` -> [N, levels, K]."""
+        return self.semantic[view](hidden, codes)
+
+    def semantic_loss(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """Cross-entropy of the target item's codes (mean over levels), averaged over all target
+        positions; search positions use the search view when the model has one."""
+        L = batch["token_type"].shape[1]
+        target = next_item_targets(batch)
+        task = prediction_task(batch)
+        total, count = hidden.sum() * 0.0, 0
+        for name, code in (("search", SEARCH), ("rec", RECOMMEND)):
+            sel = (target > 0) & (task == code)
+            n = int(sel.sum())
+            if n == 0:
+                continue
+            view = self.view_of(name)
+            codes = self.embed.codes(view)[target[sel]]  # [N, levels]
+            ce = semantic_id_loss(self.semantic_logits(hidden[:, :L][sel], codes, view), codes)  # [levels]
+            total, count = total + ce.mean() * n, count + n
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def generate(
+        self, hidden: Tensor, beam: int, view: str = "rec", trie: SemanticIdTrie | None = None
+    ) -> BeamResult:
+        """hidden: [B, d] request states (``last_hidden``) -> top-``beam`` valid semantic IDs of ``view``
+        (``view_of("search")`` for search requests) and their items.
+
+        ``trie`` restricts generation (e.g. to items on sale); default: the whole catalog.
+        """
+        trie = self.tries[view] if trie is None else trie
+        head = self.semantic[view]
+
+        def step(prefix: Tensor) -> Tensor:  # [B, W, l] -> [B, W, K]
+            return head.level_logits(hidden[:, None].expand(-1, prefix.shape[1], -1), prefix)
+
+        return constrained_beam_search(step, trie, hidden.shape[0], beam)
+
+    # ---- all together --------------------------------------------------------------------------
+
+    def losses(
+        self, batch: dict[str, Tensor], neg_idx: Tensor | None = None, log_q: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """One forward pass -> {"retrieval", ["ranking"], ["semantic"], "total"} with config weights.
+
+        Ranking needs ``candidates`` and ``labels`` in the batch; semantic needs ``semantic_head``.
+        """
+        hidden = self(batch)
+        out = {"retrieval": self.retrieval_loss(batch, hidden, neg_idx, log_q)}
+        total = self.cfg.w_retrieval * out["retrieval"]
+        if "candidates" in batch and "labels" in batch and bool((batch["candidates"] > 0).any()):
+            out["ranking"] = self.ranking_loss(batch, hidden)
+            total = total + self.cfg.w_ranking * out["ranking"]
+        if self.semantic is not None:
+            out["semantic"] = self.semantic_loss(batch, hidden)
+            total = total + self.cfg.w_semantic * out["semantic"]
+        out["total"] = total
+        return out
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()

@@ -1,0 +1,241 @@
+"""SynerGen wiring: shapes, candidate isolation, padding, ablations, a tiny overfit run."""
+import pytest
+import torch
+
+from synergen_core.config import ModelConfig
+from synergen_core.embeddings import TokenType
+from synergen_core.model import RECOMMEND, SEARCH, SynerGen, next_item_targets, prediction_task
+
+N_ITEMS, N_QUERIES, N_ACTIONS, N_SURFACES, D_TEXT, LEVELS, K = 30, 10, 5, 4, 12, 2, 8
+I, Q, P = TokenType.ITEM, TokenType.QUERY, TokenType.PAD
+
+
+def _catalog(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    item_text = torch.randn(N_ITEMS, D_TEXT, generator=g)
+    query_text = torch.randn(N_QUERIES, D_TEXT, generator=g)
+    i = torch.arange(N_ITEMS)
+    # unique IDs in both views, sharing the first level as GenSAR's shared codebooks do
+    rec_codes = torch.stack([i % K, (i // K) % K], dim=1)
+    search_codes = torch.stack([i % K, (i // K + 2) % K], dim=1)
+    return item_text, query_text, rec_codes, search_codes
+
+
+def _model(seed=0, views=("rec", "search"), **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, **overrides)
+    item_text, query_text, rec_codes, search_codes = _catalog()
+    return SynerGen(
+        cfg, n_items=N_ITEMS, n_queries=N_QUERIES, n_actions=N_ACTIONS, n_surfaces=N_SURFACES,
+        item_text=item_text, query_text=query_text,
+        item_codes=rec_codes if "rec" in views else None,
+        search_codes=search_codes if "search" in views else None,
+        codebook_size=K,
+    )
+
+
+def _row(types, items, queries, events):
+    # tokens of one event (a query and the item it engaged) share the event's time
+    ts = [1.7e9 + 600.0 * e + 7.0 * e * e for e in events]
+    return dict(
+        token_type=types, item_idx=items, query_idx=queries,
+        action=[1 + (i % 3) if t == I else 0 for i, t in enumerate(types)],
+        surface=[1 + (i % 2) if t != P else 0 for i, t in enumerate(types)],
+        ts=ts, position=list(range(len(types))),
+    )
+
+
+def _batch(with_candidates=True):
+    rows = [
+        # Q4 engaged I7; ends with a search request (Q2)
+        _row([I, Q, I, I, I, Q], [3, 0, 7, 8, 2, 0], [0, 4, 0, 0, 0, 2], [0, 1, 1, 2, 3, 4]),
+        # Q1 engaged nothing, I9 is a later browse event
+        _row([I, I, Q, I, I, I], [5, 6, 0, 9, 1, 4], [0, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5]),
+        # Q5 engaged I13
+        _row([Q, I, I, Q, I, I], [0, 11, 12, 0, 13, 14], [3, 0, 0, 5, 0, 0], [0, 1, 2, 3, 3, 4]),
+    ]
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    batch["ts"] = batch["ts"].to(torch.float64)
+    # right-pad row 1 and left-pad row 2 to exercise both sides
+    for k in ("token_type", "item_idx", "query_idx", "action", "surface"):
+        batch[k][1, 4:] = 0
+        batch[k][2, :2] = 0
+    if with_candidates:
+        batch["candidates"] = torch.tensor([[7, 15, 16, 0], [20, 21, 22, 23], [24, 25, 0, 0]])
+        batch["labels"] = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    return batch
+
+
+L = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: thread start-up and contention on a shared CPU cost far more than they save.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_forward_shapes_and_heads():
+    model = _model().eval()
+    batch = _batch()
+    hidden = model(batch)
+    assert hidden.shape == (3, L + 4, 32) and torch.isfinite(hidden).all()
+    assert model.ranking_scores(batch, hidden).shape == (3, 4)
+    items = model.item_vectors()
+    assert items.shape == (N_ITEMS, 32)
+    torch.testing.assert_close(items.norm(dim=-1), torch.ones(N_ITEMS))
+    logits = model.retrieval_logits(model.last_hidden(batch, hidden))
+    assert logits.shape == (3, N_ITEMS) and torch.isinf(logits[:, 0]).all()
+    assert model.semantic_logits(hidden[:, 0], torch.zeros(3, LEVELS, dtype=torch.long)).shape == (3, LEVELS, K)
+    for view in ("rec", "search"):
+        out = model.generate(model.last_hidden(batch, hidden), beam=5, view=view)
+        assert model.tries[view].contains(out.codes).all() and (out.items > 0).all()
+        assert torch.equal(model.embed.codes(view)[out.items], out.codes)
+
+
+def test_item_vectors_use_the_same_parts_as_item_tokens():
+    model = _model().eval()
+    idx = torch.tensor([3, 7])
+    torch.testing.assert_close(model.item_vectors(idx), model.retrieval.item(model.embed.item_content(idx)))
+    torch.testing.assert_close(model.item_vectors()[idx], model.item_vectors(idx))
+
+
+def test_candidates_affect_neither_history_nor_each_other():
+    model = _model().eval()
+    batch = _batch()
+    hidden = model(batch)
+    scores = model.ranking_scores(batch, hidden)
+    changed = dict(batch, candidates=batch["candidates"].clone())
+    changed["candidates"][0, 1] = 29
+    hidden2 = model(changed)
+    scores2 = model.ranking_scores(changed, hidden2)
+    torch.testing.assert_close(hidden2[:, :L], hidden[:, :L], rtol=0, atol=1e-6)
+    others = [0, 2, 3]
+    torch.testing.assert_close(scores2[0, others], scores[0, others], rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores2[1:], scores[1:], rtol=0, atol=1e-6)
+    assert (scores2[0, 1] - scores[0, 1]).abs() > 1e-6
+    no_cands = {k: v for k, v in batch.items() if k not in ("candidates", "labels")}
+    torch.testing.assert_close(model(no_cands), hidden[:, :L], rtol=0, atol=1e-6)
+
+
+def test_candidate_order_does_not_matter():
+    model = _model().eval()
+    batch = _batch()
+    scores = model.ranking_scores(batch, model(batch))
+    perm = torch.tensor([2, 0, 1, 3])
+    swapped = dict(batch, candidates=batch["candidates"][:, perm])
+    torch.testing.assert_close(model.ranking_scores(swapped, model(swapped)), scores[:, perm], atol=1e-6, rtol=0)
+
+
+def test_left_and_right_padding_agree():
+    model = _model().eval()
+    batch = _batch()
+    right = {k: v[1:2] for k, v in batch.items()}  # row 1 is right-padded: 4 valid tokens
+    left = {k: v.clone() for k, v in right.items()}
+    for k in ("token_type", "item_idx", "query_idx", "action", "surface", "ts", "position"):
+        left[k] = torch.roll(right[k], shifts=2, dims=1)
+    h_r, h_l = model(right), model(left)
+    torch.testing.assert_close(h_l[:, 2:L], h_r[:, :4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_l[:, L:], h_r[:, L:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.last_hidden(left, h_l), model.last_hidden(right, h_r), atol=1e-5, rtol=1e-5)
+
+
+def test_shifting_all_times_and_positions_changes_nothing():
+    model = _model().eval()
+    batch = _batch()
+    shifted = dict(batch, ts=batch["ts"] + 86_400.0 * 400, position=batch["position"] + 1000)
+    torch.testing.assert_close(model(shifted), model(batch), atol=1e-4, rtol=1e-4)
+    regapped = dict(batch, ts=batch["ts"].clone())
+    regapped["ts"][:, -1] += 86_400.0 * 30
+    assert not torch.allclose(model(regapped)[:, L - 1], model(batch)[:, L - 1], atol=1e-4)
+
+
+def test_next_item_targets_and_tasks():
+    batch = _batch()
+    target = next_item_targets(batch)
+    # row 0: I3 Q4 I7 I8 I2 Q2 -> next items 0 after I3 (a query follows), 7 at the query, ...
+    assert target[0].tolist() == [0, 7, 8, 2, 0, 0]
+    assert target[1].tolist() == [6, 0, 0, 0, 0, 0]  # right-padded: I5 I6 Q1 I9; Q1 engaged nothing
+    assert target[2].tolist() == [0, 0, 0, 13, 14, 0]  # left-padded: I12 Q5 I13 I14
+    task = prediction_task(batch)
+    assert task[0].tolist() == [RECOMMEND, SEARCH, RECOMMEND, RECOMMEND, RECOMMEND, SEARCH]
+    assert task[2, :2].tolist() == [0, 0]
+    explicit = dict(batch, target=torch.zeros_like(target))
+    assert (next_item_targets(explicit) == 0).all()
+
+
+def test_semantic_head_teacher_forcing_matches_step_by_step():
+    model = _model().eval()
+    h = torch.randn(4, 32)
+    codes = torch.randint(0, K, (4, LEVELS))
+    full = model.semantic_logits(h, codes)
+    for lvl in range(LEVELS):
+        torch.testing.assert_close(full[:, lvl], model.semantic["rec"].level_logits(h, codes[:, :lvl]))
+
+
+def test_search_positions_learn_search_view_ids():
+    model = _model().eval()
+    batch = _batch(with_candidates=False)
+    hidden = model(batch)
+    assert model.view_of("search") == "search" and model.view_of("rec") == "rec"
+    # the search positions (Q4 -> I7, Q5 -> I13) are scored by the search-view head
+    base = model.semantic_loss(batch, hidden).item()
+    with torch.no_grad():
+        model.semantic["search"].out[0].bias.add_(torch.arange(K, dtype=torch.float32) * 5)
+    changed = model.semantic_loss(batch, hidden).item()
+    assert changed > base
+    only_rec = _model(views=("rec",)).eval()
+    assert only_rec.view_of("search") == "rec"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(use_text_emb=False, use_semantic_ids=False),  # ID-only
+        dict(use_text_emb=False),
+        dict(use_semantic_ids=False, semantic_head=False),
+        dict(use_semantic_ids=False, semantic_head=False, views=()),  # no RQ-VAE codes at all
+        dict(use_id_emb=False, use_action_surface=False),
+        dict(rope="position", norm="layernorm", mlp="gelu", learn_temperature=False),
+    ],
+)
+def test_ablations_run(overrides):
+    model = _model(**overrides)
+    losses = model.losses(_batch(), neg_idx=torch.tensor([17, 18, 19]), log_q=torch.full((N_ITEMS,), -3.0))
+    assert torch.isfinite(losses["total"])
+    losses["total"].backward()
+
+
+def test_all_parts_off_is_an_error():
+    with pytest.raises(ValueError):
+        _model(use_id_emb=False, use_text_emb=False, use_semantic_ids=False)
+
+
+def test_query_text_in_the_batch_overrides_the_buffer():
+    model = _model().eval()
+    batch = _batch(with_candidates=False)
+    same = dict(batch, query_text=model.embed.query_text[batch["query_idx"]])
+    torch.testing.assert_close(model(same), model(batch))
+    other = dict(batch, query_text=torch.randn(3, L, D_TEXT))
+    assert not torch.allclose(model(other)[0, 1], model(batch)[0, 1])
+
+
+def test_tiny_overfit():
+    model = _model(seed=1)
+    batch = _batch()
+    neg = torch.tensor([17, 18, 19, 26, 27])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(50):
+        losses = model.losses(batch, neg_idx=neg)
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+        first = first if first is not None else {k: v.item() for k, v in losses.items()}
+    last = {k: v.item() for k, v in model.losses(batch, neg_idx=neg).items()}
+    assert last["total"] < 0.5 * first["total"]
+    for k in ("retrieval", "ranking", "semantic"):
+        assert last[k] < first[k]
