@@ -62,6 +62,12 @@ def cmd_validate(cfg: Config, args) -> None:
         _print(stages.validate_raw(cfg, args.ds, last_ds=args.last_ds))
 
 
+def cmd_sessionize(cfg: Config, args) -> None:
+    from jobs import stages
+
+    _print(stages.sessionize(cfg, args.ds, from_ds=args.from_ds))
+
+
 def cmd_run(cfg: Config, args) -> None:
     from jobs import pipeline
 
@@ -94,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these tables (repeatable; default all)")
     p.add_argument("--last-ds", type=_ds, help="validate every day from --ds to this day as one batch (backfills)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("sessionize", help="events -> sessions, token sequences, vocabularies and splits (Spark)")
+    _common(p)
+    p.add_argument("--from-ds", type=_ds, help="bulk: rebuild from the state before this day up to --ds in one job")
+    p.set_defaults(func=cmd_sessionize)
 
     p = sub.add_parser("run", help="the main job on the embedded default (generated logs)")
     _common(p, ds_required=False, ds_help="unused: the default runs every generated day")

@@ -50,3 +50,60 @@ def _log_reports(run, report_dirs: list[Path]) -> None:
 
 
 MAX_REPORT_DAYS = 31
+
+
+def sessionize(cfg: Config, ds: str, group: str | None = None, from_ds: str | None = None) -> dict:
+    from jobs import sessionize as job
+
+    with stage_run(cfg, "sessionize", ds, group) as run:
+        run.tags({"synergen.inputs": ",".join(f"validated/{t}/ds={ds}" for t in ("search_events", "browse_events")),
+                  "synergen.from_ds": from_ds or ""})
+        out = job.stage(cfg, ds, from_ds)
+        run.metrics({k: v for k, v in _numbers(out).items()})
+        run.text(json.dumps(out, indent=1, default=str), "sessionize.json")
+        return out
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a stage's result, as MLflow metric names."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_numbers(v, name + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name.replace(":", "_")] = v
+    return out
+
+
+# ---------------------------------------------------------------- Airflow
+
+STAGES = {
+    "validate_raw": validate_raw,
+    "sessionize": sessionize,
+}
+
+
+def config_for_run(params: dict | None) -> Config:
+    """The config of one DAG run: the file named by the ``config`` param (else defaults + environment),
+    then the hand-trigger overrides (``epochs``, ``d_model``...) where set."""
+    from synergen_core.config import load_config
+
+    params = dict(params or {})
+    cfg = load_config(params.pop("config", None) or None)
+    for key, section, field in OVERRIDES:
+        if params.get(key) is not None:
+            setattr(getattr(cfg, section), field, params[key])
+    return cfg
+
+
+OVERRIDES = (  # DAG param -> config section, field
+    ("epochs", "train", "epochs"),
+    ("d_model", "model", "d_model"),
+    ("n_layers", "model", "n_layers"),
+)
+
+
+def airflow_task(stage: str, ds: str, params: dict | None, run_id: str) -> dict:
+    """What every task of the DAG calls: one stage for the run's ``ds``, nested under the run's MLflow run."""
+    return STAGES[stage](config_for_run(params), ds, group=run_id)

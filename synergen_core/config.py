@@ -204,6 +204,29 @@ class SemanticIdConfig(_Section):
     hysteresis: float = Field(0.1, ge=0.0)  # keep yesterday's code unless another is 1+h times nearer (sq.)
     assign_batch_size: int = Field(8192, ge=1)
     seed: int = 42
+    # The daily stage (jobs.semantic_ids) keeps yesterday's RQ-VAE as it is, so old items keep their IDs
+    # and new items are coded by the same model, until the share of items added since its last training
+    # or the relative rise of its reconstruction loss on today's catalog exceeds this; then it fine-tunes
+    # (warm_epochs at warm_lr) and re-codes the catalog. 0 retrains every day.
+    retrain_drift_threshold: float = Field(0.1, ge=0.0)
+
+
+class EmbeddingsConfig(_Section):
+    """Inputs of the semantic IDs: text vectors (jobs.embeddings) and collaborative vectors (jobs.collab)."""
+
+    output: str = "embeddings"  # lake layer: items/, queries/, collab/ under it
+    # Implicit-feedback ALS (Spark MLlib) over user-item engagement counts: the collaborative vectors of the
+    # first run, before a champion model exists.
+    als_rank: int = Field(64, ge=2)
+    als_max_iter: int = Field(10, ge=1)
+    als_reg: float = Field(0.1, ge=0.0)
+    als_alpha: float = Field(10.0, gt=0.0)  # confidence = 1 + alpha * engagement count
+    # Items without a collaborative vector get the similarity-weighted mean of their k text-nearest
+    # neighbours' vectors (among items that have one).
+    fallback_neighbours: int = Field(10, ge=1)
+    # Parquet file or folder (item_id, vector) of the champion model's item embeddings; when set (or when a
+    # loader is passed to jobs.collab.run) they replace ALS. Null: ALS on the first run, then carried.
+    champion_vectors: Path | None = None
 
 
 class Config(_Section):
@@ -218,6 +241,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 

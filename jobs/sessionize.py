@@ -1,0 +1,351 @@
+"""Stage 2: validated search + browse events -> sessionized event history, token sequences,
+vocabularies (and, through ``jobs.splits``, training and evaluation splits). Spark DataFrame API with
+built-in and window functions only: no Python UDFs.
+
+Inputs: ``<lake>/<sessionize.source>/{search_events,browse_events,catalog}/ds=D`` (default source
+``validated``; ``raw`` works for inputs known to be clean, e.g. the benchmark's). Outputs: the tables
+of ``schemas.sequences`` under ``<lake>/<sessionize.output>/`` (default ``sessionized``).
+
+Incremental state. The state after day D is the ``sequences`` snapshot of D (every user's counters
+and latest tokens) plus the ``item_vocab`` / ``query_vocab`` snapshots of D plus the ``events``
+history up to D. A run for D reads the latest ``sequences`` snapshot before D (normally D-1) and
+processes every input day after it up to D in one batch: a normal daily run processes D alone, a
+first run or a gap catches up on all missing days, and ``run(..., from_ds=F)`` (the bulk entry)
+starts from the latest snapshot before F, so a backfill over thousands of days is one Spark job,
+never a per-day loop. Nothing in the batch depends on how days are grouped into runs, so days 1..N
+one by one give the same tables as one bulk run over 1..N.
+
+Order and sessions. A user's history is ordered by (arrival day, ts, event_id): the day an event
+arrived in (its input partition), then its time, then its id as the deterministic tie-break. An
+inactivity gap of more than ``gap_minutes`` starts a new session. Positions, sessions and gaps are
+continued from the state's counters, so history already written never changes.
+
+Late-event rule. An event whose ts is before the day it arrived in is LATE (validation lets them in
+up to ``validate.late_days`` days back). A late event is never inserted into history written on an
+earlier day: it is appended at its arrival, after everything the user had, keeping its real ts.
+For gaps and sessions the time used is the running maximum of the user's event times, so a late
+event older than the user's latest known event is CLAMPED to that time: gap 0, it joins the user's
+current session, and the next event's gap is measured from the latest time as before. A late event
+newer than everything the user had is simply in time order. Late and clamped events are flagged in
+``events`` and counted in the run's stats.
+
+Duplicates. Exact duplicates (same user, event id, ts and content) are one event: the copy that
+arrived first is kept and later copies are dropped, also when the first is already in the history.
+Rows that share an event id but differ in content are not duplicates and are both kept. The count of
+dropped rows is in the stats.
+
+Vocabularies. Items of the catalog and of events, and normalized query texts (lower case, inner
+whitespace collapsed, trimmed), get indices from 1; a known key keeps its index forever and new keys
+are appended in order of (first day seen, key). Counts are tokens so far.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from jobs import splits
+from jobs.spark import Staging, count_rows, get_spark, read_days, spark_schema
+from jobs.tokens import event_tokens, surface, token_count, update_sequences
+from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
+from schemas import sequences as S
+from synergen_core import lake
+from synergen_core.config import Config, parse_ds
+
+log = logging.getLogger(__name__)
+
+EVENTS, SEQUENCES, ITEM_VOCAB, QUERY_VOCAB = "events", "sequences", "item_vocab", "query_vocab"
+INPUTS = {"search_events": SEARCH_EVENTS, "browse_events": BROWSE_EVENTS, "catalog": CATALOG}
+STATS_FILE = "_stats.json"
+DEDUP_KEY = [C.USER_ID, C.EVENT_ID, C.TS, C.KIND, C.QUERY, C.ITEM_ID, C.ACTION, C.VALUE]
+# A user's history order: arrival day, time, id; the content breaks ties between rows sharing an id.
+ORDER = [C.DS, C.TS, C.EVENT_ID, C.KIND, C.ITEM_ID, C.ACTION, C.QUERY, C.VALUE]
+
+
+# ---------------------------------------------------------------------------------------------
+# DataFrame steps (pure: DataFrames in, DataFrame out)
+
+
+def unify(search: DataFrame, browse: DataFrame) -> DataFrame:
+    """Search and browse events as one stream with ``kind`` (both carry ``ds``, the arrival day)."""
+    none = F.lit(None)
+    s = search.select(C.EVENT_ID, C.USER_ID, C.TS, F.lit(S.KIND_SEARCH).alias(C.KIND), C.QUERY,
+                      C.ITEM_ID, C.ACTION, none.cast("double").alias(C.VALUE), C.DS)
+    b = browse.select(C.EVENT_ID, C.USER_ID, C.TS, F.lit(S.KIND_BROWSE).alias(C.KIND),
+                      none.cast("string").alias(C.QUERY), C.ITEM_ID, C.ACTION, C.VALUE, C.DS)
+    return s.unionByName(b)
+
+
+def dedup(events: DataFrame, seen: DataFrame | None = None) -> DataFrame:
+    """Exact duplicates collapsed to their first arrival (``ds``), minus rows whose copy is in ``seen``.
+
+    A hash aggregate on the whole row (minimum arrival day as a date, which hash aggregation can hold)
+    instead of a per-id sort; partitioning by user first lets it and the session window share one
+    shuffle.
+    """
+    first = (events.repartition(C.USER_ID)
+             .groupBy(*DEDUP_KEY).agg(F.min(F.to_date(C.DS)).alias("_first"))
+             .select(*DEDUP_KEY, F.date_format("_first", "yyyy-MM-dd").alias(C.DS)))
+    if seen is None:
+        return first
+    same = [F.col(f"a.{c}").eqNullSafe(F.col(f"b.{c}")) for c in DEDUP_KEY]
+    return first.alias("a").join(seen.select(*DEDUP_KEY).alias("b"), same, "left_anti")
+
+
+def sessionize(events: DataFrame, state: DataFrame | None, gap_minutes: float) -> DataFrame:
+    """Add ``event_pos``, ``pos``, ``session``, ``gap_s``, ``late`` and ``clamped``, continuing ``state``.
+
+    ``state``: one row per known user with ``n_events``, ``n_tokens``, ``last_session`` and
+    ``watermark`` (latest event time); None when there is none (a first run: no join at all).
+    See the module docstring for the order and the late rule.
+    """
+    carried = {C.N_EVENTS: "long", C.N_TOKENS: "long", C.LAST_SESSION: "int", C.WATERMARK: "timestamp"}
+    if state is None:
+        events_st = events.select("*", *[F.lit(None).cast(t).alias(f"_{c}") for c, t in carried.items()])
+    else:
+        events_st = events.join(state.select(C.USER_ID, *[F.col(c).alias(f"_{c}") for c in carried]),
+                                C.USER_ID, "left")
+    order = Window.partitionBy(C.USER_ID).orderBy(*ORDER)
+    before = order.rowsBetween(Window.unboundedPreceding, -1)
+    upto = order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    # The effective time is the running max of ts, seeded with the state's watermark.
+    prev = F.greatest(F.max(C.TS).over(before), F.col(f"_{C.WATERMARK}"))
+    gap = (F.unix_micros(F.greatest(F.col(C.TS), prev)) - F.unix_micros(prev)) / 1e6
+    ntok = token_count()
+    step1 = events_st.select(
+        "*",
+        gap.alias(C.GAP_S),
+        (F.col(C.TS) < prev).alias(C.CLAMPED),
+        (F.col(C.TS) < F.to_timestamp(F.col(C.DS))).alias(C.LATE),
+        (F.coalesce(F.col(f"_{C.N_EVENTS}"), F.lit(0)) + F.row_number().over(order) - 1).alias(C.EVENT_POS),
+        (F.coalesce(F.col(f"_{C.N_TOKENS}"), F.lit(0)) + F.sum(ntok).over(upto) - ntok).alias(C.POS),
+    )
+    starts = F.coalesce((F.col(C.GAP_S) > gap_minutes * 60).cast("int"), F.lit(0))
+    session = F.coalesce(F.col(f"_{C.LAST_SESSION}"), F.lit(0)) + F.sum(starts).over(upto)
+    return step1.select(
+        *[c for c in events.columns], C.GAP_S, F.coalesce(F.col(C.CLAMPED), F.lit(False)).alias(C.CLAMPED),
+        C.LATE, C.EVENT_POS, C.POS, session.alias(C.SESSION),
+    )
+
+
+def normalize_query(col: Column) -> Column:
+    """The vocabulary key of a query: lower case, runs of whitespace as one space, trimmed."""
+    return F.trim(F.regexp_replace(F.lower(col), r"\s+", " "))
+
+
+def extend_vocab(known: DataFrame, seen: DataFrame, key: str, index: str) -> tuple[DataFrame, int]:
+    """``known`` (index, key, first_ds) plus keys of ``seen`` (key, ds) it lacks, with new indices;
+    and how many keys are new.
+
+    New keys are numbered after the largest known index in order of (first day seen, key): the same
+    whether their days arrive one run at a time or in one batch. Numbering is a window per first
+    day plus that day's offset; the offsets come from per-day counts (one small row per day).
+    """
+    base = known.agg(F.max(index)).first()[0] or (S.FIRST_INDEX - 1)
+    new = (seen.where(F.col(key).isNotNull()).groupBy(key).agg(F.min(C.DS).alias(C.FIRST_DS))
+           .join(known.select(key), key, "left_anti"))
+    offsets, total = [], base
+    for first_ds, n in sorted(new.groupBy(C.FIRST_DS).count().collect()):
+        offsets.append((first_ds, total))
+        total += n
+    offset = known.sparkSession.createDataFrame(offsets, f"{C.FIRST_DS} string, _offset long")
+    rank = F.row_number().over(Window.partitionBy(C.FIRST_DS).orderBy(key))
+    numbered = new.join(F.broadcast(offset), C.FIRST_DS).select(
+        (F.col("_offset") + rank).cast("int").alias(index), key, C.FIRST_DS)
+    return known.select(index, key, C.FIRST_DS).unionByName(numbered), total - base
+
+
+def with_counts(vocab: DataFrame, known: DataFrame, tokens: DataFrame, index: str) -> DataFrame:
+    """Vocabulary rows with ``count`` = the state's count + this batch's tokens of each index."""
+    fresh = tokens.groupBy(index).agg(F.count("*").alias("_new"))
+    old = known.select(index, F.col(C.COUNT).alias("_old"))
+    total = F.coalesce(F.col("_old"), F.lit(0)) + F.coalesce(F.col("_new"), F.lit(0))
+    return (vocab.join(old, index, "left").join(fresh, index, "left")
+            .select(index, *[c for c in vocab.columns if c != index], total.cast("long").alias(C.COUNT)))
+
+
+def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> DataFrame:
+    """Events in the ``schemas.sequences.EVENTS`` layout (+ ``ds``), with item and query indices.
+
+    Vocabularies are broadcast: they are small next to the events and keep the user partitioning.
+    """
+    q = queries.select(F.col(C.QUERY).alias("_qkey"), C.QUERY_INDEX)
+    e = (events.withColumn("_qkey", normalize_query(F.col(C.QUERY)))
+         .join(F.broadcast(items.select(C.ITEM_ID, C.ITEM_INDEX)), C.ITEM_ID, "left")
+         .join(F.broadcast(q), "_qkey", "left")
+         .withColumn(C.SURFACE, surface()))
+    casts = {C.QUERY_INDEX: "int", C.ITEM_INDEX: "int", C.EVENT_POS: "int", C.POS: "int", C.SESSION: "int"}
+    return e.select(*[F.col(c).cast(casts[c]).alias(c) if c in casts else F.col(c) for c in S.EVENTS.names],
+                    C.DS)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job over the lake
+
+
+def state_day(cfg: Config, before: str) -> str | None:
+    """The day of the latest ``sequences`` snapshot strictly before ``before`` (None: no state)."""
+    days = [d for d in lake.partitions(cfg.lake.root, _out(cfg, SEQUENCES)) if d < before]
+    if not days:
+        return None
+    for table in (ITEM_VOCAB, QUERY_VOCAB):
+        if not lake.partition(cfg.lake.root, _out(cfg, table), days[-1]).is_dir():
+            raise FileNotFoundError(f"state of {days[-1]}: sequences snapshot without its {table} snapshot")
+    return days[-1]
+
+
+def input_days(cfg: Config, after: str | None, upto: str) -> list[str]:
+    """Input days in ``(after, upto]`` that have a published partition of any input table."""
+    days = set()
+    for table in INPUTS:
+        days |= {d for d in lake.partitions(cfg.lake.root, f"{cfg.sessionize.source}/{table}")
+                 if (after is None or d > after) and d <= upto}
+    return sorted(days)
+
+
+def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -> dict:
+    """Sessionize every input day after the latest state before ``from_ds`` (default ``ds``) up to
+    ``ds``; publish their ``events`` partitions, the state snapshots of ``ds`` and the splits of ``ds``
+    (``sessionize.splits``). Returns the run's counts (also in ``sequences/ds=D/_stats.json``)."""
+    ds = parse_ds(ds).isoformat()
+    start = parse_ds(from_ds).isoformat() if from_ds else ds
+    if start > ds:
+        raise ValueError(f"from_ds {start} is after ds {ds}")
+    t0 = time.perf_counter()
+    prev = state_day(cfg, start)
+    days = input_days(cfg, prev, ds)
+    # A day published before in this range but without input now is replaced by an empty partition.
+    stale = [d for d in lake.partitions(cfg.lake.root, _out(cfg, EVENTS)) if (prev is None or d > prev) and d <= ds]
+    if len(days) > 1 or (days and days[0] != ds):
+        log.info("sessionize %s: %d input days after state %s", ds, len(days), prev)
+    staging = Staging(spark, cfg.lake.root)
+    cached: list[DataFrame] = []
+    try:
+        stats = _process(spark, cfg, staging, cached, ds, prev, days, sorted(set(days) | set(stale) | {ds}))
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        staging.add_side_file(_out(cfg, SEQUENCES), ds, STATS_FILE, json.dumps(stats, indent=2))
+        staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    finally:
+        for df in cached:
+            df.unpersist()
+    log.info("sessionize %s: %s", ds, stats)
+    return stats
+
+
+def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: str | None,
+             days: list[str], out_days: list[str]) -> dict:
+    root, src = Path(cfg.lake.root), cfg.sessionize.source
+    inputs = {t: read_days(spark, root, f"{src}/{t}", c, after=prev, upto=ds) for t, c in INPUTS.items()}
+    # Cached: the vocabularies, the duplicate check and the sessions all read the input, and a long
+    # backfill's input is thousands of small partitions.
+    raw = _cache(cached, unify(inputs["search_events"], inputs["browse_events"]))
+    state = _state(spark, cfg, prev)
+
+    item_seen = raw.select(C.ITEM_ID, C.DS).unionByName(inputs["catalog"].select(C.ITEM_ID, C.DS))
+    query_seen = raw.select(normalize_query(F.col(C.QUERY)).alias(C.QUERY), C.DS)
+    items, new_items = extend_vocab(state["items"], item_seen, C.ITEM_ID, C.ITEM_INDEX)
+    queries, new_queries = extend_vocab(state["queries"], query_seen, C.QUERY, C.QUERY_INDEX)
+    items, queries = _cache(cached, items), _cache(cached, queries)
+
+    sessions = sessionize(dedup(raw, _recent_copies(spark, cfg, raw, prev, days)),
+                          state["sequences"] if prev else None, cfg.sessionize.gap_minutes)
+    # Cached: written as the day partitions, then the source of sequences, counts, stats and splits.
+    events = _cache(cached, attach_indices(sessions, items, queries))
+    staging.write_days(events, _out(cfg, EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)
+
+    toks = event_tokens(events)
+    for vocab, known, index, table in ((items, state["items"], C.ITEM_INDEX, ITEM_VOCAB),
+                                       (queries, state["queries"], C.QUERY_INDEX, QUERY_VOCAB)):
+        used = toks.select(F.col(f"token.{index}").alias(index)).where(F.col(index).isNotNull())
+        staging.write_day(with_counts(vocab, known, used, index), _out(cfg, table), ds, n_files=1)
+    # Staged after the vocabularies so it is published after them: it marks the day's state complete.
+    seqs = update_sequences(state["sequences"], events, cfg.sessionize.max_seq_len)
+    staging.write_day(seqs, _out(cfg, SEQUENCES), ds)
+
+    history = lambda: (read_days(spark, root, _out(cfg, EVENTS), S.EVENTS, upto=prev)  # noqa: E731
+                       .unionByName(events))
+    split_stats = splits.write(staging, cfg, ds, state["sequences"], events, history)
+
+    rows_in = {kind: sum(count_rows(root, f"{src}/{t}", after=prev, upto=ds).values())
+               for kind, t in ((S.KIND_SEARCH, "search_events"), (S.KIND_BROWSE, "browse_events"))}
+    out = _event_stats(events)
+    return {
+        "ds": ds, "state_ds": prev, "input_days": len(days),
+        "input_first_ds": days[0] if days else None, "input_last_ds": days[-1] if days else None,
+        "rows_in": rows_in, "duplicates_dropped": sum(rows_in.values()) - out["events"], **out,
+        "new_items": new_items, "new_queries": new_queries, "splits": split_stats,
+    }
+
+
+def _cache(cached: list, df: DataFrame) -> DataFrame:
+    cached.append(df.cache())
+    return df
+
+
+def _recent_copies(spark, cfg: Config, raw: DataFrame, prev: str | None, days: list[str]) -> DataFrame | None:
+    """Published events (their ``DEDUP_KEY``) that the input repeats exactly.
+
+    An exact copy has the same ts, and validation admits an event only up to ``validate.late_days``
+    days after its ts, so every copy arrives within that many days of the first: only the history
+    partitions from ``late_days`` before the first input day can hold one (never the whole history).
+    """
+    if prev is None or not days:
+        return None
+    after = (parse_ds(days[0]) - dt.timedelta(days=cfg.validate_.late_days + 1)).isoformat()
+    past = read_days(spark, cfg.lake.root, _out(cfg, EVENTS), S.EVENTS, after=after, upto=prev)
+    return past.select(*DEDUP_KEY).join(raw.select(C.USER_ID, C.EVENT_ID).distinct(),
+                                        [C.USER_ID, C.EVENT_ID], "left_semi")
+
+
+def _state(spark, cfg: Config, prev: str | None) -> dict[str, DataFrame]:
+    tables = {"sequences": (SEQUENCES, S.SEQUENCES), "items": (ITEM_VOCAB, S.ITEM_VOCAB),
+              "queries": (QUERY_VOCAB, S.QUERY_VOCAB)}
+    if prev is None:
+        return {k: spark.createDataFrame([], spark_schema(c, with_ds=False)) for k, (_, c) in tables.items()}
+    return {k: read_days(spark, cfg.lake.root, _out(cfg, t), c, after=_day_before(prev), upto=prev).drop(C.DS)
+            for k, (t, c) in tables.items()}
+
+
+def _event_stats(events: DataFrame) -> dict:
+    row = events.agg(
+        F.count("*").alias("events"),
+        F.coalesce(F.sum(F.col(C.LATE).cast("int")), F.lit(0)).alias("late_events"),
+        F.coalesce(F.sum(F.col(C.CLAMPED).cast("int")), F.lit(0)).alias("clamped_events"),
+        F.countDistinct(C.USER_ID).alias("users_with_events"),
+        F.coalesce(F.sum(token_count()), F.lit(0)).alias("tokens"),
+    ).first()
+    return row.asDict()
+
+
+def _out(cfg: Config, table: str) -> str:
+    return f"{cfg.sessionize.output}/{table}"
+
+
+def _day_before(ds: str) -> str:
+    return (parse_ds(ds) - dt.timedelta(days=1)).isoformat()
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points for the CLI and Airflow
+
+
+def stage(cfg: Config, ds: str, from_ds: str | None = None) -> dict:
+    """The pipeline stage (CLI ``synergen sessionize``, Airflow): ``run`` in a session from ``cfg.spark``.
+
+    The session is stopped at the end unless it was already active (a caller's).
+    """
+    owned = SparkSession.getActiveSession() is None
+    spark = get_spark(cfg)
+    try:
+        return run(spark, cfg, ds, from_ds)
+    finally:
+        if owned:
+            spark.stop()

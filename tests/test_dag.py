@@ -1,0 +1,38 @@
+"""The daily DAG parses in a real Airflow 3 and has the expected tasks, order and run settings."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import json
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag("{dags}")
+dag = bag.dags["synergen_daily"]
+print(json.dumps({{
+    "errors": {{k: str(v) for k, v in bag.import_errors.items()}},
+    "edges": sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids),
+    "tasks": sorted(t.task_id for t in dag.tasks),
+    "max_active_runs": dag.max_active_runs,
+    "params": sorted(dag.params.dump()),
+    "retries": sorted({{t.retries for t in dag.tasks}}),
+    "timeouts": sorted({{t.execution_timeout.total_seconds() for t in dag.tasks}}),
+}}))
+"""
+
+
+def test_dag_imports_with_expected_tasks_and_order(tmp_path):
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+    out = subprocess.run([sys.executable, "-c", PROBE.format(dags=ROOT / "dags")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dag = json.loads(out.stdout.strip().splitlines()[-1])
+    assert dag["errors"] == {}
+    assert dag["edges"] == [["validate_raw", "sessionize"]]
+    assert dag["max_active_runs"] == 1 and dag["retries"] == [2]
+    assert {"config", "epochs", "d_model"} <= set(dag["params"])
+    assert all(t > 0 for t in dag["timeouts"])
