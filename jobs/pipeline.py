@@ -21,7 +21,8 @@ def run_default(cfg: Config) -> dict:
     group = f"synergen-run-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     per_day = {}
     for ds in days(cfg):
-        per_day[ds] = {"validate": stages.validate_raw(cfg, ds, group=group)}
+        per_day[ds] = {"validate": stages.validate_raw(cfg, ds, group=group),
+                       "sessionize": stages.sessionize(cfg, ds, group=group)}
     return {
         "lake": str(root),
         "generated": generated,
@@ -29,6 +30,7 @@ def run_default(cfg: Config) -> dict:
         "outputs": {
             "validated": str(root / "validated"),
             "quarantine": str(root / "quarantine"),
+            "sessionized": str(root / cfg.sessionize.output),
             "mlflow": cfg.mlflow.tracking_uri,
             "mlflow_ui": f"{Path('.venv/bin/mlflow')} ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1",
         },

@@ -66,3 +66,5 @@ def test_main_job_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
             valid = pq.read_table(lake.partition(tmp_path / "lake", f"validated/{table}", ds))
             quarantined = pq.read_table(lake.partition(tmp_path / "lake", f"quarantine/{table}", ds))
             assert valid.num_rows + quarantined.num_rows == truth["rows"]
+    sequences = pq.read_table(lake.partition(tmp_path / "lake", "sessionized/sequences", "2026-01-02"))
+    assert sequences.num_rows > 0 and out["days"]["2026-01-02"]["sessionize"]
