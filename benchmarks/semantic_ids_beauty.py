@@ -233,7 +233,7 @@ def main() -> None:
         ps = d1[v]["prefix_similarity"][vec]
         print(f"{v} ID first code: {vec} cosine same-prefix {ps['same_prefix']:.3f} vs random {ps['random']:.3f}")
     print(f"raw codes changed by warm start: {raw_change['hysteresis']:.2%} "
-          f"(without hysteresis {raw_change['no_hysteresis']:.2%}); wrote {args.out}")
+          f"(without hysteresis {raw_change['no_hysteresis']:.2%})")
 
 
 if __name__ == "__main__":

@@ -159,8 +159,19 @@ def train_rqvae(
     """Train from scratch, or fine-tune ``state`` (warm start: warm_epochs at warm_lr, no k-means re-init,
     no dead-code reset).
 
-    Returns the model (eval mode) and per-epoch mean losses.
+    Returns the model (eval mode) and per-epoch mean losses. Trains on one torch thread: with more, float
+    sums are split differently from run to run, weights differ by ~1e-6, and some items' codes (and so
+    every downstream model and list) would change on a rerun of the same day. The model is small.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_rqvae(text_vecs, collab_vecs, cfg, state, log_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_rqvae(text_vecs, collab_vecs, cfg: SemanticIdConfig, state: dict | None, log_every: int):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     xt_all = torch.as_tensor(np.asarray(text_vecs, np.float32))  # [n, text_dim]

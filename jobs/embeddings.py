@@ -1,0 +1,298 @@
+"""Stage 3a: frozen text vectors of every item and every query of the day's vocabularies (Spark), then
+the collaborative item vectors (``jobs.collab``).
+
+Inputs: ``<lake>/<sessionize.output>/{item_vocab,query_vocab}/ds=D`` and the catalog
+``<lake>/<sessionize.source>/catalog`` (upserts per day: an item's text is its latest row up to D,
+built by ``synergen_core.text_encoder.item_text``). Outputs: ``<lake>/<embeddings.output>/{items,queries}/ds=D``
+(contracts in ``schemas.semantic_ids``), full snapshots keyed by index and id/text, with a text hash.
+
+Only new or changed texts are embedded. The state is the latest snapshot before D ("yesterday") when the
+same encoder made it (``encoder_fingerprint``, kept in ``_embeddings.json``; the hash covers it too):
+
+* items: only items with a catalog row in (yesterday, D] can have a new text. Those rows (and items
+  yesterday's table lacks) go to Python, where the text is built and hashed and embedded only when the hash
+  differs from yesterday's. Every other row is carried over by Spark without reaching Python, so a
+  daily run reads one day of catalog, not its whole history.
+* queries: an index always names the same normalized text, so the hash is computed in Spark and only rows
+  whose hash differs (new queries) go to Python.
+
+Without a usable state (first run, or another encoder) every text is embedded, from the full catalog.
+
+The encoder runs inside ``mapInArrow``: loaded once per partition, and only by a partition that has a
+text to embed. ``embedded_ds`` says when each vector was computed, which gives the embedded/carried counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.spark import Staging, read_days, session, spark_schema
+from schemas import CATALOG, C
+from schemas import semantic_ids as E
+from schemas import sequences as S
+from synergen_core import lake
+from synergen_core.config import Config, TextEncoderConfig, parse_ds
+
+log = logging.getLogger(__name__)
+
+ITEMS, QUERIES = "items", "queries"
+META_FILE = "_embeddings.json"
+PREV = "_prev_"  # prefix of yesterday's columns after the join
+IN_CATALOG = "_in_catalog"  # the item has a catalog row in the days read
+TEXT_FIELDS = (C.TITLE, C.CATEGORIES, C.DESCRIPTION, C.BRAND)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with jobs.collab and jobs.semantic_ids
+
+
+def table(cfg: Config, name: str) -> str:
+    """Lake path of an embeddings table, e.g. ``embeddings/items``."""
+    return f"{cfg.embeddings.output}/{name}"
+
+
+def encoder_fingerprint(cfg: TextEncoderConfig) -> str:
+    """What identifies the vector space: another fingerprint means every text is embedded again."""
+    if cfg.kind == "wordllama":
+        return f"wordllama=={version('wordllama')}"
+    return f"sentence_transformers:{Path(cfg.path).resolve() if cfg.path else ''}"
+
+
+def text_hash(fingerprint: str, text: str) -> str:
+    """sha256 hex of ``fingerprint + "\\n" + text``; the same as Spark's ``sha2(concat(...), 256)``."""
+    return hashlib.sha256(f"{fingerprint}\n{text}".encode()).hexdigest()
+
+
+def vectors_array(vecs: np.ndarray) -> pa.Array:
+    """[n, d] float32 -> an Arrow list<float> array of n lists of d values."""
+    n, d = vecs.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if d else np.zeros(n + 1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(vecs, np.float32).reshape(-1)))
+
+
+def vectors_matrix(values: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
+    """An Arrow list<float> array without nulls, every list of one length -> [n, d] float32."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], E.VECTOR_TYPE)
+    n = len(values)
+    # a copy: Arrow's buffers are read-only, and torch warns on (and must not write into) those
+    flat = np.array(values.flatten().to_numpy(zero_copy_only=False), np.float32)
+    if dim is None:
+        dim = len(flat) // n if n else 0
+    if len(flat) != n * dim:
+        raise ValueError(f"vectors of unequal length: {len(flat)} values for {n} rows of {dim}")
+    return flat.reshape(n, dim)
+
+
+def read_partition(root: Path, table_path: str, ds: str, columns: list[str] | None = None) -> pa.Table:
+    """One published partition read on the driver (pyarrow)."""
+    part = lake.partition(root, table_path, ds)
+    if not part.is_dir():
+        raise FileNotFoundError(f"{part}: no published partition")
+    tables = [pq.read_table(f, columns=columns) for f in lake.data_files(part)]
+    if not tables:
+        return pa.table({}) if columns is None else pa.table({c: pa.array([]) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+
+
+def read_meta(root: Path, table_path: str, ds: str, name: str) -> dict | None:
+    path = lake.partition(root, table_path, ds) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def spark_partition(spark: SparkSession, root: Path, table_path: str, ds: str, contract: pa.Schema) -> DataFrame:
+    """One published partition as a Spark DataFrame (without ``ds``), with the contract's types."""
+    part = lake.partition(root, table_path, ds)
+    if not part.is_dir():
+        raise FileNotFoundError(f"{part}: no published partition")
+    schema = spark_schema(contract, with_ds=False)
+    if not lake.data_files(part):
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(str(part))
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python side: runs on the executors
+
+
+def _item_texts(batch: pa.RecordBatch, max_description_chars: int) -> list[str]:
+    from synergen_core.text_encoder import item_text
+
+    cols = [batch.column(f).to_pylist() for f in TEXT_FIELDS]
+    return [item_text(t, c, d, b, max_description_chars) for t, c, d, b in zip(*cols)]
+
+
+def _embedder(encoder: TextEncoderConfig, fingerprint: str, ds: str, key: str, name: str):
+    """The ``mapInArrow`` function: (key, name, text or catalog fields, yesterday's hash/vector/day) ->
+    (key, name, text_hash, vector, embedded_ds). Rows whose hash equals yesterday's keep their vector."""
+
+    def embed(batches):
+        from synergen_core.text_encoder import load_text_encoder
+
+        enc = None
+        for b in batches:
+            if key == C.ITEM_INDEX:
+                texts = _item_texts(b, encoder.max_description_chars)
+            else:
+                texts = [q or "" for q in b.column(C.QUERY).to_pylist()]
+            hashes = [text_hash(fingerprint, t) for t in texts]
+            prev_hash = b.column(PREV + C.TEXT_HASH).to_pylist()
+            redo = np.array([h != p for h, p in zip(hashes, prev_hash)], bool)
+            if redo.any() and enc is None:
+                enc = load_text_encoder(encoder)  # once per partition, and only when needed
+            keep = ~redo
+            kept = vectors_matrix(b.column(PREV + C.VECTOR).filter(pa.array(keep))) if keep.any() else None
+            dim = enc.dim if enc is not None else kept.shape[1]
+            vecs = np.zeros((b.num_rows, dim), np.float32)
+            if kept is not None:
+                vecs[keep] = kept
+            if redo.any():
+                vecs[redo] = enc.encode([texts[i] for i in np.nonzero(redo)[0]])
+            prev_ds = b.column(PREV + C.EMBEDDED_DS).to_pylist()
+            embedded = [ds if r else p for r, p in zip(redo.tolist(), prev_ds)]
+            yield pa.RecordBatch.from_arrays(
+                [b.column(key), b.column(name), pa.array(hashes, pa.string()), vectors_array(vecs),
+                 pa.array(embedded, pa.string())],
+                names=[key, name, C.TEXT_HASH, C.VECTOR, C.EMBEDDED_DS])
+
+    return embed
+
+
+# ---------------------------------------------------------------------------------------------
+# the Spark side
+
+
+def state_day(cfg: Config, name: str, ds: str, fingerprint: str) -> tuple[str | None, str]:
+    """(yesterday's day, why) when the latest snapshot before ``ds`` was made by this encoder, else (None, why)."""
+    days = [d for d in lake.partitions(cfg.lake.root, table(cfg, name)) if d < ds]
+    if not days:
+        return None, "first run"
+    meta = read_meta(cfg.lake.root, table(cfg, name), days[-1], META_FILE) or {}
+    if meta.get("fingerprint") != fingerprint:
+        return None, f"encoder changed: {meta.get('fingerprint')} -> {fingerprint}"
+    return days[-1], "incremental"
+
+
+def _previous(spark, cfg: Config, name: str, prev: str | None, key: str, contract: pa.Schema) -> DataFrame:
+    cols = (C.TEXT_HASH, C.VECTOR, C.EMBEDDED_DS)
+    if prev is None:
+        return spark.createDataFrame([], f"{key} {'int' if key.endswith('index') else 'string'}, "
+                                         f"{PREV}{C.TEXT_HASH} string, {PREV}{C.VECTOR} array<float>, "
+                                         f"{PREV}{C.EMBEDDED_DS} string")
+    df = spark_partition(spark, cfg.lake.root, table(cfg, name), prev, contract)
+    return df.select(key, *[F.col(c).alias(PREV + c) for c in cols])
+
+
+def _out_schema(key: str, name: str) -> str:
+    return (f"{key} int, {name} string, {C.TEXT_HASH} string, {C.VECTOR} array<float>, "
+            f"{C.EMBEDDED_DS} string")
+
+
+def item_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) -> DataFrame:
+    """The day's item vectors (ITEM_EMBEDDINGS columns); texts embedded lazily when written."""
+    root = cfg.lake.root
+    vocab = spark_partition(spark, root, f"{cfg.sessionize.output}/item_vocab", ds, S.ITEM_VOCAB)
+    catalog = read_days(spark, root, f"{cfg.sessionize.source}/catalog", CATALOG, after=prev, upto=ds)
+    # the latest row per item: max_by needs no sort, and a validated partition holds an item once
+    latest = (catalog.groupBy(C.ITEM_ID).agg(F.max_by(F.struct(*TEXT_FIELDS), C.DS).alias("_row"))
+              .select(C.ITEM_ID, *[F.col(f"_row.{f}").alias(f) for f in TEXT_FIELDS], F.lit(True).alias(IN_CATALOG)))
+    cand = (vocab.select(C.ITEM_INDEX, C.ITEM_ID).join(latest, C.ITEM_ID, "left")
+            .join(_previous(spark, cfg, ITEMS, prev, C.ITEM_ID, E.ITEM_EMBEDDINGS), C.ITEM_ID, "left"))
+    unchanged = F.col(IN_CATALOG).isNull() & F.col(PREV + C.TEXT_HASH).isNotNull()
+    carry = cand.where(unchanged).select(
+        C.ITEM_INDEX, C.ITEM_ID, *[F.col(PREV + c).alias(c) for c in (C.TEXT_HASH, C.VECTOR, C.EMBEDDED_DS)])
+    todo = cand.where(~unchanged).select(C.ITEM_INDEX, C.ITEM_ID, *TEXT_FIELDS, PREV + C.TEXT_HASH,
+                                         PREV + C.VECTOR, PREV + C.EMBEDDED_DS)
+    fresh = todo.mapInArrow(_embedder(cfg.text_encoder, fingerprint, ds, C.ITEM_INDEX, C.ITEM_ID),
+                            _out_schema(C.ITEM_INDEX, C.ITEM_ID))
+    return carry.unionByName(fresh)
+
+
+def query_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) -> DataFrame:
+    """The day's query vectors (QUERY_EMBEDDINGS columns); only rows whose hash changed reach Python."""
+    vocab = spark_partition(spark, cfg.lake.root, f"{cfg.sessionize.output}/query_vocab", ds, S.QUERY_VOCAB)
+    h = F.sha2(F.concat(F.lit(fingerprint + "\n"), F.coalesce(F.col(C.QUERY), F.lit(""))), 256)
+    prev_df = _previous(spark, cfg, QUERIES, prev, C.QUERY_INDEX, E.QUERY_EMBEDDINGS)
+    cand = vocab.select(C.QUERY_INDEX, C.QUERY, h.alias("_hash")).join(prev_df, C.QUERY_INDEX, "left")
+    same = F.coalesce(F.col(PREV + C.TEXT_HASH) == F.col("_hash"), F.lit(False))
+    carry = cand.where(same).select(
+        C.QUERY_INDEX, C.QUERY, *[F.col(PREV + c).alias(c) for c in (C.TEXT_HASH, C.VECTOR, C.EMBEDDED_DS)])
+    todo = cand.where(~same).select(C.QUERY_INDEX, C.QUERY, PREV + C.TEXT_HASH, PREV + C.VECTOR,
+                                    PREV + C.EMBEDDED_DS)
+    fresh = todo.mapInArrow(_embedder(cfg.text_encoder, fingerprint, ds, C.QUERY_INDEX, C.QUERY),
+                            _out_schema(C.QUERY_INDEX, C.QUERY))
+    return carry.unionByName(fresh)
+
+
+def _counts(part: Path, key: str, ds: str, prev_keys: np.ndarray | None) -> dict:
+    """Rows, embedded (computed today), carried and new of a staged partition, from its key columns."""
+    files = lake.data_files(part)
+    t = (pa.concat_tables([pq.read_table(f, columns=[key, C.EMBEDDED_DS]) for f in files]) if files else
+         pa.table({key: pa.array([], pa.int32()), C.EMBEDDED_DS: pa.array([], pa.string())}))
+    keys = t[key].to_numpy()
+    embedded = int(np.sum(np.asarray(t[C.EMBEDDED_DS].to_pylist(), dtype=object) == ds))
+    new = int(len(keys) - (np.isin(keys, prev_keys).sum() if prev_keys is not None else 0))
+    dim = None
+    for f in files:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=[C.VECTOR]), None)
+        if first is not None and first.num_rows:
+            dim = len(first.column(0)[0])
+            break
+    if len(np.unique(keys)) != len(keys):
+        raise RuntimeError(f"{part}: {len(keys) - len(np.unique(keys))} duplicate {key} values")
+    return {"rows": len(keys), "embedded": embedded, "carried": len(keys) - embedded, "new": new,
+            "changed": embedded - new, "dim": dim}
+
+
+def embed_texts(spark: SparkSession, cfg: Config, ds: str) -> dict:
+    """Write the ``items`` and ``queries`` snapshots of ``ds`` (published together). Returns their counts."""
+    ds = parse_ds(ds).isoformat()
+    fingerprint = encoder_fingerprint(cfg.text_encoder)
+    staging = Staging(spark, cfg.lake.root)
+    out: dict = {"fingerprint": fingerprint}
+    try:
+        for name, key, frame in ((ITEMS, C.ITEM_INDEX, item_frame), (QUERIES, C.QUERY_INDEX, query_frame)):
+            t0 = time.perf_counter()
+            prev, why = state_day(cfg, name, ds, fingerprint)
+            staging.write_day(frame(spark, cfg, ds, prev, fingerprint), table(cfg, name), ds)
+            prev_keys = read_partition(cfg.lake.root, table(cfg, name), prev, [key])[key].to_numpy() if prev else None
+            counts = _counts(staging.staged(table(cfg, name), ds), key, ds, prev_keys)
+            counts.update(previous_ds=prev, mode=why, seconds=round(time.perf_counter() - t0, 3))
+            staging.add_side_file(table(cfg, name), ds, META_FILE,
+                                  json.dumps({"ds": ds, "fingerprint": fingerprint, **counts}, indent=1))
+            out[name] = counts
+        staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    log.info("embeddings %s: items %s, queries %s", ds, out[ITEMS], out[QUERIES])
+    return out
+
+
+def run(spark: SparkSession, cfg: Config, ds: str, champion=None) -> dict:
+    """Text vectors, then collaborative vectors (``jobs.collab.run``; ``champion``: its loader hook)."""
+    from jobs import collab
+
+    ds = parse_ds(ds).isoformat()
+    t0 = time.perf_counter()
+    out = {"ds": ds, **embed_texts(spark, cfg, ds)}
+    out["collab"] = collab.run(spark, cfg, ds, champion)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def stage(cfg: Config, ds: str, champion=None) -> dict:
+    """The pipeline stage (CLI ``synergen embed``, Airflow ``item_embeddings``): ``run`` in a session from
+    ``cfg.spark``, stopped at the end unless it was already active (a caller's)."""
+    with session(cfg) as spark:
+        return run(spark, cfg, ds, champion)
