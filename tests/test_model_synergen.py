@@ -70,12 +70,8 @@ L = 6
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up and contention on a shared CPU cost far more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def test_forward_shapes_and_heads():

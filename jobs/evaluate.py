@@ -1,0 +1,111 @@
+"""Stage: evaluate the models trained for day ``ds`` and the untrained baselines on the test targets.
+
+For every protocol in ``train.protocols``: the ``test`` rows of ``split_<protocol>_eval`` (rows without
+any context are counted and left out: no sequence model can score them), the same popularity-sampled
+candidate lists for every scorer, then ``synergen_core.evaluate.evaluate_scorer`` for every trained
+variant found under ``<lake>/<train.output>/ds=D/<protocol>/`` and every baseline in
+``evaluate.baselines``. The result is returned and written to ``<lake>/<train.output>/ds=D/evaluation.json``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from schemas import C
+from synergen_core import checkpoint, plots
+from synergen_core.baselines import BM25, VARIANTS, Popularity
+from synergen_core.config import Config, parse_ds
+from synergen_core.data import item_counts, load_test, read_table, tokens_from_arrow, vocab_size
+from synergen_core.evaluate import ModelScorer, candidate_lists, evaluate_scorer
+from synergen_core.features import catalog_texts
+from synergen_core.model import SEARCH
+from synergen_core.train import pick_device
+
+log = logging.getLogger(__name__)
+RESULT = "evaluation.json"
+
+
+def _texts(cfg: Config, ds: str) -> tuple[list[str], list[str]]:
+    """Catalog text per item index and query text per query index ("" where none)."""
+    items, queries = read_table(cfg, "item_vocab", ds), read_table(cfg, "query_vocab", ds)
+    item_texts = [""] * vocab_size(items, C.ITEM_INDEX)
+    for i, t in zip(items[C.ITEM_INDEX].to_pylist(), catalog_texts(cfg, ds, items[C.ITEM_ID].to_pylist())):
+        item_texts[i] = t
+    query_texts = [""] * vocab_size(queries, C.QUERY_INDEX)
+    for i, q in zip(queries[C.QUERY_INDEX].to_pylist(), queries[C.QUERY].to_pylist()):
+        query_texts[i] = q or ""
+    return item_texts, query_texts
+
+
+def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list[str] | None = None) -> dict:
+    """{protocol: {"test_targets", "no_context", "scorers": {name: metrics}}}; see the module doc."""
+    ds = parse_ds(ds).isoformat()
+    device = pick_device(cfg.train)
+    root = Path(cfg.lake.root) / cfg.train.output / f"ds={ds}"
+    out: dict = {"ds": ds}
+    texts = None
+    for protocol in protocols or cfg.train.protocols:
+        test, no_context = load_test(cfg, ds, protocol)
+        train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
+        n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
+        counts = item_counts(train_tokens, n_items)
+        cand = candidate_lists(test, counts, cfg.evaluate.rank_negatives, cfg.evaluate.seed)
+        res = {"test_targets": {"search": int((test.task == SEARCH).sum()), "rec": int((test.task != SEARCH).sum())},
+               "no_context": no_context, "candidates_per_list": int(cand.shape[1]), "scorers": {}}
+        names = [v for v in (variants or VARIANTS) if (root / protocol / v / checkpoint.MODEL).is_file()]
+        for v in names:
+            t0 = time.perf_counter()
+            model = checkpoint.load_model(root / protocol / v, device)
+            scorer = ModelScorer(model, v, device, use_ranking_head=model.cfg.w_ranking > 0)
+            res["scorers"][v] = {**evaluate_scorer(scorer, test, cand, cfg.evaluate),
+                                 "seconds": round(time.perf_counter() - t0, 2)}
+        for b in cfg.evaluate.baselines:
+            if b == "bm25" and not (test.task == SEARCH).any():
+                continue
+            t0 = time.perf_counter()
+            if b == "popularity":
+                scorer = Popularity(counts)
+            else:
+                texts = texts or _texts(cfg, ds)
+                scorer = BM25(*texts)
+            res["scorers"][b] = {**evaluate_scorer(scorer, test, cand, cfg.evaluate),
+                                 "seconds": round(time.perf_counter() - t0, 2)}
+        out[protocol] = res
+        log.info("evaluate %s %s: %s", ds, protocol, sorted(res["scorers"]))
+    checkpoint.save_json(out, root / RESULT)
+    return out
+
+
+def headline(result: dict, k: int = 10) -> dict[str, float]:
+    """Flat ``<protocol>.<scorer>.<task>.<metric>`` figures: Recall/NDCG@k (catalog) and ranking AUC."""
+    flat = {}
+    for protocol, res in result.items():
+        if not isinstance(res, dict) or "scorers" not in res:
+            continue
+        for name, m in res["scorers"].items():
+            for task, cm in m["catalog"].items():
+                for key in (f"recall@{k}", f"ndcg@{k}"):
+                    if key in cm:
+                        flat[f"{protocol}.{name}.{task}.{key}"] = cm[key]
+            for task, lm in m["ranking"].items():
+                if "auc" in lm:
+                    flat[f"{protocol}.{name}.{task}.rank_auc"] = lm["auc"]
+    return flat
+
+
+def stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """``run`` as a tracked MLflow stage (headline metrics + the full result as an artifact)."""
+    from synergen_core.tracking import stage_run
+
+    with stage_run(cfg, "evaluate", ds, group) as tracked:
+        out = run(cfg, ds, **kwargs)
+        tracked.metrics({k.replace("@", "_at_"): v for k, v in headline(out).items() if np.isfinite(v)})
+        tracked.artifact(Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / RESULT, "evaluate")
+        for protocol, res in out.items():
+            if isinstance(res, dict) and res.get("scorers"):
+                tracked.figure(plots.recall_at_k(res["scorers"], cfg.evaluate.ks, protocol),
+                               f"plots/recall_at_k_{protocol}.png")
+        return out

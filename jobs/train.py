@@ -1,0 +1,154 @@
+"""Stage: train the model (and its trained baselines) on the splits of day ``ds``.
+
+For every protocol in ``train.protocols`` (each has its own training split, so its own models) and every
+variant in ``train.variants`` (``synergen_core.baselines.VARIANTS``): read the split, build or reuse the
+side inputs (text vectors, semantic IDs: ``features.pt`` per protocol), then train with checkpoints and
+early stopping into ``<lake>/<train.output>/ds=D/<protocol>/<variant>/`` (``synergen_core.checkpoint``).
+A rerun after a kill resumes every unfinished model; finished ones are not retrained (``--fresh`` does).
+
+``prepare`` (the DAG's ``build_training_data`` task) does the first half on its own: it reads each split,
+cuts the training windows and writes the side inputs to ``features.pt``, so that the train task (the GPU
+task on a cluster) starts from files and spends its slot on optimizer steps only.
+
+Under ``torchrun --nproc_per_node N`` (e.g. ``torchrun --standalone --nproc_per_node 2 --no-python synergen
+train --ds D``) every model trains data-parallel on N processes (``synergen_core.distributed``): rank 0
+computes missing side inputs first and alone writes the models and the MLflow run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from synergen_core import checkpoint, distributed, plots
+from synergen_core.baselines import variant_config
+from synergen_core.config import Config, parse_ds
+from synergen_core.data import load_split
+from synergen_core.embeddings import TokenType
+from synergen_core.features import load_features
+from synergen_core.train import train
+
+log = logging.getLogger(__name__)
+FEATURES = "features.pt"
+
+
+def protocol_dir(cfg: Config, ds: str, protocol: str) -> Path:
+    return checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, "")
+
+
+def _plan(cfg: Config, data, variants: list[str], protocol: str, notes: dict) -> list[tuple[str, Config]]:
+    """(variant, its config) to train on ``data``; single-task variants without search events are noted."""
+    has_search = bool((data.train.token_type == TokenType.QUERY).any())
+    todo = []
+    for v in variants:
+        if v == "search_only" and not has_search:
+            notes[f"{protocol}/{v}"] = "skipped: the training split has no search events"
+        elif v == "rec_only" and not has_search:
+            notes[f"{protocol}/{v}"] = "skipped: without search events it is the synergen variant"
+        else:
+            todo.append((v, variant_config(cfg, v)))
+    return todo
+
+
+def _features(cfg: Config, ds: str, protocol: str, data, todo: list[tuple[str, Config]]):
+    need_text = any(c.model.use_text_emb for _, c in todo)
+    need_codes = any(c.model.use_semantic_ids or c.model.semantic_head for _, c in todo)
+    return load_features(cfg, ds, data.train, data.item_vocab, data.query_vocab, data.n_items, data.n_queries,
+                         protocol_dir(cfg, ds, protocol) / FEATURES, need_text, need_codes, protocol=protocol)
+
+
+def prepare(cfg: Config, ds: str, protocols: list[str] | None = None) -> dict:
+    """Per protocol: the split's sizes and the side inputs (cached in ``features.pt``) with their sources."""
+    ds = parse_ds(ds).isoformat()
+    out: dict = {"ds": ds, "notes": {}}
+    for protocol in protocols or cfg.train.protocols:
+        t0 = time.perf_counter()
+        data = load_split(cfg, ds, protocol)
+        todo = _plan(cfg, data, list(cfg.train.variants), protocol, out["notes"])
+        feats = _features(cfg, ds, protocol, data, todo)
+        out[protocol] = {"users": len(data.train.lengths), "windows": len(data.windows),
+                         "valid_targets": len(data.valid), "n_items": data.n_items, "n_queries": data.n_queries,
+                         "features": feats.notes, "seconds": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+def run(
+    cfg: Config, ds: str, variants: list[str] | None = None, protocols: list[str] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Train every (protocol, variant); returns {protocol: {variant: summary}} plus notes."""
+    ds = parse_ds(ds).isoformat()
+    variants = list(variants or cfg.train.variants)
+    with distributed.session(cfg.train) as ranks:
+        return _run(cfg, ds, variants, protocols, on_step, ranks)
+
+
+def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
+         on_step: Callable[[int], None] | None, ranks: distributed.Ranks) -> dict:
+    out: dict = {"ds": ds, "notes": {}}
+    for protocol in protocols or cfg.train.protocols:
+        t0 = time.perf_counter()
+        data = load_split(cfg, ds, protocol)
+        todo = _plan(cfg, data, variants, protocol, out["notes"])
+        if not todo:
+            continue
+        with distributed.main_first(ranks):  # rank 0 writes features.pt when missing, the others read it
+            feats = _features(cfg, ds, protocol, data, todo)
+        out[protocol] = {"windows": len(data.windows), "valid_targets": len(data.valid), "n_items": data.n_items,
+                         "n_queries": data.n_queries, "features": feats.notes,
+                         "prepare_seconds": round(time.perf_counter() - t0, 2), "models": {}}
+        for v, vcfg in todo:
+            d = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, v)
+            log.info("train %s %s/%s -> %s", ds, protocol, v, d)
+            out[protocol]["models"][v] = train(vcfg, data, feats, d, on_step=on_step)
+    return out
+
+
+def stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """``run`` as a tracked MLflow stage: per model its best validation metric, steps and time."""
+    from synergen_core.tracking import stage_run
+
+    with distributed.session(cfg.train) as ranks:
+        if not ranks.is_main:  # under torchrun only rank 0 tracks (the summaries are the same)
+            return run(cfg, ds, **kwargs)
+        return _tracked(cfg, ds, group, stage_run, **kwargs)
+
+
+def _tracked(cfg: Config, ds: str, group: str | None, stage_run, **kwargs) -> dict:
+    with stage_run(cfg, "train", ds, group) as tracked:
+        out = run(cfg, ds, **kwargs)
+        for protocol, res in out.items():
+            if not isinstance(res, dict) or "models" not in res:
+                continue
+            for variant, s in res["models"].items():
+                key = f"{protocol}.{variant}"
+                tracked.metrics({f"{key}.train_seconds": s["train_seconds"], f"{key}.steps": s["steps"]})
+                if s["best_valid"] is not None:
+                    tracked.metrics({f"{key}.valid_{cfg.train.valid_metric.replace('@', '_at_')}": s["best_valid"]})
+                for h in s["history"]:  # the training curves: one point per epoch
+                    curve = {f"{key}.loss": h.get("loss"), f"{key}.valid": h.get(cfg.train.valid_metric)}
+                    tracked.metrics({k: v for k, v in curve.items() if v is not None and math.isfinite(v)},
+                                    step=h["epoch"])
+                if s["history"]:
+                    tracked.figure(plots.training_curves(s["history"], cfg.train.valid_metric, key),
+                                   f"plots/training_{key}.png")
+                tracked.artifact(Path(s["out_dir"]) / checkpoint.SUMMARY, f"train/{protocol}/{variant}")
+        return out
+
+
+def prepare_stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """``prepare`` as a tracked MLflow stage (split sizes as metrics, side-input sources as tags)."""
+    from synergen_core.tracking import stage_run
+
+    with stage_run(cfg, "build_training_data", ds, group) as tracked:
+        out = prepare(cfg, ds, **kwargs)
+        for protocol, res in out.items():
+            if isinstance(res, dict) and "features" in res:
+                tracked.metrics({f"{protocol}.{k}": res[k] for k in ("users", "windows", "valid_targets",
+                                                                      "n_items", "n_queries", "seconds")})
+                sid = res["features"].get("semantic_ids") or {}
+                tracked.tags({f"synergen.{protocol}.text": res["features"].get("text", "none"),
+                              f"synergen.{protocol}.semantic_ids": sid.get("source", "none")})
+        return out

@@ -1,0 +1,196 @@
+"""Offline evaluation, the same code for the model, its variants and the baselines.
+
+* Full-catalog retrieval: every evaluation target is ranked against the whole catalog (no sampled
+  negatives): Recall@K, NDCG@K, MRR per task (``metrics`` has the tie rules).
+* Ranking quality: each target gets a candidate list of itself plus ``evaluate.rank_negatives`` items
+  sampled by training popularity (seeded, so every model scores the same lists); AUC and NDCG@K of
+  each scorer's order. The model is scored twice on the lists: by its ranking head and by its
+  retrieval scores, which shows what the ranking stage adds.
+
+A scorer has ``name``, ``tasks`` (the prediction tasks it can serve), ``catalog(requests) -> [N,
+n_items]`` scores (-inf at padding) and ``candidates(requests, cand [N, C]) -> [N, C]`` scores.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from synergen_core.config import EvaluateConfig
+from synergen_core.data import TASK_NAMES, Requests, to_batch
+from synergen_core.metrics import catalog_metrics, list_metrics, rank_stats
+from synergen_core.model import RECOMMEND, SEARCH, SynerGen
+
+
+class ModelScorer:
+    """A SynerGen model as a scorer: retrieval logits over the catalog, ranking head on candidates."""
+
+    tasks = (SEARCH, RECOMMEND)
+
+    def __init__(self, model: SynerGen, name: str = "synergen", device=None, use_ranking_head: bool = True):
+        self.model, self.name = model, name
+        self.device = device or next(model.parameters()).device
+        self.use_ranking_head = use_ranking_head
+        with torch.no_grad():
+            model.eval()
+            self.items = model.item_vectors()  # [n_items, d], reused for every chunk
+
+    def _batch(self, req: Requests) -> dict[str, Tensor]:
+        rows = np.arange(len(req))
+        return to_batch(req.history, rows, req.lengths, self.device)
+
+    @torch.no_grad()
+    def catalog(self, req: Requests) -> Tensor:
+        batch = self._batch(req)
+        hidden = self.model(batch)
+        return self.model.retrieval_logits(self.model.last_hidden(batch, hidden), self.items).float().cpu()
+
+    @torch.no_grad()
+    def candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
+        if not self.use_ranking_head:
+            return np.take_along_axis(self.catalog(req).numpy(), cand, 1)
+        batch = self._batch(req)
+        batch["candidates"] = torch.from_numpy(cand).to(self.device)
+        batch["request_ts"] = torch.from_numpy(req.ts).to(self.device)
+        hidden = self.model(batch)
+        return self.model.ranking_scores(batch, hidden).float().cpu().numpy()
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield np.arange(i, min(i + size, n))
+
+
+def _by_task(scorer, req: Requests, compute) -> dict[str, dict]:
+    out = {}
+    for task in scorer.tasks:
+        rows = np.nonzero(req.task == task)[0]
+        if len(rows):
+            out[TASK_NAMES[task]] = compute(rows)
+    return out
+
+
+def evaluate_catalog(scorer, req: Requests, ks: list[int], batch_size: int = 512) -> dict[str, dict]:
+    """Full-catalog Recall@K / NDCG@K / MRR of ``scorer`` per task: {"search": {...}, "rec": {...}}."""
+
+    def compute(rows: np.ndarray) -> dict:
+        sub = req.select(rows)
+        greater, ties = [], []
+        for chunk in _chunks(len(sub), batch_size):
+            part = sub.select(chunk)
+            g, t = rank_stats(scorer.catalog(part), torch.from_numpy(part.target))
+            greater.append(g.numpy())
+            ties.append(t.numpy())
+        return catalog_metrics(np.concatenate(greater), np.concatenate(ties), ks)
+
+    return _by_task(scorer, req, compute)
+
+
+def candidate_lists(req: Requests, counts: np.ndarray, n_neg: int, seed: int, batch_size: int = 1024) -> np.ndarray:
+    """[N, 1 + n_neg]: the target first, then distinct items sampled without replacement with
+    probability proportional to training count (Gumbel top-k), never the target.
+
+    When fewer than ``n_neg`` other items have a count, every item gets one pseudo-count.
+    """
+    c = counts.astype(np.float64).copy()
+    c[0] = 0.0
+    if (c > 0).sum() <= n_neg:
+        c[1:] += 1.0
+    logp = torch.from_numpy(np.log(np.where(c > 0, c, 0.0) + 1e-300))
+    logp[c == 0] = float("-inf")
+    gen = torch.Generator().manual_seed(seed)
+    n_neg = min(n_neg, int((c > 0).sum()) - 1)
+    out = []
+    for rows in _chunks(len(req), batch_size):
+        tgt = torch.from_numpy(req.target[rows])
+        u = torch.rand(len(rows), len(c), generator=gen, dtype=torch.float64).clamp_min(1e-300)
+        keys = logp - torch.log(-torch.log(u))  # Gumbel: top-k of keys = weighted sampling w/o replacement
+        keys[torch.arange(len(rows)), tgt] = float("-inf")
+        neg = keys.topk(n_neg, dim=1).indices
+        out.append(torch.cat([tgt[:, None], neg], 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, n_neg + 1), np.int64)
+
+
+def evaluate_lists(score, scorer, req: Requests, cand: np.ndarray, ks: list[int], batch_size: int = 512) -> dict[str, dict]:
+    """AUC and NDCG@K of ``score(requests, cand) -> [n, C]`` on the candidate lists, per task."""
+    labels = np.zeros(cand.shape, np.float32)
+    labels[:, 0] = 1.0
+    valid = cand > 0
+
+    def compute(rows: np.ndarray) -> dict:
+        scores = np.concatenate([score(req.select(rows[c]), cand[rows[c]]) for c in _chunks(len(rows), batch_size)])
+        return list_metrics(scores, labels[rows], valid[rows], ks)
+
+    return _by_task(scorer, req, compute)
+
+
+def evaluate_scorer(scorer, req: Requests, cand: np.ndarray, cfg: EvaluateConfig) -> dict:
+    """{"catalog": per-task retrieval metrics, "ranking": per-task list metrics[, "ranking_retrieval"]}."""
+    out = {"catalog": evaluate_catalog(scorer, req, cfg.ks, cfg.batch_size),
+           "ranking": evaluate_lists(scorer.candidates, scorer, req, cand, cfg.ks, cfg.batch_size)}
+    if isinstance(scorer, ModelScorer) and scorer.use_ranking_head:
+        retrieval = lambda r, c: np.take_along_axis(scorer.catalog(r).numpy(), c, 1)  # noqa: E731
+        out["ranking_retrieval"] = evaluate_lists(retrieval, scorer, req, cand, cfg.ks, cfg.batch_size)
+    return out
+
+
+# ---- a model trained on smaller vocabularies ----------------------------------------------------
+
+
+def model_vocab(model: SynerGen) -> tuple[int, int | None]:
+    """(item rows, query rows) of a model's tables; None queries: any index (text read from the batch)."""
+    emb = model.embed
+    if emb.query_id_emb is not None:
+        return model.n_items, emb.query_id_emb.num_embeddings
+    return model.n_items, None if emb.query_text is None else int(emb.query_text.shape[0])
+
+
+def fit_history(history: dict[str, np.ndarray], n_items: int, n_queries: int | None) -> dict[str, np.ndarray]:
+    """Token arrays with item / query indices a model's tables lack mapped to 0 (padding: "unknown").
+
+    Vocabulary indices are stable across days and new keys are appended, so a model trained on an older
+    day knows exactly the indices below its table sizes; the token keeps its type, action and time.
+    """
+    out = dict(history)
+    out["item_idx"] = np.where(history["item_idx"] < n_items, history["item_idx"], 0)
+    if n_queries is not None:
+        out["query_idx"] = np.where(history["query_idx"] < n_queries, history["query_idx"], 0)
+    return out
+
+
+class OlderVocabScorer(ModelScorer):
+    """A model scored on requests of a later day, whose vocabularies have ``n_items`` items (>= the
+    model's): unknown items and queries in histories become padding indices, items the model cannot
+    score rank below every item it knows (in the catalog and in candidate lists), and a target it does
+    not know is a miss (ranked last). With ``n_items`` = the model's own size it equals ``ModelScorer``."""
+
+    def __init__(self, model: SynerGen, n_items: int, name: str = "synergen", device=None,
+                 use_ranking_head: bool = True):
+        super().__init__(model, name, device, use_ranking_head)
+        self.known_items, self.known_queries = model_vocab(model)
+        self.n_items = max(n_items, self.known_items)
+
+    def _batch(self, req: Requests) -> dict[str, Tensor]:
+        history = fit_history(req.history, self.known_items, self.known_queries)
+        return to_batch(history, np.arange(len(req)), req.lengths, self.device)
+
+    def catalog(self, req: Requests) -> Tensor:
+        scores = super().catalog(req)
+        extra = self.n_items - scores.shape[1]
+        if extra > 0:
+            scores = torch.cat([scores, torch.full((len(req), extra), float("-inf"))], 1)
+        miss = np.nonzero(req.target >= self.known_items)[0]
+        if len(miss):
+            scores[miss] = 0.0
+            scores[miss, req.target[miss]] = float("-inf")
+        return scores
+
+    def candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
+        known = cand < self.known_items
+        scores = super().candidates(req, np.where(known, cand, 0)).astype(np.float64)
+        low = np.finfo(np.float32).min  # finite: ties among unknown items stay ties in the list metrics
+        scores = np.where(known, scores, low)
+        miss = ~known[:, 0]  # the target is the first candidate
+        scores[miss] = 0.0
+        scores[miss, 0] = low
+        return scores

@@ -1,0 +1,375 @@
+"""Training loop: joint search + recommendation retrieval, ranking and semantic-ID losses.
+
+One step (shapes for a batch of B windows trimmed to width L, C ranking candidates):
+
+* forward the windows with the ranking candidates appended -> hidden [B, L + C, d];
+* retrieval, per task with its weight (``train.w_search``, ``train.w_rec``): every position with a
+  target (``Windows.target``), search at query tokens, recommendation at item tokens; full softmax over
+  the catalog (``train.negatives=full``) or in-batch + popularity-sampled InfoNCE with log-Q
+  (``sampled``); plus the semantic-ID loss of the same positions when the model has that head;
+* ranking: each window's last position is a request whose candidates are its target item (label 1),
+  popularity-sampled items and hard negatives, i.e. the catalog items nearest the target in the
+  current retrieval space (label 0). Logged impressions would be the better negatives, but the
+  sessionized tables do not carry them.
+
+Reproducibility: model init and every random draw of a step (dropout, negatives) use torch's global
+RNG, seeded by ``train.seed``; the batch order of epoch e comes from ``numpy.random.default_rng((seed,
+e))``. A checkpoint holds the RNG states with the weights and optimizer, so stopping after any step
+and resuming gives the same weights as an uninterrupted run (on the same device and thread count).
+Early stopping keeps the weights of the best validation epoch (``checkpoint.MODEL``).
+
+Started by ``torchrun`` with several processes, the same loop trains data-parallel
+(``synergen_core.distributed``: DDP, each rank a share of every epoch's batches, rank 0 writes the files).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from synergen_core import checkpoint, distributed
+from synergen_core.config import Config, TrainConfig
+from synergen_core.data import N_ACTIONS, N_SURFACES, SplitData, Windows, to_batch
+from synergen_core.evaluate import ModelScorer, evaluate_catalog
+from synergen_core.features import Features
+from synergen_core.model import RECOMMEND, SEARCH, SynerGen, prediction_task
+
+
+def pick_device(tcfg: TrainConfig) -> torch.device:
+    if tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA; the CPU trains in float32 (bf16 matmuls are slower on most CPUs)."""
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_dims(data: SplitData, feats: Features) -> dict:
+    return {"n_items": data.n_items, "n_queries": data.n_queries, "n_actions": N_ACTIONS,
+            "n_surfaces": N_SURFACES, "codebook_size": feats.codebook_size}
+
+
+def build_model(cfg: Config, data: SplitData, feats: Features) -> SynerGen:
+    """A fresh model for ``data`` with the side inputs its config switches on."""
+    m = cfg.model
+    wants_codes = m.use_semantic_ids or m.semantic_head
+    if wants_codes and feats.rec_codes is None:
+        raise ValueError("model.use_semantic_ids / semantic_head are on but no semantic IDs were computed")
+    return SynerGen(
+        m, **{k: v for k, v in model_dims(data, feats).items() if k != "codebook_size"},
+        item_text=feats.item_text if m.use_text_emb else None,
+        query_text=feats.query_text if m.use_text_emb else None,
+        item_codes=feats.rec_codes if wants_codes else None,
+        search_codes=feats.search_codes if wants_codes else None,
+        codebook_size=feats.codebook_size if wants_codes else None,
+    )
+
+
+# ---- one step -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Sampler:
+    """Popularity distribution of the training items, for negatives."""
+
+    probs: Tensor  # [n_items] sampling probability, 0 at padding
+    log_q: Tensor  # [n_items] log probability (log-Q correction)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, device) -> Sampler:
+        c = torch.from_numpy(counts.astype(np.float64)) + 1.0  # every item can be drawn
+        c[0] = 0.0
+        p = (c / c.sum()).float().to(device)
+        return cls(p, torch.log(p.clamp_min(1e-30)))
+
+
+def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfig, sampler: Sampler, device) -> dict:
+    """Windows ``rows`` -> the model's batch with targets and (when ranking is trained) candidates."""
+    batch = to_batch(win.history, rows, win.lengths, device)
+    L = batch["token_type"].shape[1]
+    batch["target"] = torch.from_numpy(win.target[rows, -L:]).to(device)  # [B, L]
+    n_neg = tcfg.rank_pop_negatives + tcfg.rank_hard_negatives
+    if model.cfg.w_ranking == 0 or n_neg == 0:
+        return batch
+    pos = batch["target"][:, -1]  # [B] the request's engaged item
+    task = prediction_task(batch)[:, -1]
+    weight = torch.where(task == SEARCH, tcfg.w_search, tcfg.w_rec)
+    parts = [pos[:, None]]
+    B = len(rows)
+    if tcfg.rank_pop_negatives:
+        parts.append(torch.multinomial(sampler.probs, B * tcfg.rank_pop_negatives, replacement=True).view(B, -1))
+    if tcfg.rank_hard_negatives:
+        with torch.no_grad():
+            items = model.item_vectors()  # [n_items, d]
+            sims = items[pos] @ items.T  # [B, n_items]
+            sims[:, 0] = float("-inf")
+            sims[torch.arange(B, device=device), pos] = float("-inf")
+            parts.append(sims.topk(tcfg.rank_hard_negatives, dim=1).indices)
+    cand = torch.cat(parts, 1)  # [B, C]
+    cand[:, 1:] = cand[:, 1:].masked_fill(cand[:, 1:] == pos[:, None], 0)
+    cand = cand.masked_fill(((pos == 0) | (weight == 0))[:, None], 0)
+    labels = torch.zeros(cand.shape, device=device)
+    labels[:, 0] = 1.0
+    batch.update(candidates=cand, labels=labels, request_ts=torch.from_numpy(win.next_ts[rows]).to(device))
+    return batch
+
+
+def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sampler) -> dict[str, Tensor]:
+    """One forward pass -> named losses and their weighted ``total``."""
+    mcfg = model.cfg
+    hidden = model(batch)  # [B, L + C, d]
+    L = batch["token_type"].shape[1]
+    target, task = batch["target"], prediction_task(batch)
+    total = hidden.sum() * 0.0
+    out: dict[str, Tensor] = {}
+    items = model.item_vectors() if tcfg.negatives == "full" else None  # [n_items, d]
+    neg = None
+    if tcfg.negatives == "sampled":
+        neg = torch.multinomial(sampler.probs, tcfg.n_negatives, replacement=True)  # [M]
+    for name, code, w in (("search", SEARCH, tcfg.w_search), ("rec", RECOMMEND, tcfg.w_rec)):
+        sel = (target > 0) & (task == code)  # [B, L]
+        if w == 0 or not bool(sel.any()):
+            continue
+        sub = {**batch, "target": target * sel}
+        if items is not None:
+            # model.retrieval_logits divides the [N, n_items] product by the temperature; dividing the
+            # [N, d] queries instead is the same function at a fraction of the cost (and of its backward).
+            q = model.retrieval.query(hidden[:, :L][sel]) / model.temperature()  # [N, d]
+            logits = (q @ items.T).float()  # [N, n_items]
+            logits[:, 0] = float("-inf")
+            ret = F.cross_entropy(logits, target[sel])
+        else:
+            ret = model.retrieval_loss(sub, hidden, neg, sampler.log_q)
+        out[f"retrieval_{name}"] = ret
+        loss = mcfg.w_retrieval * ret
+        if model.semantic is not None:
+            out[f"semantic_{name}"] = model.semantic_loss(sub, hidden)
+            loss = loss + mcfg.w_semantic * out[f"semantic_{name}"]
+        total = total + w * loss
+    if "candidates" in batch and bool((batch["candidates"] > 0).any()):
+        out["ranking"] = model.ranking_loss(batch, hidden)
+        total = total + mcfg.w_ranking * out["ranking"]
+    out["total"] = total
+    return out
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: int = 512) -> tuple[float, dict]:
+    """(mean over trained tasks of ``train.valid_metric``, per-task metrics) on the validation targets."""
+    req = data.valid
+    if len(req) > tcfg.valid_max_rows:
+        req = req.select(np.sort(np.random.default_rng(tcfg.seed).choice(len(req), tcfg.valid_max_rows, replace=False)))
+    k = int(tcfg.valid_metric.split("@")[1])
+    was_training = model.training
+    metrics = evaluate_catalog(ModelScorer(model), req, [k], batch_size)
+    model.train(was_training)
+    weights = {"search": tcfg.w_search, "rec": tcfg.w_rec}
+    vals = [m[tcfg.valid_metric] for t, m in metrics.items() if weights[t] > 0 and tcfg.valid_metric in m]
+    return (float(np.mean(vals)) if vals else float("nan")), metrics
+
+
+def batch_order(lengths: np.ndarray, tcfg: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """Row indices of each batch of an epoch, a function of (seed, epoch) only.
+
+    With ``bucket_by_length`` the shuffled rows are cut into chunks of ``BUCKET_BATCHES`` batches, each
+    chunk is sorted by length before it is cut into batches, and the batch order is shuffled: batches
+    are trimmed to their longest row, so similar lengths together skip most of the padding (most
+    users' histories are far shorter than model.max_seq_len).
+    """
+    rng = np.random.default_rng((tcfg.seed, epoch))
+    R, B = len(lengths), tcfg.batch_size
+    perm = rng.permutation(R)
+    if tcfg.bucket_by_length:
+        chunk = B * BUCKET_BATCHES
+        perm = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.split(perm, range(chunk, R, chunk))])
+    batches = [perm[i:i + B] for i in range(0, R, B)]
+    if tcfg.bucket_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+BUCKET_BATCHES = 50
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+# Settings that change what a step computes; the others (epochs, patience, max_steps, progress, ...)
+# may differ between a killed run and its resumption.
+_STEP_FIELDS = ("seed", "batch_size", "lr", "weight_decay", "clip_grad", "amp", "max_windows", "w_search", "w_rec",
+                "negatives", "n_negatives", "rank_pop_negatives", "rank_hard_negatives", "bucket_by_length")
+
+
+def _fingerprint(cfg: Config, data: SplitData, dims: dict) -> dict:
+    return {"rows": len(data.windows), "dims": dims, "model": cfg.model.model_dump(mode="json"),
+            "train": {k: getattr(cfg.train, k) for k in _STEP_FIELDS}}
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    cfg: Config, data: SplitData, feats: Features, out_dir: Path,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Train one model on ``data`` into ``out_dir`` (see ``checkpoint``); returns the run summary.
+
+    ``on_step(step)`` runs after every optimizer step and its checkpoint (tests raise from it to
+    simulate a kill). Under ``torchrun`` (several processes) it trains data-parallel.
+    """
+    with distributed.session(cfg.train) as ranks:
+        return _train(cfg, data, feats, out_dir, on_step, ranks)
+
+
+def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
+           on_step: Callable[[int], None] | None, ranks: distributed.Ranks) -> dict:
+    from tqdm.auto import tqdm
+
+    tcfg = cfg.train
+    out_dir = Path(out_dir)
+    device = distributed.device(pick_device(tcfg), ranks)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(cfg, data, feats).to(device)
+    dims = model_dims(data, feats)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                            weight_decay=tcfg.weight_decay)
+    sampler = Sampler.from_counts(data.counts, device)
+    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": -math.inf, "best_epoch": None,
+             "bad_epochs": 0, "done": False, "history": [], "train_seconds": 0.0}
+    fingerprint = _fingerprint(cfg, data, dims)
+    if ranks.active:  # a rank's share of an epoch depends on the number of ranks
+        fingerprint["world_size"] = ranks.world_size
+    ckpt_path = out_dir / checkpoint.CHECKPOINT
+    resumed = False
+    if tcfg.resume and ckpt_path.is_file():
+        ck = checkpoint.load(ckpt_path)  # on the CPU: RNG states must stay CPU tensors; weights are copied over
+        if ck["fingerprint"] == fingerprint:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            state = ck["state"]
+            if ranks.active:  # this rank's RNG stream and running epoch loss
+                rng, state["loss_sum"], state["loss_n"] = ck["rng"]["ranks"][ranks.rank]
+                _set_rng_state(rng, device)
+            else:
+                _set_rng_state(ck["rng"], device)
+            resumed = True
+    if state["done"]:
+        return _summary(state, out_dir, resumed, device, write=ranks.is_main)
+    step_losses_of = lambda batch: step_losses(model, batch, tcfg, sampler)  # noqa: E731
+    if ranks.active:
+        if not resumed:
+            distributed.seed_rank(tcfg.seed, ranks)
+        step_losses_of = distributed.wrap_step(model, step_losses, tcfg, sampler, device)
+
+    def save_checkpoint() -> None:
+        rng = _rng_state(device)
+        if ranks.active:
+            rng = {"ranks": distributed.gather((rng, state.get("loss_sum", 0.0), state.get("loss_n", 0)))}
+        if ranks.is_main:
+            checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                             "rng": rng, "fingerprint": fingerprint}, ckpt_path)
+
+    def end_of_training_unit() -> bool:
+        """Validate, keep the best weights; True when early stopping says stop."""
+        score, per_task = validate(model, data, tcfg)
+        state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": per_task,
+                                 tcfg.valid_metric: score, "loss": state.get("epoch_loss")})
+        if not math.isfinite(score) or score > state["best"]:  # no validation targets: keep the latest
+            state["best"] = score if math.isfinite(score) else state["best"]
+            state["best_epoch"], state["bad_epochs"] = state["epoch"], 0
+            checkpoint.save(checkpoint.model_record(model, dims), out_dir / checkpoint.MODEL)
+        else:
+            state["bad_epochs"] += 1
+        return state["bad_epochs"] >= tcfg.patience
+
+    stop = False
+    while state["epoch"] < tcfg.epochs and not stop:
+        batches = batch_order(data.windows.lengths, tcfg, state["epoch"])
+        if ranks.active:
+            batches = distributed.shard(batches, ranks.rank, ranks.world_size)
+        n_batches = len(batches)
+        model.train()
+        bar = tqdm(total=n_batches, initial=state["step_in_epoch"], desc=f"epoch {state['epoch']}",
+                   disable=not tcfg.progress or not ranks.is_main, leave=False, dynamic_ncols=True)
+        loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
+        for b in range(state["step_in_epoch"], n_batches):
+            t0 = time.perf_counter()
+            rows = batches[b]
+            batch = make_batch(model, data.windows, rows, tcfg, sampler, device)
+            with autocast(device, tcfg.amp):
+                losses = step_losses_of(batch)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if tcfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
+            opt.step()
+            loss = float(losses["total"].detach())
+            loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            dt = time.perf_counter() - t0
+            state.update(step=state["step"] + 1, step_in_epoch=b + 1, loss_sum=loss_sum, loss_n=loss_n,
+                         train_seconds=state["train_seconds"] + dt)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{int(data.windows.lengths[rows].sum() / max(dt, 1e-9))}")
+            budget_hit = tcfg.max_steps is not None and state["step"] >= tcfg.max_steps
+            if state["step"] % tcfg.checkpoint_every == 0 and not budget_hit:
+                save_checkpoint()
+            if on_step is not None:
+                on_step(state["step"])
+            if budget_hit:
+                stop = True
+                break
+        bar.close()
+        if ranks.active:  # rank 0 validates and decides; every rank continues with its state
+            state["epoch_loss"] = distributed.mean_over_ranks(loss_sum, loss_n)
+            verdict = end_of_training_unit() if ranks.is_main else None
+            state, verdict = distributed.broadcast((state, verdict))
+            stop = verdict or stop
+        else:
+            state["epoch_loss"] = loss_sum / max(loss_n, 1)
+            stop = end_of_training_unit() or stop
+        state.update(epoch=state["epoch"] + 1, step_in_epoch=0, loss_sum=0.0, loss_n=0)
+        state["done"] = stop or state["epoch"] >= tcfg.epochs
+        save_checkpoint()
+        if ranks.active:
+            distributed.barrier()
+    summary = _summary(state, out_dir, resumed, device, write=ranks.is_main,
+                       extra={"world_size": ranks.world_size} if ranks.active else None)
+    if ranks.active:
+        summary["weights_digest"] = distributed.check_in_sync(model.state_dict())
+    return summary
+
+
+def _summary(state: dict, out_dir: Path, resumed: bool, device: torch.device, write: bool = True,
+             extra: dict | None = None) -> dict:
+    summary = {
+        "out_dir": str(out_dir), "device": device.type, "resumed": resumed,
+        "epochs_run": state["epoch"], "steps": state["step"], "best_epoch": state["best_epoch"],
+        "best_valid": state["best"] if math.isfinite(state["best"]) else None,
+        "train_seconds": round(state["train_seconds"], 2), "history": state["history"], **(extra or {}),
+    }
+    if write:
+        checkpoint.save_json(summary, out_dir / checkpoint.SUMMARY)
+    return summary

@@ -1,0 +1,181 @@
+"""Data-parallel training: ``synergen_core.distributed`` alone, and a real 2-process ``torchrun`` on gloo."""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from synergen_core import checkpoint, distributed
+from synergen_core.train import batch_order
+
+TESTS = Path(__file__).parent
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+# ---- the pieces, in this process ----------------------------------------------------------------
+
+
+def test_shard_gives_every_rank_the_same_count_and_covers_every_batch():
+    batches = [f"b{i}" for i in range(7)]
+    parts = [distributed.shard(batches, r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert parts[0] == ["b0", "b3", "b6"] and parts[1] == ["b1", "b4", "b0"] and parts[2] == ["b2", "b5", "b1"]
+    assert {b for p in parts for b in p} == set(batches)
+    assert distributed.shard(batches, 0, 1) == batches
+    assert [distributed.shard(["only"], r, 2) for r in range(2)] == [["only"], ["only"]]
+    assert distributed.shard([], 1, 2) == []
+
+
+def test_launch_detection_reads_torchrun_environment():
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert distributed.from_env(env) == distributed.Ranks(1, 4, 1)
+    assert distributed.launched(env)
+    assert not distributed.launched({**env, "WORLD_SIZE": "1"})  # torchrun with one process: plain training
+    assert not distributed.launched({"RANK": "0"})
+    assert distributed.from_env({}) is None
+    assert distributed.current() == distributed.Ranks()  # no process group here
+    assert distributed.backend("cpu") == "gloo"
+    cpu = torch.device("cpu")
+    assert distributed.device(cpu, distributed.Ranks(1, 2, 1)) == cpu
+    assert distributed.device(torch.device("cuda"), distributed.Ranks(1, 2, 1)) == torch.device("cuda", 1)
+
+
+def test_session_is_a_no_op_without_torchrun(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    with distributed.session(type("T", (), {"device": "cpu"})()) as ranks:
+        assert ranks == distributed.Ranks() and ranks.is_main and not ranks.active
+    assert not torch.distributed.is_initialized()
+
+
+def test_digest_sees_every_byte():
+    a = {"w": torch.zeros(3), "t": torch.tensor(1.5)}
+    b = {"w": torch.zeros(3), "t": torch.tensor(1.5)}
+    assert distributed.digest(a) == distributed.digest(b)
+    b["w"][1] = 1e-30
+    assert distributed.digest(a) != distributed.digest(b)
+
+
+def test_only_rank_0_tracks_the_stage(monkeypatch):
+    """Under torchrun the other ranks train without opening an MLflow run."""
+    import contextlib
+
+    from jobs import train as job
+
+    calls = []
+    monkeypatch.setattr(job, "run", lambda cfg, ds, **kw: calls.append("run") or {"ds": ds})
+    monkeypatch.setattr(job.distributed, "session",
+                        lambda tcfg: contextlib.nullcontext(distributed.Ranks(1, 2, 1)))
+    monkeypatch.setattr("synergen_core.tracking.stage_run", lambda *a, **k: pytest.fail("rank 1 tracked"))
+    from synergen_core.config import Config
+
+    assert job.stage(Config(), "2026-01-03") == {"ds": "2026-01-03"} and calls == ["run"]
+
+
+# ---- a real torchrun: 2 CPU processes, gloo --------------------------------------------------------
+
+# Runs jobs.train.stage, what `synergen train` runs (process group, rank 0 first for the side inputs, DDP
+# training, rank 0 alone tracking in MLflow), on the synthetic split of test_train, with the lake's loaders
+# replaced by it; each rank writes what it ended with.
+RANK_SCRIPT = """
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_train import small_config, synthetic_features, synthetic_split
+from jobs import train as job
+from synergen_core import distributed
+
+job.load_split = lambda cfg, ds, protocol: synthetic_split()
+job.load_features = lambda *a, **k: synthetic_features()
+cfg = small_config(epochs={epochs}, patience={epochs}, variants=["synergen"], protocols=["loo"])
+cfg.lake.root = {lake!r}
+cfg.mlflow.tracking_uri = "sqlite:///" + os.path.join({lake!r}, "mlflow.db")
+cfg.mlflow.artifact_root = os.path.join({lake!r}, "mlartifacts")
+kill = lambda step: step == {kill_at} and os._exit(3)  # both ranks, right after the same step
+out = job.stage(cfg, "2026-01-03", on_step=kill)
+rank = int(os.environ["RANK"])
+summary = out["loo"]["models"]["synergen"]
+with open(os.path.join({lake!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump({{"rank": rank, "summary": summary,
+               "group_left": torch.distributed.is_available() and torch.distributed.is_initialized()}}, f)
+"""
+
+
+def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    script = tmp_path / "rank.py"
+    (tmp_path / "lake").mkdir(parents=True, exist_ok=True)
+    script.write_text(RANK_SCRIPT.format(tests=str(TESTS), lake=str(tmp_path / "lake"), epochs=epochs,
+                                         kill_at=kill_at))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    return proc, time.perf_counter() - t0
+
+
+def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
+    from test_train import small_config, synthetic_split
+
+    epochs = 4
+    proc, seconds = _torchrun(tmp_path, epochs)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lake = tmp_path / "lake"
+    ranks = [json.loads((lake / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run_dir = checkpoint.run_dir(lake, "models", "2026-01-03", "loo", "synergen")
+
+    # One model: both ranks ended with the same weights, which are the ones rank 0 saved.
+    digests = {r["summary"]["weights_digest"] for r in ranks}
+    assert len(digests) == 1
+    final = checkpoint.load(run_dir / checkpoint.CHECKPOINT)
+    assert distributed.digest(final["model"]) in digests
+    assert final["fingerprint"]["world_size"] == 2 and len(final["rng"]["ranks"]) == 2
+    assert (run_dir / checkpoint.MODEL).is_file()
+    assert checkpoint.load_model(run_dir).embed.codes("rec").shape[0] > 0
+
+    # Each rank took half of every epoch's batches (rounded up), in step with the other.
+    data = synthetic_split()
+    cfg = small_config(epochs=epochs)
+    per_epoch = [-(-len(batch_order(data.windows.lengths, cfg.train, e)) // 2) for e in range(epochs)]
+    for r in ranks:
+        s = r["summary"]
+        assert s["world_size"] == 2 and s["epochs_run"] == epochs and s["steps"] == sum(per_epoch)
+        assert not r["group_left"]  # the process group was destroyed at the end of the run
+    assert ranks[0]["summary"]["history"] == ranks[1]["summary"]["history"]  # rank 0's validation, shared
+
+    # It learned: the mean training loss over both ranks went down.
+    losses = [h["loss"] for h in ranks[0]["summary"]["history"]]
+    assert losses[-1] < losses[0], losses
+    with sqlite3.connect(lake / "mlflow.db") as db:  # one MLflow run: rank 0's
+        assert db.execute("select count(*) from runs").fetchone()[0] == 1
+    written = json.loads((run_dir / checkpoint.SUMMARY).read_text())
+    assert written["world_size"] == 2 and [h["loss"] for h in written["history"]] == losses
+    print(f"torchrun 2 ranks x {epochs} epochs: {seconds:.1f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_after_a_kill_with_the_same_weights(tmp_path):
+    """Killed mid-epoch (both ranks) and started again: the same model and losses as a run never stopped."""
+    epochs = 2
+    straight, _ = _torchrun(tmp_path / "straight", epochs)
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
+    killed, _ = _torchrun(tmp_path / "killed", epochs, kill_at=5)  # small_config checkpoints every 3 steps
+    assert killed.returncode != 0
+    run_dir = checkpoint.run_dir(tmp_path / "killed" / "lake", "models", "2026-01-03", "loo", "synergen")
+    assert checkpoint.load(run_dir / checkpoint.CHECKPOINT)["state"]["step"] == 3
+    resumed, _ = _torchrun(tmp_path / "killed", epochs)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    a = json.loads((tmp_path / "straight" / "lake" / "rank1.json").read_text())["summary"]
+    b = json.loads((tmp_path / "killed" / "lake" / "rank1.json").read_text())["summary"]
+    assert b["resumed"] and b["steps"] == a["steps"]
+    assert b["weights_digest"] == a["weights_digest"]
+    assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]

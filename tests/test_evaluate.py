@@ -1,0 +1,98 @@
+"""Evaluation: candidate lists, scorers (popularity, BM25, the model) through the shared evaluation code."""
+import numpy as np
+import pytest
+import torch
+
+from synergen_core.baselines import BM25, Popularity
+from synergen_core.config import EvaluateConfig, ModelConfig
+from synergen_core.data import HISTORY_KEYS, Requests
+from synergen_core.embeddings import TokenType
+from synergen_core.evaluate import ModelScorer, candidate_lists, evaluate_catalog, evaluate_scorer
+from synergen_core.model import RECOMMEND, SEARCH, SynerGen
+
+I, Q = int(TokenType.ITEM), int(TokenType.QUERY)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def requests(targets, tasks=None, queries=None, L=3, n_items=5) -> Requests:
+    """One row per target; histories of L tokens: items 1.., the last a query for search rows."""
+    N = len(targets)
+    tasks = np.array(tasks or [RECOMMEND] * N)
+    queries = np.array(queries or [0] * N)
+    h = {k: np.zeros((N, L), np.int64) for k in HISTORY_KEYS}
+    h["ts"] = np.zeros((N, L), np.float64)
+    for r in range(N):
+        h["token_type"][r] = I
+        h["item_idx"][r] = [1 + (r + j) % (n_items - 1) for j in range(L)]
+        if tasks[r] == SEARCH:
+            h["token_type"][r, -1], h["item_idx"][r, -1], h["query_idx"][r, -1] = Q, 0, queries[r]
+        h["position"][r] = np.arange(L)
+        h["ts"][r] = 1.7e9 + 60.0 * np.arange(L)
+        h["action"][r], h["surface"][r] = 1, np.where(h["token_type"][r] == Q, 1, 2)
+    return Requests(h, np.array(targets), tasks, queries, np.full(N, 1.7e9 + 600.0), np.full(N, L))
+
+
+def test_candidate_lists_target_first_distinct_seeded_and_popularity_weighted():
+    counts = np.array([0, 100, 50, 10, 1, 1, 1, 0, 5, 5])
+    req = requests([1, 4, 9, 2] * 50, n_items=10)
+    cand = candidate_lists(req, counts, n_neg=4, seed=3)
+    assert cand.shape == (200, 5)
+    assert (cand[:, 0] == req.target).all()
+    assert not (cand[:, 1:] == cand[:, :1]).any() and (cand > 0).all()
+    assert all(len(set(row)) == 5 for row in cand.tolist())
+    assert not (cand[:, 1:] == 7).any()  # an item never seen in training is never a sampled negative
+    assert np.array_equal(cand, candidate_lists(req, counts, n_neg=4, seed=3))
+    freq = np.bincount(cand[:, 1:].ravel(), minlength=10)
+    assert freq[1] > freq[4]  # popular items are drawn more often
+
+
+def test_popularity_full_catalog_metrics_with_ties():
+    pop = Popularity(np.array([0, 5, 3, 3, 1]))
+    req = requests([1, 2, 4])
+    m = evaluate_catalog(pop, req, [1, 2])["rec"]
+    # target 1: top; target 2: one above, tied with item 3 (rank 1 or 2); target 4: last of 4
+    assert m["n"] == 3
+    assert m["recall@1"] == pytest.approx((1 + 0 + 0) / 3)
+    assert m["recall@2"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert "search" not in evaluate_catalog(pop, req, [1])
+
+
+def test_bm25_finds_the_item_named_by_the_query_and_serves_search_only():
+    items = ["", "red apple pie", "green apple", "blue car", "yellow submarine"]
+    queries = ["", "apple pie", "car", "submarine"]
+    bm25 = BM25(items, queries)
+    req = requests([1, 3, 4], tasks=[SEARCH] * 3, queries=[1, 2, 3])
+    scores = bm25.catalog(req)
+    assert scores.shape == (3, 5) and torch.isinf(scores[:, 0]).all()
+    assert scores[:, 1:].argmax(1).add(1).tolist() == [1, 3, 4]
+    m = evaluate_catalog(bm25, req, [1])
+    assert m["search"]["recall@1"] == 1.0
+    mixed = requests([1, 2], tasks=[SEARCH, RECOMMEND], queries=[1, 0])
+    assert set(evaluate_catalog(bm25, mixed, [1])) == {"search"}
+
+
+def test_model_scorer_is_consistent_with_the_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, use_text_emb=False,
+                      use_semantic_ids=False, semantic_head=False)
+    model = SynerGen(cfg, n_items=6, n_queries=4, n_actions=3, n_surfaces=3).eval()
+    req = requests([1, 2, 5, 3], tasks=[RECOMMEND, SEARCH, RECOMMEND, SEARCH], queries=[0, 2, 0, 3], n_items=6)
+    scorer = ModelScorer(model)
+    scores = scorer.catalog(req)
+    assert scores.shape == (4, 6) and torch.isinf(scores[:, 0]).all()
+    # padding on the left changes nothing: score row 0 alone with a shorter trimmed batch
+    assert torch.allclose(scorer.catalog(req.select(np.array([0]))), scores[:1], atol=1e-5)
+    cand = candidate_lists(req, np.array([0, 4, 3, 2, 2, 1]), n_neg=3, seed=0)
+    head = scorer.candidates(req, cand)
+    assert head.shape == cand.shape
+    out = evaluate_scorer(scorer, req, cand, EvaluateConfig(ks=[1, 3]))
+    assert set(out) == {"catalog", "ranking", "ranking_retrieval"}
+    assert set(out["catalog"]) == {"search", "rec"} and out["catalog"]["rec"]["n"] == 2
+    assert 0.0 <= out["ranking"]["search"]["auc"] <= 1.0
+    no_head = evaluate_scorer(ModelScorer(model, use_ranking_head=False), req, cand, EvaluateConfig(ks=[1, 3]))
+    assert "ranking_retrieval" not in no_head
+    assert no_head["ranking"] == out["ranking_retrieval"]  # the retrieval order on the same lists

@@ -1,0 +1,276 @@
+"""Training: data layout, resume-after-kill equivalence, early stopping, budgets, variants."""
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from schemas import C
+from schemas import sequences as S
+from synergen_core import checkpoint
+from synergen_core import train as train_mod
+from synergen_core.baselines import VARIANTS, variant_config
+from synergen_core.config import Config, ModelConfig, TrainConfig, VariantName
+from synergen_core.data import (
+    SplitData, Tokens, holdout_last, item_counts, make_windows, next_targets, pad_left, requests_from_eval,
+    to_batch, tokens_from_arrow,
+)
+from synergen_core.embeddings import TokenType
+from synergen_core.features import Features
+from synergen_core.model import RECOMMEND, SEARCH, next_item_targets
+
+I, Q = int(TokenType.ITEM), int(TokenType.QUERY)
+N_ITEMS, N_QUERIES, D_TEXT, K = 41, 11, 16, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def _tokens(rows: list[list[tuple]]) -> Tokens:
+    """rows of (type, item, query, ts) -> Tokens with positions 0.. per row."""
+    flat = [t for r in rows for t in r]
+    col = lambda j: np.array([t[j] for t in flat], np.int64)  # noqa: E731
+    return Tokens(
+        offsets=np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64),
+        token_type=col(0), item_idx=col(1), query_idx=col(2),
+        action=np.ones(len(flat), np.int64), surface=np.where(col(0) == Q, 1, 2),
+        position=np.concatenate([np.arange(len(r)) for r in rows]).astype(np.int64) if flat else np.zeros(0, np.int64),
+        ts=np.array([t[3] for t in flat], np.float64),
+    )
+
+
+def synthetic_tokens(n_users: int = 24, seed: int = 0) -> Tokens:
+    """Users who browse one of four item clusters and search with queries that name a cluster."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        cluster, t, row = u % 4, 1.7e9 + 1000.0 * u, []
+        for _ in range(rng.integers(8, 14)):
+            t += float(rng.integers(10, 5000))
+            item = 1 + cluster * 10 + int(rng.integers(0, 10))
+            if rng.random() < 0.3:
+                row.append((Q, 0, 1 + cluster + 4 * int(rng.integers(0, 2)), t))
+            row.append((I, item, 0, t))
+        rows.append(row)
+    return _tokens(rows)
+
+
+def synthetic_split(L: int = 8) -> SplitData:
+    tok = synthetic_tokens()
+    train, valid = holdout_last(tok, L)
+    return SplitData("loo", N_ITEMS, N_QUERIES, None, None, train, make_windows(train, L), valid,
+                     item_counts(train, N_ITEMS))
+
+
+def synthetic_features() -> Features:
+    g = torch.Generator().manual_seed(0)
+    i = torch.arange(N_ITEMS)
+    rec = torch.stack([i % K, (i // K) % K], 1)
+    search = torch.stack([i % K, (i // K + 3) % K], 1)
+    return Features(torch.randn(N_ITEMS, D_TEXT, generator=g), torch.randn(N_QUERIES, D_TEXT, generator=g),
+                    rec, search, K, {})
+
+
+def small_config(**train) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.1)
+    base = dict(epochs=2, batch_size=4, checkpoint_every=3, progress=False, rank_pop_negatives=2,
+                rank_hard_negatives=1)
+    cfg.train = TrainConfig(**{**base, **train})
+    return cfg
+
+
+# ---- data layout --------------------------------------------------------------------------------
+
+
+def test_next_targets_match_the_model_rule():
+    tok = synthetic_tokens(6)
+    L = int(tok.lengths.max())
+    starts, lengths = tok.offsets[:-1], tok.lengths
+    batch = {
+        "token_type": torch.from_numpy(pad_left(tok.token_type, starts, lengths, L)),
+        "item_idx": torch.from_numpy(pad_left(tok.item_idx, starts, lengths, L)),
+        "ts": torch.from_numpy(pad_left(tok.ts, starts, lengths, L)),
+    }
+    want = next_item_targets(batch)
+    got = torch.from_numpy(pad_left(next_targets(tok), starts, lengths, L))
+    assert torch.equal(got, want)
+
+
+def test_windows_cut_from_the_end_and_targets_cross_window_borders():
+    # one row: items 1..7 (ts 1..7), then a search event (query 3 engaging item 9 at ts 8)
+    row = [(I, k, 0, float(k)) for k in range(1, 8)] + [(Q, 0, 3, 8.0), (I, 9, 0, 8.0)]
+    win = make_windows(_tokens([row]), L=4)
+    # 8 input tokens (the last token is only a target) -> two windows, latest first
+    assert win.lengths.tolist() == [4, 4]
+    assert win.history["item_idx"].tolist() == [[5, 6, 7, 0], [1, 2, 3, 4]]
+    assert win.history["token_type"][0].tolist() == [I, I, I, Q]
+    # the query predicts its engaged item; item 7 is followed by a query: no target there
+    assert win.target.tolist() == [[6, 7, 0, 9], [2, 3, 4, 5]]
+    assert win.next_ts.tolist() == [8.0, 5.0]
+    short = make_windows(_tokens([row[:3]]), L=4)  # fewer tokens than L: left padding
+    assert short.history["item_idx"].tolist() == [[0, 0, 1, 2]]
+    assert make_windows(_tokens([row]), L=4, max_windows=1).lengths.tolist() == [4]
+
+
+def test_holdout_last_takes_the_whole_last_event():
+    search_last = [(I, 1, 0, 1.0), (I, 2, 0, 2.0), (I, 3, 0, 3.0), (Q, 0, 5, 4.0), (I, 4, 0, 4.0)]
+    browse_last = [(I, 1, 0, 1.0), (I, 2, 0, 2.0), (I, 6, 0, 3.0)]
+    too_short = [(I, 1, 0, 1.0), (I, 2, 0, 2.0)]
+    train, valid = holdout_last(_tokens([search_last, browse_last, too_short]), L=8)
+    assert train.lengths.tolist() == [3, 2, 2]
+    assert valid.target.tolist() == [4, 6]
+    assert valid.task.tolist() == [SEARCH, RECOMMEND]
+    assert valid.query_idx.tolist() == [5, 0]
+    assert valid.lengths.tolist() == [4, 2]  # the search request's history ends with its query
+    assert valid.history["token_type"][0, -1] == Q
+
+
+def test_tokens_from_arrow_and_eval_requests():
+    ts = pa.array([1_000_000, 2_000_000, 2_000_000], pa.timestamp("us", tz="UTC"))
+    tokens = pa.StructArray.from_arrays(
+        [pa.array([0, 1, 2], pa.int32()), ts, pa.array(["item", "query", "item"]),
+         pa.array([7, None, 8], pa.int32()), pa.array([None, 3, None], pa.int32()),
+         pa.array(["rate", "tag", "tag"]), pa.array(["recommendation", "search", "search"]),
+         pa.array([0, 0, 0], pa.int32()), pa.array([None, 1.0, 1.0])],
+        fields=list(S.TOKEN))
+    lists = pa.ListArray.from_arrays(pa.array([0, 2, 2], pa.int32()), tokens.slice(0, 2))
+    table = pa.table({
+        C.USER_ID: ["u", "v"], C.TASK: ["search", "recommendation"], C.SPLIT: ["test", "test"],
+        C.TARGET_POS: pa.array([2, 0], pa.int32()), C.TARGET_TS: pa.array([2_000_000, 5], pa.timestamp("us", tz="UTC")),
+        C.ITEM_INDEX: pa.array([8, 9], pa.int32()), C.QUERY_INDEX: pa.array([3, None], pa.int32()),
+        C.ACTION: ["tag", "rate"], C.CONTEXT: lists.cast(S.TOKENS_TYPE),
+    })
+    tok = tokens_from_arrow(table[C.CONTEXT])
+    assert tok.token_type.tolist() == [I, Q] and tok.item_idx.tolist() == [7, 0] and tok.query_idx.tolist() == [0, 3]
+    assert tok.ts.tolist() == [1.0, 2.0] and tok.lengths.tolist() == [2, 0]
+    req, dropped = requests_from_eval(table, L=4, split="test")
+    assert dropped == 1  # the user without any context
+    assert req.task.tolist() == [SEARCH] and req.target.tolist() == [8] and req.query_idx.tolist() == [3]
+    batch = to_batch(req.history, np.arange(1), req.lengths, "cpu")
+    assert batch["token_type"].tolist() == [[I, Q]] and batch["ts"].dtype == torch.float64
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def _weights(run_dir):
+    return checkpoint.load(run_dir / checkpoint.CHECKPOINT)["model"]
+
+
+@pytest.mark.parametrize("negatives", ["full", "sampled"])
+def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negatives):
+    data, feats = synthetic_split(), synthetic_features()
+    cfg = small_config(negatives=negatives, n_negatives=16)
+    straight = train_mod.train(cfg, data, feats, tmp_path / "straight")
+    assert straight["steps"] > 5
+
+    def kill_at_5(step):
+        if step == 5:  # mid-epoch, two steps after the checkpoint of step 3
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_mod.train(cfg, data, feats, tmp_path / "killed", on_step=kill_at_5)
+    assert checkpoint.load(tmp_path / "killed" / checkpoint.CHECKPOINT)["state"]["step"] == 3
+    resumed = train_mod.train(cfg, data, feats, tmp_path / "killed")
+    assert resumed["resumed"] and resumed["steps"] == straight["steps"]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["history"][-1]["valid"] == straight["history"][-1]["valid"]
+
+
+KILL_AT_STEP_5 = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_train import small_config, synthetic_features, synthetic_split
+from synergen_core import train
+kill = lambda step: step == 5 and os.kill(os.getpid(), signal.SIGKILL)
+train.train(small_config(), synthetic_split(), synthetic_features(), {out!r}, on_step=kill)
+"""
+
+
+def test_resume_after_sigkill_of_the_process_gives_identical_weights(tmp_path):
+    """A real kill: no exception handler or finally block runs; the files on disk are all there is."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    straight = train_mod.train(small_config(), synthetic_split(), synthetic_features(), tmp_path / "straight")
+    code = KILL_AT_STEP_5.format(tests=str(Path(__file__).parent), out=str(tmp_path / "killed"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert checkpoint.load(tmp_path / "killed" / checkpoint.CHECKPOINT)["state"]["step"] == 3
+    resumed = train_mod.train(small_config(), synthetic_split(), synthetic_features(), tmp_path / "killed")
+    assert resumed["resumed"] and resumed["steps"] == straight["steps"]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "killed").glob(".*.tmp-*"))  # no half-written file left behind
+
+
+def test_finished_run_is_not_retrained_and_model_file_rebuilds(tmp_path):
+    data, feats = synthetic_split(), synthetic_features()
+    cfg = small_config()
+    first = train_mod.train(cfg, data, feats, tmp_path)
+    again = train_mod.train(cfg, data, feats, tmp_path)
+    assert again["resumed"] and again["steps"] == first["steps"]
+    model = checkpoint.load_model(tmp_path)
+    assert not model.training and model.embed.codes("search").shape == (N_ITEMS, 2)
+    cfg.train.resume = False  # --fresh
+    assert not train_mod.train(cfg, data, feats, tmp_path)["resumed"]
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
+    scores = iter([0.3, 0.5, 0.4, 0.2, 0.1, 0.0])
+    monkeypatch.setattr(train_mod, "validate", lambda *a, **k: (next(scores), {}))
+    cfg = small_config(epochs=6, patience=2)
+    out = train_mod.train(cfg, synthetic_split(), synthetic_features(), tmp_path)
+    assert out["epochs_run"] == 4 and out["best_epoch"] == 1 and out["best_valid"] == 0.5
+
+
+def test_step_budget_stops_training(tmp_path):
+    out = train_mod.train(small_config(max_steps=4, epochs=5), synthetic_split(), synthetic_features(), tmp_path)
+    assert out["steps"] == 4 and (tmp_path / checkpoint.MODEL).is_file()
+
+
+def test_one_step_losses_per_task_and_ranking():
+    data, feats, cfg = synthetic_split(), synthetic_features(), small_config()
+    torch.manual_seed(0)
+    model = train_mod.build_model(cfg, data, feats)
+    sampler = train_mod.Sampler.from_counts(data.counts, "cpu")
+    batch = train_mod.make_batch(model, data.windows, np.arange(8), cfg.train, sampler, "cpu")
+    cand = batch["candidates"]
+    assert cand.shape == (8, 1 + 2 + 1)
+    has = batch["target"][:, -1] > 0
+    assert torch.equal(cand[has, 0], batch["target"][has, -1])  # the positive is the window's next item
+    assert not (cand[:, 1:] == cand[:, :1]).any()  # never a negative equal to the positive
+    losses = train_mod.step_losses(model, batch, cfg.train, sampler)
+    assert {"retrieval_search", "retrieval_rec", "semantic_search", "semantic_rec", "ranking"} <= losses.keys()
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
+    rec_only = train_mod.step_losses(model, batch, variant_config(cfg, "rec_only").train, sampler)
+    assert "retrieval_search" not in rec_only and "retrieval_rec" in rec_only
+
+
+def test_variants_switch_what_they_say():
+    from typing import get_args
+
+    assert set(VARIANTS) == set(get_args(VariantName))
+    cfg = Config()
+    sas = variant_config(cfg, "sasrec")
+    assert not (sas.model.use_text_emb or sas.model.use_semantic_ids or sas.model.semantic_head)
+    assert sas.model.rope == "position" and sas.train.negatives == "full" and sas.model.w_ranking == 0
+    assert variant_config(cfg, "no_time_rope").model.rope == "position"
+    assert cfg.model.rope == "time"  # the base config is untouched
+    data, feats = synthetic_split(), synthetic_features()
+    model = train_mod.build_model(sas, data, feats)
+    assert model.embed.text_proj is None and model.semantic is None
