@@ -1,0 +1,158 @@
+"""The candidate index: the catalog items nearest a request vector by inner product (the model's item and
+request vectors are unit length, so this is cosine similarity).
+
+* exact: ``IndexFlatIP`` while the catalog has at most ``score.exact_max_items`` items;
+* approximate beyond: IVF-Flat (``IndexIVFFlat``, inner product), chosen over HNSW because
+  (1) it builds deterministically (seeded k-means on a seeded sample, then a plain assignment), so a rerun
+  of a day gives the same lists, where HNSW's multi-threaded insertion makes a different graph each time;
+  (2) its recall knob, ``nprobe``, is set after the build, so the measurement can raise it without a
+  rebuild; (3) it stores the vectors plus the centroids, where HNSW adds 2 x M links per item.
+
+The approximate index is measured, not assumed: its recall@k against exact search on a sample of real
+request vectors picks the smallest ``nprobe`` (1, 2, 4 ... up to nlist / 4, past which IVF scans about as
+much as exact search) that reaches ``min_recall``. When none does, the exact index is used and the report
+says so. ``CandidateIndex.report`` holds the choice and its figures.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+EXACT, IVF = "exact", "ivf"
+TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list: faiss asks for >= 39; more costs build time only
+
+
+@dataclass
+class CandidateIndex:
+    index: faiss.Index  # rows 0..n-1 hold the vectors of items ``ids``
+    ids: np.ndarray  # [n] int64 item index of every row
+    kind: str  # EXACT or IVF
+    report: dict = field(default_factory=dict)  # what was measured and chosen
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries [q, d] -> (inner products [q, k'] best first, item indices [q, k']); k' = min(k, catalog
+        size). Never fewer: an IVF search whose probed lists hold fewer than k' items probes them all."""
+        k = min(k, len(self.ids))
+        scores, rows = search(self.index, queries, k)
+        short = (rows < 0).any(1)  # IVF: the probed lists held fewer than k items
+        if self.kind == IVF and short.any():  # those requests are searched exhaustively (all lists)
+            ivf = faiss.extract_index_ivf(self.index)
+            nprobe, ivf.nprobe = ivf.nprobe, ivf.nlist
+            try:
+                scores[short], rows[short] = search(self.index, queries[short], k)
+            finally:
+                ivf.nprobe = nprobe
+        items = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], 0)
+        return scores, items
+
+    def dumps(self) -> dict:
+        """A picklable form (faiss objects are not picklable) for shipping to Spark executors."""
+        return {"index": faiss.serialize_index(self.index), "ids": self.ids, "kind": self.kind,
+                "report": self.report, "nprobe": self.report.get("nprobe")}
+
+    @staticmethod
+    def loads(d: dict) -> CandidateIndex:
+        index = faiss.deserialize_index(d["index"])
+        if d["kind"] == IVF:
+            faiss.extract_index_ivf(index).nprobe = d["nprobe"]
+        return CandidateIndex(index, d["ids"], d["kind"], d["report"])
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def exact_index(vectors: np.ndarray) -> faiss.IndexFlatIP:
+    """vectors [n, d] -> a flat inner-product index over them (rows in order)."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(_f32(vectors))
+    return index
+
+
+def default_nlist(n: int) -> int:
+    """About sqrt(n) lists, and never fewer than 39 training points per list."""
+    return max(1, min(round(math.sqrt(n)), n // 39))
+
+
+def ivf_index(vectors: np.ndarray, nlist: int, seed: int) -> faiss.IndexIVFFlat:
+    """vectors [n, d] -> IVF-Flat over them, its coarse quantizer trained by seeded k-means on a seeded sample."""
+    n, d = vectors.shape
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    sample = np.random.default_rng(seed).choice(n, min(n, nlist * TRAIN_POINTS_PER_LIST), replace=False)
+    index.train(_f32(vectors[np.sort(sample)]))
+    index.add(_f32(vectors))
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """queries [q, d] -> (scores [q, k], rows [q, k]; -1 where the index returned fewer)."""
+    if len(queries) == 0 or k == 0:
+        return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+    return index.search(_f32(queries), k)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's true top-k (``truth`` [q, k], -1 = none) that ``found`` [q, k] holds."""
+    hits = total = 0
+    for f, t in zip(found, truth):  # q rows of k: small next to the searches that produced them
+        t = t[t >= 0]
+        hits += np.isin(t, f).sum()
+        total += len(t)
+    return float(hits / total) if total else 1.0
+
+
+def tune_nprobe(ivf: faiss.IndexIVFFlat, queries: np.ndarray, truth: np.ndarray, k: int,
+                min_recall: float) -> tuple[int | None, dict[int, float]]:
+    """The smallest nprobe (doubling from 1, at most nlist / 4) whose recall@k reaches ``min_recall``
+    (None when none does) and the recall measured at every nprobe tried."""
+    tried: dict[int, float] = {}
+    nprobe, cap = 1, max(1, ivf.nlist // 4)
+    while nprobe <= cap:
+        ivf.nprobe = nprobe
+        tried[nprobe] = recall_at_k(search(ivf, queries, k)[1], truth)
+        if tried[nprobe] >= min_recall:
+            return nprobe, tried
+        nprobe *= 2
+    return None, tried
+
+
+def build(vectors: np.ndarray, ids: np.ndarray, sample: np.ndarray | None, k: int, exact_max_items: int,
+          min_recall: float, nlist: int | None = None, seed: int = 0) -> CandidateIndex:
+    """The candidate index over ``vectors`` [n, d] of items ``ids`` [n] (see the module doc).
+
+    ``sample`` [q, d]: real request vectors the approximate index is measured on (needed only when n >
+    ``exact_max_items``); ``k``: the retrieval depth the recall is measured at.
+    """
+    n = len(ids)
+    ids = np.asarray(ids, np.int64)
+    if n <= exact_max_items:
+        return CandidateIndex(exact_index(vectors), ids, EXACT,
+                              {"kind": EXACT, "items": n, "why": f"{n} items <= score.exact_max_items"})
+    if sample is None or len(sample) == 0:
+        raise ValueError("an approximate index needs a sample of request vectors to measure its recall")
+    k = min(k, n)
+    nlist = min(nlist or default_nlist(n), n)
+    ivf = ivf_index(vectors, nlist, seed)
+    flat = exact_index(vectors)
+    truth = search(flat, sample, k)[1]
+    nprobe, tried = tune_nprobe(ivf, sample, truth, k, min_recall)
+    report = {"items": n, "nlist": nlist, "recall_k": k, "sample": len(sample), "min_recall": min_recall,
+              "recall_by_nprobe": {str(p): round(r, 4) for p, r in tried.items()}}
+    if nprobe is None:
+        best = max(tried.values())
+        return CandidateIndex(flat, ids, EXACT, {
+            **report, "kind": EXACT, "ann_recall": best,
+            "why": f"IVF recall@{k} {best:.4f} < score.min_ann_recall {min_recall} at every nprobe up to "
+                   f"{max(tried)}: fell back to exact search"})
+    ivf.nprobe = nprobe
+    return CandidateIndex(ivf, ids, IVF, {
+        **report, "kind": IVF, "nprobe": nprobe, "ann_recall": tried[nprobe],
+        "why": f"{n} items > score.exact_max_items; IVF recall@{k} {tried[nprobe]:.4f} >= {min_recall} at "
+               f"nprobe {nprobe}"})

@@ -1,0 +1,359 @@
+"""The scoring stage (jobs.score) on a real model: a MovieLens slice (tests/test_train_e2e.py) ingested,
+validated, sessionized and trained (tiny model, one epoch), then scored, validated and published.
+
+Covered: the output contract and its publication, the Great Expectations suite (lists broken in each way it
+checks, one request per check, each named), exclusion of consumed items, a rerun giving the same lists,
+dense vs generative retrieval, search requests from a file (unseen queries, a user without history), the
+registry reference, the candidate index (exact, IVF with measured recall, fallback), and (slow) the same
+lists on ``local[*]`` and on a standalone cluster on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conftest import spark_test_config
+from jobs import score
+from schemas import C
+from schemas import candidates as K
+from schemas.sequences import conforms
+from synergen_core import index as cindex
+from synergen_core import lake
+from synergen_core.config import Config
+from test_train_e2e import DATA, ingested_slice
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_K, RETRIEVE_N = 10, 20
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: Spark's tasks are the parallelism
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(root: Path) -> Config:
+    cfg = spark_test_config(Config())
+    cfg.lake.root = root / "lake"
+    cfg.mlflow.tracking_uri = f"sqlite:///{root}/mlflow.db"
+    cfg.mlflow.artifact_root = root / "mlartifacts"
+    cfg.sessionize.splits = ["loo"]
+    cfg.model = cfg.model.model_copy(update={"d_model": 16, "n_layers": 1, "max_seq_len": 20})
+    cfg.train = cfg.train.model_copy(update={"epochs": 1, "batch_size": 32, "progress": False, "threads": 1,
+                                             "variants": ["synergen"], "protocols": ["loo"]})
+    cfg.semantic_ids = cfg.semantic_ids.model_copy(update={
+        "epochs": 3, "codebook_size": 32, "hidden_dims": [64], "batch_size": 512, "kmeans_iters": 5})
+    cfg.score = cfg.score.model_copy(update={"top_k": TOP_K, "retrieve_n": RETRIEVE_N, "lookback_days": None,
+                                             "progress": False, "partitions": 2})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tmp_path_factory):
+    """The slice through ingest -> validate -> sessionize -> train: (config, ds, model folder)."""
+    from jobs import sessionize, train, validate
+
+    root = tmp_path_factory.mktemp("score")
+    cfg = tiny_config(root)
+    days = ingested_slice(cfg, root)
+    validate.run_range(cfg, days[0], days[-1])
+    sessionize.run(spark, cfg, days[-1], from_ds=days[0])
+    out = train.run(cfg, days[-1])
+    return cfg, days[-1], Path(out["loo"]["models"]["synergen"]["out_dir"])
+
+
+def with_score(cfg: Config, **kw) -> Config:
+    out = cfg.model_copy(deep=True)
+    out.score = out.score.model_copy(update=kw)
+    return out
+
+
+def lists_of(part: Path) -> pd.DataFrame:
+    """A day's lists (staged or published) with ``surface``, in request and rank order."""
+    t = pds.dataset(part, format="parquet", partitioning="hive").to_table()
+    df = t.to_pandas().sort_values([C.SURFACE, C.USER_ID, C.QUERY, C.RANK], na_position="first")
+    return df.reset_index(drop=True)
+
+
+def consumed_by_user(cfg: Config) -> dict[str, set[str]]:
+    t = pds.dataset(Path(cfg.lake.root) / "sessionized" / "events", format="parquet", partitioning="hive").to_table(
+        columns=[C.USER_ID, C.ITEM_ID])
+    df = t.to_pandas().dropna()
+    return df.groupby(C.USER_ID)[C.ITEM_ID].agg(set).to_dict()
+
+
+@pytest.fixture(scope="module")
+def published(spark, trained):
+    """The default dense run through the three tracked tasks: score -> validate_candidates -> publish."""
+    cfg, ds, model_dir = trained
+    out = score.stage(cfg, ds, model_dir=model_dir)
+    report = score.validate_stage(cfg, ds)
+    done = score.publish_stage(cfg, ds)
+    return cfg, ds, out, report, done, lists_of(score.published_dir(cfg, ds))
+
+
+# ---------------------------------------------------------------------------------------------
+# contract, publication, tracking
+
+
+def test_contract_publication_and_tracking(published, trained, spark):
+    cfg, ds, out, report, done, df = published
+    part = score.published_dir(cfg, ds)
+    assert Path(done["path"]) == part and (part / lake.SUCCESS).is_file()
+    assert not score.staged_dir(cfg, ds).exists()  # renamed, not copied
+    assert sorted(p.name for p in part.glob("surface=*")) == ["surface=rec", "surface=search"]
+    for f in pds.dataset(part, format="parquet", partitioning="hive").files:
+        assert conforms(pq.read_schema(f), K.CANDIDATES), f
+    for name in (score.SCORE_FILE, score.VALIDATION_FILE, score.GE_FILE):
+        assert (part / name).is_file()
+    assert json.loads((part / score.VALIDATION_FILE).read_text())["success"] and report["failed"] == []
+
+    # every user of the snapshot (lookback off) gets a rec list; search lists are the queries of ds
+    rec, search = df[df[C.SURFACE] == "rec"], df[df[C.SURFACE] == "search"]
+    assert rec[C.USER_ID].nunique() == out["surfaces"]["rec"]["lists"] == 19 and rec[C.QUERY].isna().all()
+    assert out["surfaces"]["search"]["lists"] == search.groupby([C.USER_ID, C.QUERY]).ngroups > 0
+    assert search[C.QUERY].notna().all()
+    sizes = df.groupby([C.SURFACE, C.USER_ID, C.QUERY], dropna=False).size()
+    assert (sizes == TOP_K).all() and report["rows"] == len(df) == out["surfaces"]["rec"]["rows"] + \
+        out["surfaces"]["search"]["rows"]
+    assert set(df[C.MODEL_NAME]) == {"synergen"}
+    version = f"path:{(trained[2] / 'model.pt').resolve()}"
+    assert set(df[C.MODEL_VERSION]) == {version}
+    assert out["index"]["kind"] == cindex.EXACT and out["catalog_items"] == 1190
+
+    # the three tasks are tracked MLflow runs with the run's counts and durations
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    runs = {r.data.tags["synergen.stage"]: r for r in mlflow.search_runs(
+        experiment_names=[cfg.mlflow.experiment], output_format="list")}
+    assert {"score", "validate_candidates", "publish"} <= set(runs)
+    m = runs["score"].data.metrics
+    assert m["surfaces.rec.lists"] == 19 and m["seconds.total"] > 0 and m["users"] == out["users"]
+    assert runs["score"].data.tags["synergen.model.version"] == version
+    assert runs["validate_candidates"].data.metrics["failed_checks"] == 0
+
+    # publishing needs a passing validation: a fresh staged day is refused until validated
+    other = with_score(cfg, output="unvalidated", surfaces=["rec"])
+    score.run(spark, other, ds, model_dir=trained[2])
+    with pytest.raises(score.CandidatesInvalid, match="not validated"):
+        score.publish(other, ds)
+    assert not score.published_dir(other, ds).exists()
+
+
+def test_consumed_items_are_excluded(published, spark, trained):
+    cfg, ds, _, _, _, df = published
+    consumed = consumed_by_user(cfg)
+    rec = df[df[C.SURFACE] == "rec"]
+    assert not any(i in consumed.get(u, ()) for u, i in zip(rec[C.USER_ID], rec[C.ITEM_ID]))
+    # user 567 engaged with a third of the 1,190 items (385): the over-fetch still leaves K of the rest
+    assert (rec[C.USER_ID] == "567").sum() == TOP_K and len(consumed["567"]) > 300
+
+    keep = with_score(cfg, output="keep_consumed", surfaces=["rec"], exclude_consumed=False)
+    score.run(spark, keep, ds, model_dir=trained[2])
+    kept = lists_of(score.staged_dir(keep, ds))
+    assert any(i in consumed.get(u, ()) for u, i in zip(kept[C.USER_ID], kept[C.ITEM_ID]))
+    assert score.validate_candidates(keep, ds)["success"]  # the not_consumed check is off with exclusion off
+
+
+def test_rerun_gives_the_same_lists(published, spark, trained):
+    cfg, ds, *_, df = published
+    again = with_score(cfg, output="rerun")
+    for _ in range(2):  # the second run replaces the first's staged day
+        score.run(spark, again, ds, model_dir=trained[2])
+    staged = score.staged_dir(again, ds)
+    assert [p.name for p in staged.parent.iterdir()] == [staged.name]  # no leftovers of the first run
+    pd.testing.assert_frame_equal(lists_of(staged), df)
+    # a published day is replaced by its rerun as a whole
+    score.validate_candidates(again, ds)
+    score.publish(again, ds)
+    score.run(spark, with_score(again, surfaces=["search"]), ds, model_dir=trained[2])
+    score.validate_candidates(again, ds)
+    score.publish(again, ds)
+    layer = Path(again.lake.root) / again.score.output
+    assert sorted(p.name for p in layer.iterdir()) == [score.STAGING, f"ds={ds}"]
+    assert sorted(lists_of(score.published_dir(again, ds))[C.SURFACE].unique()) == ["search"]
+
+
+def test_dense_and_generative_retrieval(published, spark, trained):
+    cfg, ds, out, _, _, dense = published
+    gen_cfg = with_score(cfg, output="generative", retriever="generative")
+    gen_out = score.run(spark, gen_cfg, ds, model_dir=trained[2])
+    assert gen_out["index"] == {"kind": "generative"}
+    assert score.validate_candidates(gen_cfg, ds)["success"]
+    gen = lists_of(score.staged_dir(gen_cfg, ds))
+    key = [C.SURFACE, C.USER_ID, C.QUERY]
+    assert gen.groupby(key, dropna=False).ngroups == dense.groupby(key, dropna=False).ngroups
+    # retrieval scores: semantic-ID log-probabilities vs cosine / temperature
+    assert (gen[C.RETRIEVAL_SCORE] <= 0).all()
+    temperature = float(torch.load(trained[2] / "model.pt", weights_only=False)["state_dict"]["log_temp"].exp())
+    assert (dense[C.RETRIEVAL_SCORE].abs() <= 1 / temperature + 1e-3).all()
+    # two retrievers, one ranking head: other lists
+    assert len(dense.merge(gen, on=[*key, C.ITEM_ID], how="inner")) < len(dense)
+
+
+def test_search_requests_from_a_file_and_the_registry(published, spark, trained, tmp_path, monkeypatch):
+    cfg, ds, *_ = published
+    requests = tmp_path / "requests.parquet"
+    pq.write_table(pa.table({C.USER_ID: ["184", "184", "567", "nobody"],
+                             C.QUERY: ["Funny", "  a query never typed ", "funny", "sci-fi"]}), requests)
+    calls = []
+
+    def download_model(cfg_, ref):
+        calls.append(ref)
+        return trained[2], "synergen", "3"
+
+    monkeypatch.setitem(sys.modules, "synergen_core.registry",
+                        types.SimpleNamespace(download_model=download_model))
+    req_cfg = with_score(cfg, output="requests", requests_path=requests, lookback_days=30,
+                         model="models:/synergen@champion")
+    out = score.run(spark, req_cfg, ds)
+    assert calls == ["models:/synergen@champion"]
+    assert out["surfaces"]["rec"]["lists"] == 1  # only user 184 had an event in the 30 days up to ds
+    assert out["queries_added"] >= 1  # "a query never typed" embedded with the text encoder
+    df = lists_of(score.staged_dir(req_cfg, ds))
+    search = df[df[C.SURFACE] == "search"]
+    assert set(search.groupby([C.USER_ID, C.QUERY]).groups) == {
+        ("184", "funny"), ("184", "a query never typed"), ("567", "funny"), ("nobody", "sci-fi")}
+    assert set(df[C.MODEL_VERSION]) == {"3"}
+    assert score.validate_candidates(req_cfg, ds)["success"]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: each way a list can be broken fails its own check
+
+
+def test_broken_lists_fail_each_check(published, spark):
+    cfg, ds, *_, df = published
+    consumed = consumed_by_user(cfg)
+    lists = [g for _, g in df.groupby([C.SURFACE, C.USER_ID, C.QUERY], dropna=False, sort=True)]
+    rec = [g for g in lists if g[C.SURFACE].iloc[0] == "rec"]
+    broken, expected = df.copy(), {}
+
+    def rows(g, rank):
+        return g.index[g[C.RANK] == rank]
+
+    a, b, c, d, e, f, g_ = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6]
+    broken = broken.drop(rows(a, TOP_K))  # one row short
+    expected["list_length"] = a
+    broken.loc[rows(b, 2), C.ITEM_ID] = b.loc[rows(b, 1), C.ITEM_ID].iloc[0]  # an item twice
+    expected["unique_items"] = b
+    broken.loc[rows(c, TOP_K), C.RANK] = TOP_K + 1  # a gap in the ranks
+    expected["ranks"] = c
+    s1, s2 = d.loc[rows(d, 1), C.RANKING_SCORE].iloc[0], d.loc[rows(d, 2), C.RANKING_SCORE].iloc[0]
+    broken.loc[rows(d, 1), C.RANKING_SCORE], broken.loc[rows(d, 2), C.RANKING_SCORE] = s2 - 1, s1  # out of order
+    expected["score_order"] = d
+    broken.loc[rows(e, 3), C.ITEM_ID] = "no-such-item"
+    expected["in_catalog"] = e
+    user = f[C.USER_ID].iloc[0]
+    eaten = sorted(consumed[user] - set(f[C.ITEM_ID]))[0]
+    broken.loc[rows(f, 4), C.ITEM_ID] = eaten  # an item the user engaged with
+    expected["not_consumed"] = f
+    broken.loc[g_.index, C.QUERY] = "a query on a rec list"
+    expected["query_matches_surface"] = g_
+
+    bad_cfg = with_score(cfg, output="broken")
+    part = score.staged_dir(bad_cfg, ds)
+    for surface, rows_ in broken.groupby(C.SURFACE):
+        (part / f"surface={surface}").mkdir(parents=True)
+        table = pa.Table.from_pandas(rows_.drop(columns=C.SURFACE), schema=K.CANDIDATES, preserve_index=False)
+        pq.write_table(table, part / f"surface={surface}" / "part-0.parquet")
+    shutil.copy(score.published_dir(cfg, ds) / score.SCORE_FILE, part / score.SCORE_FILE)
+
+    with pytest.raises(score.CandidatesInvalid) as err:
+        score.validate_candidates(bad_cfg, ds)
+    report = err.value.report
+    assert str(part) in str(err.value) and all(check in str(err.value) for check in expected)
+    failed = {f_["check"]: f_ for f_ in report["failed"]}
+    assert set(failed) == set(expected)
+    for check, g in expected.items():
+        users = {r[C.USER_ID] for r in failed[check]["examples"]}
+        assert users == {g[C.USER_ID].iloc[0]}, (check, users)
+    assert json.loads((part / score.VALIDATION_FILE).read_text())["success"] is False
+    with pytest.raises(score.CandidatesInvalid, match="validation failed"):
+        score.publish(bad_cfg, ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# the candidate index
+
+
+def clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(64, d))
+    x = centers[rng.integers(0, 64, n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_index_exact_ivf_and_fallback():
+    items, queries = clustered(4000, 16, 0), clustered(200, 16, 1)
+    ids = np.arange(1, 4001)
+    exact = cindex.build(items, ids, None, 20, exact_max_items=4000, min_recall=0.95)
+    assert exact.kind == cindex.EXACT and "exact_max_items" in exact.report["why"]
+    ivf = cindex.build(items, ids, queries, 20, exact_max_items=1000, min_recall=0.9, seed=3)
+    assert ivf.kind == cindex.IVF and ivf.report["ann_recall"] >= 0.9 and ivf.report["nprobe"] >= 1
+    truth = exact.search(queries, 20)[1]
+    assert cindex.recall_at_k(ivf.search(queries, 20)[1], truth) == pytest.approx(ivf.report["ann_recall"])
+    # the build is deterministic, and survives shipping to an executor
+    again = cindex.CandidateIndex.loads(cindex.build(items, ids, queries, 20, 1000, 0.9, seed=3).dumps())
+    np.testing.assert_array_equal(again.search(queries, 20)[1], ivf.search(queries, 20)[1])
+    assert again.report == ivf.report and set(np.unique(again.search(queries, 5)[1])) <= set(ids)
+    # a request deeper than its probed lists hold is searched in all of them: never a short list
+    deep = again.search(queries, 3000)[1]
+    assert (deep > 0).all() and deep.shape == (200, 3000)
+    # unreachable recall: exact search is kept, and the report says so
+    rng = np.random.default_rng(5)
+    noise = rng.normal(size=(4000, 16)).astype(np.float32)
+    fallback = cindex.build(noise, ids, rng.normal(size=(50, 16)), 20, 1000, min_recall=0.999)
+    assert fallback.kind == cindex.EXACT and "fell back to exact" in fallback.report["why"]
+    assert fallback.report["ann_recall"] < 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: the same job on local[*] and on a standalone cluster
+
+
+def run_scoring(config: Path, master: str, ds: str, model_dir: Path) -> None:
+    code = ("import sys; from synergen_core.config import load_config; from jobs import score; "
+            "score.stage(load_config(sys.argv[1]), sys.argv[2], model_dir=sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", code, str(config), ds, str(model_dir)], cwd=ROOT,
+                          env={**os.environ, "SYNERGEN__SPARK__MASTER": master}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_same_lists_on_local_and_standalone_cluster(published, trained, tmp_path):
+    from cluster import standalone_cluster
+
+    cfg, ds, *_ = published
+    settings = cfg.to_dict()
+    settings["spark"] = {**settings["spark"], "driver_memory": "1g"}
+    for layer in ("local", "cluster"):
+        settings["score"] = {**settings["score"], "output": layer}
+        (tmp_path / f"{layer}.yaml").write_text(yaml.safe_dump(settings))
+    run_scoring(tmp_path / "local.yaml", "local[*]", ds, trained[2])
+    with standalone_cluster(tmp_path / "spark") as c:
+        run_scoring(tmp_path / "cluster.yaml", c.master_url, ds, trained[2])
+        apps = c.status().get("completedapps", []) + c.status().get("activeapps", [])
+        assert apps, "the job did not run on the cluster"
+    local = lists_of(score.staged_dir(with_score(cfg, output="local"), ds))
+    remote = lists_of(score.staged_dir(with_score(cfg, output="cluster"), ds))
+    pd.testing.assert_frame_equal(local, remote)
+    assert len(local) > 0
