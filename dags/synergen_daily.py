@@ -1,20 +1,29 @@
 """The daily synergen pipeline: one run per logical date (= ds). Tasks call stage functions; no logic here.
 
-The train task is the GPU task: it runs in pool ``gpu`` on queue ``gpu`` (see README, "Running on a
-cluster"); on a single machine both are ordinary, so it runs on the CPU.
+validate_raw >> sessionize >> item_embeddings >> semantic_ids >> build_training_data >> train >> evaluate
+>> register >> promote >> score >> validate_candidates >> publish
+
+The train task is the GPU task: it runs in the pool and queue named by SYNERGEN_GPU_POOL and
+SYNERGEN_GPU_QUEUE (a deployment sets them to its GPU workers' pool and Celery queue, see README, "Running
+on a cluster"); unset, they are Airflow's defaults, so a single machine runs it on whatever it has.
 """
 import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, chain, dag, task
 
 from jobs.stages import airflow_task
+
+GPU_POOL = os.environ.get("SYNERGEN_GPU_POOL", "default_pool")
+GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
 
 
 @dag(
     schedule="@daily",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    # The earliest day a backfill may ask for (logs go back years: MovieLens starts in 1996). Catchup is
+    # off, so the scheduler itself only runs the latest day; past days run when a backfill asks for them.
+    start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args={
@@ -30,6 +39,7 @@ from jobs.stages import airflow_task
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="override train.epochs"),
         "d_model": Param(None, type=["null", "integer"], minimum=8, description="override model.d_model"),
         "n_layers": Param(None, type=["null", "integer"], minimum=1, description="override model.n_layers"),
+        "skip_promotion": Param(False, type="boolean", description="register the model as challenger only"),
     },
     tags=["synergen"],
     doc_md=__doc__,
@@ -43,7 +53,48 @@ def synergen_daily():
     def sessionize(ds=None, params=None, run_id=None):
         airflow_task("sessionize", ds, params, run_id)
 
-    validate_raw() >> sessionize()
+    @task(execution_timeout=timedelta(hours=1))
+    def item_embeddings(ds=None, params=None, run_id=None):
+        airflow_task("item_embeddings", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=1))
+    def semantic_ids(ds=None, params=None, run_id=None):
+        airflow_task("semantic_ids", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=1))
+    def build_training_data(ds=None, params=None, run_id=None):
+        airflow_task("build_training_data", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=6), pool=GPU_POOL, queue=GPU_QUEUE)
+    def train(ds=None, params=None, run_id=None):
+        airflow_task("train", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=1))
+    def evaluate(ds=None, params=None, run_id=None):
+        airflow_task("evaluate", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(minutes=30))
+    def register(ds=None, params=None, run_id=None):
+        airflow_task("register", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=1))
+    def promote(ds=None, params=None, run_id=None):
+        airflow_task("promote", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=2))
+    def score(ds=None, params=None, run_id=None):
+        airflow_task("score", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(minutes=30))
+    def validate_candidates(ds=None, params=None, run_id=None):
+        airflow_task("validate_candidates", ds, params, run_id)
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def publish(ds=None, params=None, run_id=None):
+        airflow_task("publish", ds, params, run_id)
+
+    chain(validate_raw(), sessionize(), item_embeddings(), semantic_ids(), build_training_data(), train(),
+          evaluate(), register(), promote(), score(), validate_candidates(), publish())
 
 
 synergen_daily()

@@ -68,6 +68,64 @@ def cmd_sessionize(cfg: Config, args) -> None:
     _print(stages.sessionize(cfg, args.ds, from_ds=args.from_ds))
 
 
+def cmd_embed(cfg: Config, args) -> None:
+    from jobs import stages
+
+    _print(stages.item_embeddings(cfg, args.ds))
+
+
+def cmd_semantic_ids(cfg: Config, args) -> None:
+    from jobs import stages
+
+    _print(stages.semantic_ids(cfg, args.ds))
+
+
+def cmd_train(cfg: Config, args) -> None:
+    from jobs import train
+
+    if args.fresh:
+        cfg.train.resume = False
+    _print(train.stage(cfg, args.ds, args.group, variants=args.variant, protocols=args.protocol))
+
+
+def cmd_evaluate(cfg: Config, args) -> None:
+    from jobs import evaluate
+
+    _print(evaluate.stage(cfg, args.ds, variants=args.variant, protocols=args.protocol))
+
+
+def _stage(name: str):
+    from jobs import stages
+
+    return stages.STAGES[name]
+
+
+def cmd_score(cfg: Config, args) -> None:
+    from pathlib import Path
+
+    from jobs import stages
+
+    model_dir = None
+    if args.model:
+        if args.model.startswith("models:/"):
+            cfg.score.model = args.model
+        else:
+            model_dir = Path(args.model)
+    if args.retriever:
+        cfg.score.retriever = args.retriever
+    out = {"score": stages.score(cfg, args.ds, model_dir=model_dir),
+           "validate_candidates": stages.validate_candidates(cfg, args.ds)}
+    if not args.no_publish:
+        out["publish"] = stages.publish(cfg, args.ds)
+    _print(out)
+
+
+def cmd_registry(cfg: Config, args) -> None:
+    from synergen_core import registry
+
+    print(registry.cli(cfg, args.rollback, args.json))
+
+
 def cmd_run(cfg: Config, args) -> None:
     from jobs import pipeline
 
@@ -105,6 +163,60 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--from-ds", type=_ds, help="bulk: rebuild from the state before this day up to --ds in one job")
     p.set_defaults(func=cmd_sessionize)
+
+    p = sub.add_parser("embed", help="text vectors of items and queries (new or changed texts only) and "
+                                     "collaborative item vectors (Spark)")
+    _common(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("semantic-ids", help="RQ-VAE semantic IDs of every item: train or reuse, assign (Spark), "
+                                            "make unique, validate")
+    _common(p)
+    p.set_defaults(func=cmd_semantic_ids)
+
+    from typing import get_args
+
+    from synergen_core.config import VariantName
+
+    variants = list(get_args(VariantName))
+    p = sub.add_parser("train", help="train the model (and trained baselines) on a day's splits; resumes after a kill")
+    _common(p)
+    p.add_argument("--variant", action="append", choices=variants, help="repeatable (default: train.variants)")
+    p.add_argument("--protocol", action="append", choices=["loo", "temporal"], help="repeatable (default: train.protocols)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and train from scratch")
+    p.add_argument("--group", help="the pipeline run (e.g. Airflow run id) whose MLflow run this joins")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="full-catalog and ranking metrics of the trained models and baselines")
+    _common(p)
+    p.add_argument("--variant", action="append", choices=variants, help="repeatable (default: every trained one)")
+    p.add_argument("--protocol", action="append", choices=["loo", "temporal"], help="repeatable (default: train.protocols)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register the day's trained model as a new version in the MLflow registry")
+    _common(p)
+    p.set_defaults(func=lambda cfg, args: _print(_stage("register")(cfg, args.ds)))
+
+    p = sub.add_parser("promote", help="promotion gate: champion if not worse than the current one on the same "
+                                       "data, else challenger")
+    _common(p)
+    p.set_defaults(func=lambda cfg, args: _print(_stage("promote")(cfg, args.ds)))
+
+    p = sub.add_parser("score", help="candidate lists per user (rec) and per user and query (search): score "
+                                     "(Spark + faiss + ranking head), validate, publish")
+    _common(p)
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a model.pt path "
+                                   "(default: score.model, the champion)")
+    p.add_argument("--retriever", choices=["dense", "generative"], help="override score.retriever")
+    p.add_argument("--no-publish", action="store_true", help="score and validate only; leave the day staged")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("registry", help="champion and challenger with their metrics; roll the champion back")
+    _common(p, ds_required=False, ds_help="unused")
+    p.add_argument("--rollback", nargs="?", const="previous", metavar="VERSION",
+                   help="move the champion alias back: to VERSION, or to the previous champion")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("run", help="the main job on the embedded default (generated logs)")
     _common(p, ds_required=False, ds_help="unused: the default runs every generated day")

@@ -1,4 +1,4 @@
-"""Stage 2: validated search + browse events -> sessionized event history, token sequences,
+"""The sessionize stage: validated search + browse events -> sessionized event history, token sequences,
 vocabularies (and, through ``jobs.splits``, training and evaluation splits). Spark DataFrame API with
 built-in and window functions only: no Python UDFs.
 
@@ -13,7 +13,7 @@ processes every input day after it up to D in one batch: a normal daily run proc
 first run or a gap catches up on all missing days, and ``run(..., from_ds=F)`` (the bulk entry)
 starts from the latest snapshot before F, so a backfill over thousands of days is one Spark job,
 never a per-day loop. Nothing in the batch depends on how days are grouped into runs, so days 1..N
-one by one give the same tables as one bulk run over 1..N.
+one by one give the same tables as one bulk run over 1..N (for validated input: see Duplicates).
 
 Order and sessions. A user's history is ordered by (arrival day, ts, event_id): the day an event
 arrived in (its input partition), then its time, then its id as the deterministic tie-break. An
@@ -31,7 +31,9 @@ newer than everything the user had is simply in time order. Late and clamped eve
 
 Duplicates. Exact duplicates (same user, event id, ts and content) are one event: the copy that
 arrived first is kept and later copies are dropped, also when the first is already in the history.
-Rows that share an event id but differ in content are not duplicates and are both kept. The count of
+A copy has the first's ts, which validation admits at most ``validate.late_days`` days late, so a
+run looks for earlier copies in that many days of history before its first input day, not in all of
+it (input that skipped validation could hide older copies from a daily run). Rows that share an event id but differ in content are not duplicates and are both kept. The count of
 dropped rows is in the stats.
 
 Vocabularies. Items of the catalog and of events, and normalized query texts (lower case, inner
@@ -50,7 +52,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import splits
-from jobs.spark import Staging, count_rows, get_spark, read_days, spark_schema
+from jobs.spark import Staging, count_rows, read_days, session, spark_schema
 from jobs.tokens import event_tokens, surface, token_count, update_sequences
 from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
 from schemas import sequences as S
@@ -138,15 +140,15 @@ def normalize_query(col: Column) -> Column:
     return F.trim(F.regexp_replace(F.lower(col), r"\s+", " "))
 
 
-def extend_vocab(known: DataFrame, seen: DataFrame, key: str, index: str) -> tuple[DataFrame, int]:
-    """``known`` (index, key, first_ds) plus keys of ``seen`` (key, ds) it lacks, with new indices;
-    and how many keys are new.
+def extend_vocab(known: DataFrame, seen: DataFrame, key: str, index: str, n_known: int) -> tuple[DataFrame, int]:
+    """``known`` (index, key, first_ds; ``n_known`` rows) plus keys of ``seen`` (key, ds) it lacks,
+    with new indices; and how many keys are new.
 
     New keys are numbered after the largest known index in order of (first day seen, key): the same
     whether their days arrive one run at a time or in one batch. Numbering is a window per first
     day plus that day's offset; the offsets come from per-day counts (one small row per day).
     """
-    base = known.agg(F.max(index)).first()[0] or (S.FIRST_INDEX - 1)
+    base = n_known + S.FIRST_INDEX - 1  # indices are dense: the largest is the count
     new = (seen.where(F.col(key).isNotNull()).groupBy(key).agg(F.min(C.DS).alias(C.FIRST_DS))
            .join(known.select(key), key, "left_anti"))
     offsets, total = [], base
@@ -211,7 +213,11 @@ def input_days(cfg: Config, after: str | None, upto: str) -> list[str]:
 def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -> dict:
     """Sessionize every input day after the latest state before ``from_ds`` (default ``ds``) up to
     ``ds``; publish their ``events`` partitions, the state snapshots of ``ds`` and the splits of ``ds``
-    (``sessionize.splits``). Returns the run's counts (also in ``sequences/ds=D/_stats.json``)."""
+    (``sessionize.splits``). Returns the run's counts (also in ``sequences/ds=D/_stats.json``).
+
+    A rerun replaces what it writes and gives the same tables. Rerunning a day that later days were
+    built on replaces that day only: rerun the later days too if its input changed.
+    """
     ds = parse_ds(ds).isoformat()
     start = parse_ds(from_ds).isoformat() if from_ds else ds
     if start > ds:
@@ -251,8 +257,10 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
 
     item_seen = raw.select(C.ITEM_ID, C.DS).unionByName(inputs["catalog"].select(C.ITEM_ID, C.DS))
     query_seen = raw.select(normalize_query(F.col(C.QUERY)).alias(C.QUERY), C.DS)
-    items, new_items = extend_vocab(state["items"], item_seen, C.ITEM_ID, C.ITEM_INDEX)
-    queries, new_queries = extend_vocab(state["queries"], query_seen, C.QUERY, C.QUERY_INDEX)
+    sizes = {t: sum(count_rows(root, _out(cfg, t), after=_day_before(prev), upto=prev).values()) if prev else 0
+             for t in (ITEM_VOCAB, QUERY_VOCAB)}  # from Parquet footers: no Spark job
+    items, new_items = extend_vocab(state["items"], item_seen, C.ITEM_ID, C.ITEM_INDEX, sizes[ITEM_VOCAB])
+    queries, new_queries = extend_vocab(state["queries"], query_seen, C.QUERY, C.QUERY_INDEX, sizes[QUERY_VOCAB])
     items, queries = _cache(cached, items), _cache(cached, queries)
 
     sessions = sessionize(dedup(raw, _recent_copies(spark, cfg, raw, prev, days)),
@@ -342,10 +350,5 @@ def stage(cfg: Config, ds: str, from_ds: str | None = None) -> dict:
 
     The session is stopped at the end unless it was already active (a caller's).
     """
-    owned = SparkSession.getActiveSession() is None
-    spark = get_spark(cfg)
-    try:
+    with session(cfg) as spark:
         return run(spark, cfg, ds, from_ds)
-    finally:
-        if owned:
-            spark.stop()

@@ -1,4 +1,5 @@
-"""Training and evaluation splits of day ``ds``, from the sessionized ``events`` history up to ``ds``.
+"""Training and evaluation splits of day ``ds``: written by the sessionize run of ``ds`` (``write``)
+or on their own from published tables (``run``).
 
 Two protocols, each for both tasks. The task of an engagement (an event with an item) is its
 surface: a browse engagement is a ``recommendation`` target, a search engagement a ``search``
@@ -14,7 +15,8 @@ training input.
 ``temporal`` (daily retraining): the training input is every user's latest ``max_seq_len`` tokens
 of the events that arrived before ``ds`` (exactly the ``sequences`` snapshot of ``ds``-1), and the
 targets (``test``) are the engagements that arrived on ``ds``. Because histories are ordered by
-arrival day first, every training token precedes every target.
+arrival day first, every training token precedes every target. It needs only the previous
+snapshot and the new events; leave-one-out reads the whole ``events`` history.
 
 Each evaluation row carries its context: the ``max_seq_len`` tokens just before the target item
 token (for a search target the last context token is its query). Tables (``schemas.sequences``):

@@ -6,6 +6,7 @@ durations and reports. ``group`` ties the stages of one pipeline run (an Airflow
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from synergen_core.config import Config
@@ -76,11 +77,148 @@ def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def item_embeddings(cfg: Config, ds: str, group: str | None = None, champion=None) -> dict:
+    """Text vectors of items and queries, then collaborative item vectors (jobs.embeddings, jobs.collab).
+
+    ``champion``: the hook for the champion model's item embeddings (``jobs.collab.ChampionLoader``);
+    ``embeddings.champion_vectors`` is the config form of it; by default (``embeddings.from_champion``) the
+    registry's champion supplies them once there is one.
+    """
+    from jobs import collab
+    from jobs import embeddings as job
+
+    if champion is None and cfg.embeddings.champion_vectors is None and cfg.embeddings.from_champion:
+        champion = collab.champion_from_registry
+
+    with stage_run(cfg, "item_embeddings", ds, group) as run:
+        run.tags({"synergen.inputs": f"{cfg.sessionize.output}/item_vocab/ds={ds},"
+                                     f"{cfg.sessionize.output}/query_vocab/ds={ds},{cfg.sessionize.source}/catalog"})
+        out = job.stage(cfg, ds, champion=champion)
+        run.tags({"synergen.collab.mode": out["collab"]["mode"], "synergen.collab.basis": out["collab"].get("basis"),
+                  "synergen.items.mode": out["items"]["mode"]})
+        run.metrics(_numbers(out))
+        run.text(json.dumps(out, indent=1, default=str), "item_embeddings.json")
+        return out
+
+
+def semantic_ids(cfg: Config, ds: str, group: str | None = None) -> dict:
+    """RQ-VAE semantic IDs of every item (jobs.semantic_ids): quality figures as metrics."""
+    from jobs import semantic_ids as job
+
+    with stage_run(cfg, "semantic_ids", ds, group) as run:
+        run.tags({"synergen.inputs": f"{cfg.embeddings.output}/items/ds={ds},{cfg.embeddings.output}/collab/ds={ds}"})
+        try:
+            out = job.stage(cfg, ds)
+        except job.SemanticIdsInvalid as e:
+            run.text(json.dumps(e.summary, indent=1), "semantic_ids_validation.json")
+            raise
+        run.tags({"synergen.semantic_ids.mode": out["mode"], "synergen.semantic_ids.reasons": "; ".join(out["reasons"])[:5000]})
+        run.metrics(_numbers(out))
+        run.text(json.dumps(out, indent=1, default=str), "semantic_ids.json")
+        if out.get("levels"):
+            from synergen_core import plots
+
+            run.figure(plots.codebook_utilization(out["levels"], f"semantic IDs {ds}"), "plots/codebook_utilization.png")
+        return out
+
+
+def build_training_data(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """Training windows and side inputs of every protocol (jobs.train.prepare)."""
+    from jobs import train as job
+
+    return job.prepare_stage(cfg, ds, group, **kwargs)
+
+
+def train(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """The model and its trained baselines (jobs.train): CUDA when present, else the CPU; data-parallel
+    over ``train.processes`` processes when above 1."""
+    from jobs import train as job
+    from synergen_core import distributed
+
+    if cfg.train.processes > 1 and not distributed.launched(os.environ):
+        return _torchrun_train(cfg, ds, group, **kwargs)
+    return job.stage(cfg, ds, group, **kwargs)
+
+
+def _torchrun_train(cfg: Config, ds: str, group: str | None, variants=None, protocols=None) -> dict:
+    """``synergen train`` under ``torchrun --standalone``, with this exact config (written to a file)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "train.yaml"
+        config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+               f"--nproc_per_node={cfg.train.processes}", "-m", "jobs.cli", "train", "--ds", ds,
+               "--config", str(config_file)]
+        cmd += ["--group", group] if group else []
+        cmd += [a for v in variants or [] for a in ("--variant", v)]
+        cmd += [a for p in protocols or [] for a in ("--protocol", p)]
+        subprocess.run(cmd, check=True)
+    return {"ds": ds, "processes": cfg.train.processes}
+
+
+def evaluate(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """Every trained variant and baseline on the same test targets (jobs.evaluate)."""
+    from jobs import evaluate as job
+
+    return job.stage(cfg, ds, group, **kwargs)
+
+
+def register(cfg: Config, ds: str, group: str | None = None) -> dict:
+    """The day's model as a new version of the registered model (synergen_core.registry)."""
+    from synergen_core import registry
+
+    return registry.register(cfg, ds, group)
+
+
+def promote(cfg: Config, ds: str, group: str | None = None) -> dict:
+    """The promotion gate: champion if not worse than the current one on the same data and every
+    validation of the run passed; challenger otherwise, with the reason (synergen_core.registry)."""
+    from synergen_core import registry
+
+    return registry.promote(cfg, ds, None, group, skip=cfg.registry.skip_promotion)
+
+
+def score(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
+    """Candidate lists of every request of the day, staged for validation (jobs.score)."""
+    from jobs import score as job
+
+    return job.stage(cfg, ds, group, **kwargs)
+
+
+def validate_candidates(cfg: Config, ds: str, group: str | None = None) -> dict:
+    """The candidate lists' Great Expectations suite (schemas.candidates); fails the run when broken."""
+    from jobs import score as job
+
+    return job.validate_stage(cfg, ds, group)
+
+
+def publish(cfg: Config, ds: str, group: str | None = None) -> dict:
+    """Validated lists renamed into ``<lake>/<score.output>/ds=D`` with ``_SUCCESS``."""
+    from jobs import score as job
+
+    return job.publish_stage(cfg, ds, group)
+
+
 # ---------------------------------------------------------------- Airflow
 
 STAGES = {
     "validate_raw": validate_raw,
     "sessionize": sessionize,
+    "item_embeddings": item_embeddings,
+    "semantic_ids": semantic_ids,
+    "build_training_data": build_training_data,
+    "train": train,
+    "evaluate": evaluate,
+    "register": register,
+    "promote": promote,
+    "score": score,
+    "validate_candidates": validate_candidates,
+    "publish": publish,
 }
 
 
@@ -101,9 +239,28 @@ OVERRIDES = (  # DAG param -> config section, field
     ("epochs", "train", "epochs"),
     ("d_model", "model", "d_model"),
     ("n_layers", "model", "n_layers"),
+    ("skip_promotion", "registry", "skip_promotion"),
 )
 
 
-def airflow_task(stage: str, ds: str, params: dict | None, run_id: str) -> dict:
-    """What every task of the DAG calls: one stage for the run's ``ds``, nested under the run's MLflow run."""
-    return STAGES[stage](config_for_run(params), ds, group=run_id)
+def _data_errors() -> tuple[type[Exception], ...]:
+    """Failed data checks: the same input fails the same way, so a retry cannot help."""
+    from jobs.score import CandidatesInvalid
+    from jobs.semantic_ids import SemanticIdsInvalid
+    from jobs.validate import ValidationFailed
+
+    return ValidationFailed, SemanticIdsInvalid, CandidatesInvalid
+
+
+def airflow_task(stage: str, ds: str, params: dict | None, run_id: str) -> None:
+    """What every task of the DAG calls: one stage for the run's ``ds``, nested under the run's MLflow run.
+
+    A failed data check fails the task at once (no retries: the reason is in the log and in MLflow);
+    anything else (a lost executor, a full disk) goes through the DAG's retries. Nothing is returned:
+    stages hand data to each other through the lake and the registry, not XCom."""
+    try:
+        STAGES[stage](config_for_run(params), ds, group=run_id)
+    except _data_errors() as e:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{stage} {ds}: {e}") from e

@@ -63,3 +63,10 @@ SEARCH_CODES = "search_codes"  # search-view semantic ID: shared codes + text co
 REC_CODES = "rec_codes"  # recommendation-view semantic ID: shared codes + collaborative codes
 RAW_CODES = "raw_codes"  # RQ-VAE codes before collision handling: [shared | text | collab]
 ID_DS = "id_ds"  # day the item's current search and rec IDs were first given
+
+# candidate lists of the scoring stage (schemas/candidates.py)
+RANK = "rank"  # 1-based position of an item in its request's list, best first
+RETRIEVAL_SCORE = "retrieval_score"  # the retriever's score (dense: cosine / temperature; generative: log-prob)
+RANKING_SCORE = "ranking_score"  # the ranking head's logit: the list's order
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"

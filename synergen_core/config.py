@@ -128,14 +128,22 @@ class TrainConfig(_Section):
 
     seed: int = 42
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    # Windows per step. A window carries a target at every position, so a step sees ~batch_size x mean
+    # history length targets; on Amazon Beauty 64 windows at lr 2e-3 reached a given validation NDCG in
+    # fewer epochs than 256 at 1e-3 (more, smaller steps per epoch).
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     clip_grad: float | None = Field(1.0, gt=0)  # max global gradient norm; null: no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA (the CPU always trains in float32)
     threads: int | None = Field(None, ge=1)  # torch CPU threads; null: torch's default
-    protocols: list[Literal["loo", "temporal"]] = ["loo", "temporal"]  # one model per protocol's split
+    # Processes of one training run. Above 1 the train stage starts itself under ``torchrun --standalone
+    # --nproc_per_node N`` (data-parallel, synergen_core.distributed): one per GPU of the worker.
+    processes: int = Field(1, ge=1)
+    # One model per protocol's split. The daily job trains on the temporal split (everything before ds,
+    # evaluated on the engagements of ds): the model it registers and serves. "loo" is the benchmarks'.
+    protocols: list[Literal["loo", "temporal"]] = ["temporal"]
     variants: list[VariantName] = ["synergen"]
     max_windows: int | None = Field(None, ge=1)  # windows of model.max_seq_len tokens per user, latest first
     bucket_by_length: bool = True  # batches of similar lengths (less padding); the order stays seeded
@@ -227,6 +235,53 @@ class EmbeddingsConfig(_Section):
     # Parquet file or folder (item_id, vector) of the champion model's item embeddings; when set (or when a
     # loader is passed to jobs.collab.run) they replace ALS. Null: ALS on the first run, then carried.
     champion_vectors: Path | None = None
+    # Otherwise the registry's champion (mlflow.registered_model@champion) supplies them when there is one:
+    # its collaborative ID embeddings of the items it was trained on. False: ALS once, then carried.
+    from_champion: bool = True
+
+
+
+class ScoreConfig(_Section):
+    """``synergen score`` (jobs.score): per-user candidate lists for recommendation and search, to Parquet."""
+
+    # A registry reference (``models:/<name>@<alias>`` or ``models:/<name>/<version>``) or a model.pt file or
+    # its folder (e.g. <lake>/models/ds=D/loo/synergen).
+    model: str = "models:/synergen@champion"
+    surfaces: list[Literal["rec", "search"]] = ["rec", "search"]
+    retriever: Literal["dense", "generative"] = "dense"  # faiss over item vectors, or semantic-ID beam search
+    top_k: int = Field(50, ge=1)  # K: items kept per request
+    retrieve_n: int = Field(200, ge=1)  # N: candidates retrieved, then re-scored by the ranking head (N >= K)
+    lookback_days: int | None = Field(30, ge=1)  # rec: users with an event in the N days up to ds; null: all
+    exclude_consumed: bool = True  # rec lists leave out every item the user engaged with up to ds
+    # Search lists keep them by default: finding again an item one bought is a legitimate search result.
+    exclude_consumed_search: bool = False
+    requests_path: Path | None = None  # Parquet of search requests (user_id, query); null: the queries of ds
+    exact_max_items: int = Field(200_000, ge=0)  # exact IndexFlatIP up to this catalog size, IVF beyond
+    min_ann_recall: float = Field(0.95, gt=0.0, le=1.0)  # IVF recall@N vs exact below this: exact is used
+    ann_sample: int = Field(1000, ge=1)  # real request vectors the IVF recall is measured on
+    ann_nlist: int | None = Field(None, ge=1)  # IVF lists; null: about sqrt(catalog)
+    batch_size: int = Field(256, ge=1)  # requests per model forward
+    threads: int = Field(1, ge=1)  # torch and faiss threads per Spark task (tasks already run in parallel)
+    partitions: int | None = Field(None, ge=1)  # Spark partitions of the requests; null: default parallelism
+    progress: bool = True  # a tqdm bar per Spark task
+    output: str = "candidates"  # lake layer: <lake>/<output>/ds=D/surface=rec|search/
+    seed: int = 7  # the IVF k-means and the recall sample
+
+
+class RegistryConfig(_Section):
+    """The MLflow model registry and its promotion gate (synergen_core.registry); the registered model's
+    name is ``mlflow.registered_model``."""
+
+    protocol: Literal["loo", "temporal"] = "temporal"  # whose model is registered (the other one if it is missing)
+    variant: VariantName = "synergen"
+    # The gate's figure, higher is better: "<task>.<name>" with task rec|search and name a catalog metric
+    # (recall@K, ndcg@K, mrr) or a candidate-list one (rank_auc, rank_ndcg@K).
+    metric: str = "rec.ndcg@10"
+    # A new version becomes champion unless its figure is below the champion's (re-evaluated on the same
+    # day's test targets) by more than this share of the champion's figure.
+    tolerance: float = Field(0.02, ge=0.0, lt=1.0)
+    cache_dir: Path | None = None  # downloaded model versions; null: <lake.root>/_registry_cache
+    skip_promotion: bool = False  # register as challenger only (the DAG's skip_promotion param)
 
 
 class Config(_Section):
@@ -242,6 +297,8 @@ class Config(_Section):
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    score: ScoreConfig = ScoreConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 

@@ -34,6 +34,9 @@ def experiment_id(cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
         return exp.experiment_id
+    if cfg.mlflow.tracking_uri.startswith(("http://", "https://")):
+        # a tracking server stores artifacts where it is configured to (an S3 bucket in infra/)
+        return client.create_experiment(cfg.mlflow.experiment)
     artifacts = Path(cfg.mlflow.artifact_root).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts.as_uri())
@@ -103,6 +106,15 @@ class StageRun:
 
     def text(self, text: str, name: str) -> None:
         self.mlflow.log_text(text, name)
+
+    def figure(self, fig, name: str) -> None:
+        """A matplotlib figure (``synergen_core.plots``) as a PNG artifact; the figure is closed."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.mlflow.log_figure(fig, name)
+        finally:
+            plt.close(fig)
 
 
 @contextmanager

@@ -1,12 +1,13 @@
-"""A real Spark standalone cluster (one master, one worker) on 127.0.0.1, from the pyspark wheel alone.
+"""A real Spark standalone cluster (one master, one or more workers) on 127.0.0.1, from the pyspark wheel alone.
 
-    with standalone_cluster(tmp_path) as c:
+    with standalone_cluster(tmp_path) as c:               # workers=2: two worker daemons
         subprocess.run([...], env={**os.environ, "SYNERGEN__SPARK__MASTER": c.master_url})
 
-Ports are picked free (other test runs may hold Spark's defaults). Both daemons are started with
+Ports are picked free (other test runs may hold Spark's defaults). The daemons are started with
 ``spark-class`` (which execs the JVM, so the PID we hold is the JVM's), waited on until the master's
-JSON status lists an ALIVE worker with its cores, and stopped by their PIDs: terminate, then kill
-after a grace period. Their logs stay under ``workdir`` for a failing test to show.
+JSON status lists every worker ALIVE with its cores, and stopped by their PIDs (workers first):
+terminate, then kill after a grace period. Their logs stay under ``workdir`` for a failing test to show.
+The first worker is ``procs["worker"]``, the next ones ``procs["worker-2"]``, ``procs["worker-3"]``, ...
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def _daemon(name: str, args: list[str], workdir: Path, env: dict) -> subprocess.
                             stderr=subprocess.STDOUT, env=env, cwd=workdir)
 
 
-def start(workdir: Path, cores: int = 1, memory: str = "2g", timeout_s: float = 90) -> Cluster:
-    """Start a master and one worker; return once the worker is registered with its cores."""
+def start(workdir: Path, cores: int = 1, memory: str = "2g", timeout_s: float = 90, workers: int = 1) -> Cluster:
+    """Start a master and ``workers`` workers of ``cores`` cores and ``memory`` each; return once every
+    worker is registered with its cores."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port, ui = free_port(), free_port()
@@ -64,19 +66,26 @@ def start(workdir: Path, cores: int = 1, memory: str = "2g", timeout_s: float = 
     c = Cluster(f"spark://{HOST}:{port}", f"http://{HOST}:{ui}", workdir)
     c.procs["master"] = _daemon("master", ["org.apache.spark.deploy.master.Master", "--host", HOST,
                                            "--port", str(port), "--webui-port", str(ui)], workdir, env)
-    c.procs["worker"] = _daemon("worker", ["org.apache.spark.deploy.worker.Worker", "--host", HOST,
-                                           "--cores", str(cores), "--memory", memory,
-                                           "--webui-port", str(free_port()), "--work-dir", str(workdir / "work"),
-                                           c.master_url], workdir, env)
+    for i in range(1, workers + 1):
+        name = worker_name(i)
+        c.procs[name] = _daemon(name, ["org.apache.spark.deploy.worker.Worker", "--host", HOST,
+                                       "--cores", str(cores), "--memory", memory,
+                                       "--webui-port", str(free_port()), "--work-dir", str(workdir / f"work-{i}"),
+                                       c.master_url], workdir, env)
     try:
-        _wait_ready(c, cores, timeout_s)
+        _wait_ready(c, cores, timeout_s, workers)
     except BaseException:
         stop(c)
         raise
     return c
 
 
-def _wait_ready(c: Cluster, cores: int, timeout_s: float) -> None:
+def worker_name(i: int) -> str:
+    """The key in ``Cluster.procs`` (and the log file name) of the ``i``-th worker, from 1."""
+    return "worker" if i == 1 else f"worker-{i}"
+
+
+def _wait_ready(c: Cluster, cores: int, timeout_s: float, workers: int = 1) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, p in c.procs.items():
@@ -84,15 +93,15 @@ def _wait_ready(c: Cluster, cores: int, timeout_s: float) -> None:
                 raise RuntimeError(f"spark {name} exited with {p.returncode}\n{c.logs()}")
         with contextlib.suppress(OSError, ValueError):
             alive = [w for w in c.status().get("workers", []) if w.get("state") == "ALIVE"]
-            if alive and alive[0].get("cores", 0) >= cores:
+            if len(alive) >= workers and all(w.get("cores", 0) >= cores for w in alive):
                 return
         time.sleep(0.5)
-    raise TimeoutError(f"no ALIVE worker at {c.master_url} after {timeout_s}s\n{c.logs()}")
+    raise TimeoutError(f"fewer than {workers} ALIVE worker(s) at {c.master_url} after {timeout_s}s\n{c.logs()}")
 
 
 def stop(c: Cluster, grace_s: float = 20) -> None:
-    """Stop the worker, then the master, by PID."""
-    for name in ("worker", "master"):
+    """Stop the workers, then the master, by PID."""
+    for name in [n for n in c.procs if n != "master"] + ["master"]:
         p = c.procs.get(name)
         if p is None or p.poll() is not None:
             continue
@@ -105,8 +114,8 @@ def stop(c: Cluster, grace_s: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def standalone_cluster(workdir: Path, cores: int = 1, memory: str = "2g"):
-    c = start(workdir, cores=cores, memory=memory)
+def standalone_cluster(workdir: Path, cores: int = 1, memory: str = "2g", workers: int = 1):
+    c = start(workdir, cores=cores, memory=memory, workers=workers)
     try:
         yield c
     finally:

@@ -17,6 +17,18 @@ def spark_test_config(cfg):
     return cfg
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: tiny matrices gain nothing from threads, and on a shared 2-core
+    CI box their start-up and contention cost far more than they save."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from jobs.spark import get_spark

@@ -20,19 +20,24 @@ print(json.dumps({{
     "params": sorted(dag.params.dump()),
     "retries": sorted({{t.retries for t in dag.tasks}}),
     "timeouts": sorted({{t.execution_timeout.total_seconds() for t in dag.tasks}}),
+    "gpu": {{t.task_id: [t.pool, t.queue] for t in dag.tasks if t.pool != "default_pool"}},
 }}))
 """
 
 
 def test_dag_imports_with_expected_tasks_and_order(tmp_path):
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "SYNERGEN_GPU_POOL": "gpu", "SYNERGEN_GPU_QUEUE": "gpu"}
     out = subprocess.run([sys.executable, "-c", PROBE.format(dags=ROOT / "dags")], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     dag = json.loads(out.stdout.strip().splitlines()[-1])
     assert dag["errors"] == {}
-    assert dag["edges"] == [["validate_raw", "sessionize"]]
+    order = ["validate_raw", "sessionize", "item_embeddings", "semantic_ids", "build_training_data", "train",
+             "evaluate", "register", "promote", "score", "validate_candidates", "publish"]
+    assert dag["edges"] == sorted([a, b] for a, b in zip(order, order[1:]))
     assert dag["max_active_runs"] == 1 and dag["retries"] == [2]
-    assert {"config", "epochs", "d_model"} <= set(dag["params"])
+    assert {"config", "epochs", "d_model", "n_layers", "skip_promotion"} <= set(dag["params"])
+    assert dag["gpu"] == {"train": ["gpu", "gpu"]}  # only the train task goes to the GPU pool and queue
     assert all(t > 0 for t in dag["timeouts"])
