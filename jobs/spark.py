@@ -8,6 +8,12 @@ Choices that every Spark job of the project relies on:
   ``timestamp[us, tz=UTC]``.
 * ``cfg.spark.local_ip`` is exported as ``SPARK_LOCAL_IP`` before the JVM starts (it is read only
   then): on a laptop or CI box it keeps the driver on loopback; set it to null on a real cluster.
+* ``spark.pyspark.python`` is this interpreter unless set (in ``cfg.spark.conf``, else by Spark's own
+  ``PYSPARK_PYTHON``): Arrow-based Python stages (``mapInPandas``) import torch and the project on the
+  executors, which a bare ``python3`` on the PATH may lack. On a cluster whose workers keep the venv
+  elsewhere, set it in ``cfg.spark.conf``. A driver started from plain Python (not ``spark-submit``)
+  takes the workers' interpreter from ``PYSPARK_PYTHON`` alone and ignores the setting, so
+  ``get_spark`` exports it too before the context starts.
 * ``cfg.spark.conf`` is passed through last, so a deployment can override any of the above.
 
 ``get_spark`` returns the active session if one exists (``getOrCreate``): inside a test session or an
@@ -18,7 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from schemas import C
@@ -42,6 +50,7 @@ def spark_conf(cfg: Config) -> dict[str, str]:
         # Listing thousands of day partitions (a long backfill) would otherwise start one task per
         # path (default parallelism 10,000): tens of seconds of scheduling for a cheap listing.
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": "32",
+        "spark.pyspark.python": os.environ.get("PYSPARK_PYTHON", sys.executable),
     }
     if s.local_ip:
         conf["spark.driver.host"] = s.local_ip
@@ -56,13 +65,30 @@ def get_spark(cfg: Config):
 
     if cfg.spark.local_ip:
         os.environ["SPARK_LOCAL_IP"] = cfg.spark.local_ip
+    conf = spark_conf(cfg)
+    os.environ["PYSPARK_PYTHON"] = conf["spark.pyspark.python"]
     builder = SparkSession.builder
-    for key, value in spark_conf(cfg).items():
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     log.info("spark session: master=%s app=%s", spark.sparkContext.master, spark.sparkContext.appName)
     return spark
+
+
+@contextmanager
+def session(cfg: Config):
+    """A stage's session: the active one when a caller holds it, else one from ``cfg.spark`` that is
+    stopped when the stage ends (a CLI or Airflow task process does not keep a JVM it no longer uses)."""
+    from pyspark.sql import SparkSession
+
+    owned = SparkSession.getActiveSession() is None
+    spark = get_spark(cfg)
+    try:
+        yield spark
+    finally:
+        if owned:
+            spark.stop()
 
 
 # ---------------------------------------------------------------------------------------------
