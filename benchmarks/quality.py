@@ -1,0 +1,171 @@
+"""Offline quality of SynerGen against its baselines, one table per dataset, mean ± std over seeds.
+
+* Amazon Beauty (P5 / S3-Rec / TIGER split): leave-one-out, full-catalog ranking, recommendation only
+  (the data has no queries). The published figures of ``../shared/data/README.md`` are shown beside ours.
+* MovieLens (ml-latest-small), tags as search queries (HyperSaR): leave-one-out per task, both tasks.
+
+Every dataset goes through the real pipeline once (ingest -> validate -> sessionize, cached under
+``--work``), then for every seed every variant is trained (``jobs.train.run``) and everything is scored
+by ``jobs.evaluate.run``: the trained variants and the untrained baselines, on the same test targets.
+Training time per run is the wall time of the optimizer steps (``train_seconds``) plus the side inputs
+(text vectors, RQ-VAE) of the full model's run.
+
+    .venv/bin/python -m benchmarks.quality                       # 3 seeds, 20 epochs, both datasets
+    .venv/bin/python -m benchmarks.quality --seeds 1 --epochs 2  # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import ROOT, SHARED_DATA, write_result
+from synergen_core import lake
+from synergen_core.config import Config
+
+DATASETS = {
+    "beauty": {"format": "amazon-seq", "path": SHARED_DATA / "amazon-beauty", "tasks": ["rec"],
+               "variants": ["synergen", "sasrec", "no_time_rope", "no_text", "no_semantic_ids"]},
+    "movielens": {"format": "movielens", "path": SHARED_DATA / "movielens-small", "tasks": ["search", "rec"],
+                  "variants": ["synergen", "sasrec", "rec_only", "search_only", "no_time_rope", "no_text",
+                               "no_semantic_ids"]},
+}
+PUBLISHED_BEAUTY = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
+    "SASRec (TIGER paper)": (0.0387, 0.0249, 0.0605, 0.0318),
+    "TIGER": (0.0454, 0.0321, 0.0648, 0.0384),
+    "HSTU (target)": (0.0486, 0.0340, 0.0708, 0.0412),
+    "SASRec full CE, RecBole 1.2.1": (0.0567, 0.0328, 0.0844, 0.0417),
+}
+KS = (5, 10, 20, 50)
+
+
+def prepare(name: str, work: Path) -> tuple[Config, str]:
+    """The dataset's lake (ingested, validated, sessionized), built on first use; (config, ds)."""
+    from jobs import ingest, sessionize, validate
+
+    spec = DATASETS[name]
+    cfg = Config()
+    cfg.lake.root = work / name / "lake"
+    cfg.sessionize.splits = ["loo"]
+    marker = work / name / "prepared.json"
+    if marker.is_file():
+        return cfg, json.loads(marker.read_text())["ds"]
+    t0 = time.perf_counter()
+    ingest.run(cfg, spec["format"], spec["path"])
+    days = sorted(set(lake.partitions(cfg.lake.root, "raw/browse_events"))
+                  | set(lake.partitions(cfg.lake.root, "raw/search_events")))
+    validate.run_range(cfg, days[0], days[-1])
+    sessionize.stage(cfg, days[-1], from_ds=days[0])
+    marker.write_text(json.dumps({"ds": days[-1], "seconds": round(time.perf_counter() - t0, 1)}))
+    return cfg, days[-1]
+
+
+def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
+    """Train every variant with ``seed`` and evaluate them with the baselines: {scorer: metrics}."""
+    from jobs import evaluate, train
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.seed = cfg.semantic_ids.seed = seed
+    cfg.train.output = f"models-seed{seed}"
+    t0 = time.perf_counter()
+    trained = train.run(cfg, ds, variants=variants, protocols=["loo"])
+    prepare_s = trained["loo"]["prepare_seconds"]
+    result = evaluate.run(cfg, ds, variants=variants, protocols=["loo"])["loo"]
+    out = {}
+    for name, metrics in result["scorers"].items():
+        summary = trained["loo"]["models"].get(name)
+        out[name] = {
+            "catalog": metrics["catalog"], "ranking": metrics["ranking"],
+            "train_seconds": None if summary is None else summary["train_seconds"] + (prepare_s if name == "synergen" else 0),
+            "epochs_run": None if summary is None else summary["epochs_run"],
+        }
+    return {"scorers": out, "test_targets": result["test_targets"], "seconds": round(time.perf_counter() - t0, 1),
+            "features": trained["loo"]["features"]}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Per scorer and figure: mean and std over seeds."""
+    out: dict = {}
+    for name in runs[0]["scorers"]:
+        rows = [r["scorers"][name] for r in runs]
+        agg: dict = {}
+        for task in rows[0]["catalog"]:
+            for key in rows[0]["catalog"][task]:
+                vals = [r["catalog"][task][key] for r in rows]
+                agg[f"{task}.{key}"] = (float(np.mean(vals)), float(np.std(vals)))
+            if "auc" in rows[0]["ranking"].get(task, {}):
+                vals = [r["ranking"][task]["auc"] for r in rows]
+                agg[f"{task}.rank_auc"] = (float(np.mean(vals)), float(np.std(vals)))
+        if rows[0]["train_seconds"] is not None:
+            vals = [r["train_seconds"] for r in rows]
+            agg["train_seconds"] = (float(np.mean(vals)), float(np.std(vals)))
+        out[name] = agg
+    return out
+
+
+def _cell(agg: dict, key: str, digits: int = 4) -> str:
+    if key not in agg:
+        return "—"
+    m, s = agg[key]
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(name: str, agg: dict, tasks: list[str], n_seeds: int) -> str:
+    cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
+    head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], "rank AUC", "train s"]
+    lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for scorer, a in agg.items():
+        auc = " / ".join(_cell(a, f"{t}.rank_auc", 3) for t in tasks if f"{t}.rank_auc" in a) or "—"
+        lines.append("| " + " | ".join([scorer, *[_cell(a, c) for c in cols], auc, _cell(a, "train_seconds", 0)]) + " |")
+    if name == "beauty":
+        for ref, (r5, n5, r10, n10) in PUBLISHED_BEAUTY.items():
+            vals = {"rec.recall@5": r5, "rec.ndcg@5": n5, "rec.recall@10": r10, "rec.ndcg@10": n10}
+            lines.append("| " + " | ".join([f"{ref} (published)", *[f"{vals[c]:.4f}" if c in vals else "—" for c in cols],
+                                            "—", "—"]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["beauty", "movielens"])
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (42, 43, ...)")
+    ap.add_argument("--epochs", type=int, default=20,
+                    help="train.epochs (early stopping on validation NDCG@10 usually ends sooner)")
+    ap.add_argument("--variants", nargs="+", help="override the trained variants of every dataset")
+    ap.add_argument("--work", type=Path, default=ROOT / "var" / "bench" / "quality", help="lakes and models")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    figures, sections = {}, []
+    for name in args.datasets:
+        t0 = time.perf_counter()
+        cfg, ds = prepare(name, args.work)
+        cfg.train.progress = False
+        cfg.train.threads = args.threads
+        cfg.train.epochs = args.epochs
+        variants = args.variants or DATASETS[name]["variants"]
+        runs = []
+        for seed in range(42, 42 + args.seeds):
+            runs.append(run_seed(cfg, ds, variants, seed))
+            print(f"{name} seed {seed}: {runs[-1]['seconds']} s", flush=True)
+        agg = aggregate(runs)
+        text = table(name, agg, DATASETS[name]["tasks"], args.seeds)
+        print(text + "\n", flush=True)
+        sections.append(text)
+        figures[name] = {"ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
+                         "variants": variants, "test_targets": runs[0]["test_targets"],
+                         "features": runs[0]["features"], "mean_std": agg, "runs": runs,
+                         "seconds": round(time.perf_counter() - t0, 1)}
+    write_result("quality", figures, "\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
