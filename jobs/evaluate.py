@@ -19,7 +19,7 @@ from synergen_core import checkpoint, plots
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import item_counts, load_test, read_table, tokens_from_arrow, vocab_size
-from synergen_core.evaluate import ModelScorer, candidate_lists, evaluate_scorer
+from synergen_core.evaluate import ModelScorer, evaluate_scorer, ranking_lists
 from synergen_core.features import catalog_texts
 from synergen_core.model import SEARCH
 from synergen_core.train import pick_device
@@ -52,7 +52,7 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
         train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
         n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
         counts = item_counts(train_tokens, n_items)
-        cand = candidate_lists(test, counts, cfg.evaluate.rank_negatives, cfg.evaluate.seed)
+        cand = ranking_lists(test, counts, cfg.evaluate)
         res = {"test_targets": {"search": int((test.task == SEARCH).sum()), "rec": int((test.task != SEARCH).sum())},
                "no_context": no_context, "candidates_per_list": int(cand.shape[1]), "scorers": {}}
         names = [v for v in (variants or VARIANTS) if (root / protocol / v / checkpoint.MODEL).is_file()]

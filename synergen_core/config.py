@@ -175,7 +175,11 @@ class EvaluateConfig(_Section):
 
     ks: list[int] = [5, 10, 20, 50]
     baselines: list[Literal["popularity", "bm25"]] = ["popularity", "bm25"]  # untrained, scored in-process
-    rank_negatives: int = Field(99, ge=1)  # popularity-sampled negatives per candidate list (same for all models)
+    rank_negatives: int = Field(99, ge=1)  # sampled negatives per candidate list (the same lists for all models)
+    # How they are drawn: by training popularity (hard for a model that has learned popularity; on a
+    # temporal split whose new engagements go to not-yet-popular items, even below AUC 0.5) or uniformly
+    # over the catalog items seen in training (the classic "1 + 99 random" protocol).
+    rank_negatives_by: Literal["popularity", "uniform"] = "popularity"
     batch_size: int = Field(512, ge=1)
     seed: int = 7
 

@@ -3,7 +3,8 @@
 * Full-catalog retrieval: every evaluation target is ranked against the whole catalog (no sampled
   negatives): Recall@K, NDCG@K, MRR per task (``metrics`` has the tie rules).
 * Ranking quality: each target gets a candidate list of itself plus ``evaluate.rank_negatives`` items
-  sampled by training popularity (seeded, so every model scores the same lists); AUC and NDCG@K of
+  sampled by training popularity or uniformly over the items seen in training
+  (``evaluate.rank_negatives_by``; seeded, so every model scores the same lists); AUC and NDCG@K of
   each scorer's order. The model is scored twice on the lists: by its ranking head and by its
   retrieval scores, which shows what the ranking stage adds.
 
@@ -109,6 +110,12 @@ def candidate_lists(req: Requests, counts: np.ndarray, n_neg: int, seed: int, ba
         neg = keys.topk(n_neg, dim=1).indices
         out.append(torch.cat([tgt[:, None], neg], 1).numpy())
     return np.concatenate(out) if out else np.zeros((0, n_neg + 1), np.int64)
+
+
+def ranking_lists(req: Requests, counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
+    """The evaluation's candidate lists (``candidate_lists``) for training item counts ``counts``."""
+    weights = counts if cfg.rank_negatives_by == "popularity" else (counts > 0).astype(np.float64)
+    return candidate_lists(req, weights, cfg.rank_negatives, cfg.seed)
 
 
 def evaluate_lists(score, scorer, req: Requests, cand: np.ndarray, ks: list[int], batch_size: int = 512) -> dict[str, dict]:

@@ -337,14 +337,14 @@ class _SameData:
     def __init__(self, cfg: Config, ds: str, protocol: str):
         from schemas import C
         from synergen_core.data import item_counts, load_test, read_table, tokens_from_arrow, vocab_size
-        from synergen_core.evaluate import candidate_lists
+        from synergen_core.evaluate import ranking_lists
 
         self.cfg, self.ds, self.protocol = cfg, ds, protocol
         self.test, _ = load_test(cfg, ds, protocol)
         train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
         self.n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
         counts = item_counts(train_tokens, self.n_items)
-        self.cand = candidate_lists(self.test, counts, cfg.evaluate.rank_negatives, cfg.evaluate.seed)
+        self.cand = ranking_lists(self.test, counts, cfg.evaluate)
 
     def evaluate(self, model_dir: Path) -> dict[str, float]:
         from synergen_core.evaluate import OlderVocabScorer, evaluate_scorer

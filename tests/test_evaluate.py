@@ -7,7 +7,7 @@ from synergen_core.baselines import BM25, Popularity
 from synergen_core.config import EvaluateConfig, ModelConfig
 from synergen_core.data import HISTORY_KEYS, Requests
 from synergen_core.embeddings import TokenType
-from synergen_core.evaluate import ModelScorer, candidate_lists, evaluate_catalog, evaluate_scorer
+from synergen_core.evaluate import ModelScorer, candidate_lists, evaluate_catalog, evaluate_scorer, ranking_lists
 from synergen_core.model import RECOMMEND, SEARCH, SynerGen
 
 I, Q = int(TokenType.ITEM), int(TokenType.QUERY)
@@ -48,6 +48,17 @@ def test_candidate_lists_target_first_distinct_seeded_and_popularity_weighted():
     assert np.array_equal(cand, candidate_lists(req, counts, n_neg=4, seed=3))
     freq = np.bincount(cand[:, 1:].ravel(), minlength=10)
     assert freq[1] > freq[4]  # popular items are drawn more often
+
+
+def test_ranking_lists_uniform_draws_every_seen_item_alike():
+    counts = np.array([0, 1000, 1, 1, 1, 0, 1])
+    req = requests([2] * 2000, n_items=7)
+    uniform = ranking_lists(req, counts, EvaluateConfig(rank_negatives=1, rank_negatives_by="uniform", seed=1))
+    popular = ranking_lists(req, counts, EvaluateConfig(rank_negatives=1, rank_negatives_by="popularity", seed=1))
+    freq = np.bincount(uniform[:, 1], minlength=7)
+    assert freq[0] == freq[5] == freq[2] == 0  # padding, an unseen item, the target
+    assert all(400 < freq[i] < 600 for i in (1, 3, 4, 6))  # ~500 each of 2000 draws over 4 items
+    assert (popular[:, 1] == 1).mean() > 0.95
 
 
 def test_popularity_full_catalog_metrics_with_ties():
