@@ -211,21 +211,23 @@ class Scorer:
         return _output(batch, kept, parts)
 
     def states(self, req, chunk: np.ndarray):
-        """-> (the model's batch dict, hidden states [r, d] at each request's last token)."""
+        """-> (hidden states [r, d] at each request's last token, the history cache for ``_rank``)."""
         import torch
 
         from synergen_core.data import to_batch
 
         b = to_batch(req.history, chunk, req.lengths, torch.device("cpu"))
-        return b, self.model.last_hidden(b, self.model(b))
+        b["request_ts"] = torch.from_numpy(req.ts[chunk])
+        hidden, cache = self.model.encode(b)
+        return self.model.last_hidden(b, hidden), cache
 
     def request_vectors(self, req, chunk: np.ndarray) -> np.ndarray:
         """[r, d] unit vectors the dense retriever searches with."""
-        return self.model.retrieval.query(self.states(req, chunk)[1]).float().numpy()
+        return self.model.retrieval.query(self.states(req, chunk)[0]).float().numpy()
 
     def _score_chunk(self, req, chunk: np.ndarray, consumed: pa.ListArray) -> tuple:
         """-> (chunk rows, items [r, K], retrieval [r, K], ranking [r, K], valid [r, K])."""
-        b, h = self.states(req, chunk)
+        h, cache = self.states(req, chunk)
         extra = int(pc.max(pc.list_value_length(consumed)).as_py() or 0)  # over-fetch what exclusion removes
         if self.s.retriever == "generative":
             items, retr = self._generate(h, req.task[chunk], self.s.retrieve_n + extra)
@@ -235,7 +237,7 @@ class Scorer:
             retr = scores / self.temperature  # the model's retrieval logit
         cand, retr, valid = _first_valid(items, retr, _consumed_mask(items, consumed, self.model.n_items),
                                          self.s.retrieve_n)
-        ranking = self._rank(b, req.ts[chunk], cand) if self.rank_head else retr.copy()
+        ranking = self._rank(cache, cand) if self.rank_head else retr.copy()
         ranking[~valid] = -np.inf
         order = np.argsort(-ranking, axis=1, kind="stable")[:, : self.s.top_k]  # ties keep the retrieval order
         take = lambda a: np.take_along_axis(a, order, 1)  # noqa: E731
@@ -258,12 +260,11 @@ class Scorer:
             items[rows, :w], scores[rows, :w] = res.items.numpy(), res.scores.float().numpy()
         return items, scores
 
-    def _rank(self, b: dict, ts: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """[r, N] ranking-head logits of the candidates after each request's history."""
+    def _rank(self, cache: dict, cand: np.ndarray) -> np.ndarray:
+        """[r, N] ranking-head logits of the candidates after each request's (cached) history."""
         import torch
 
-        b = {**b, "candidates": torch.from_numpy(cand), "request_ts": torch.from_numpy(ts)}
-        return self.model.ranking_scores(b, self.model(b)).float().numpy()
+        return self.model.rank_cached(cache, torch.from_numpy(cand)).float().numpy()
 
 
 def _known_tokens(tok, n_items: int, n_queries: int):

@@ -2,11 +2,18 @@
 
 The mask comes from ``masks.py`` and the rotation from ``rope.py``; blocks know nothing about token
 types or tasks, so every task-specific rule lives in the mask.
+
+Ranking at inference has a cheaper equivalent of the masked pass over ``[history | candidates]``:
+candidates see the history and themselves only, and the history never sees them, so the history's
+per-layer keys and values can be kept from one history pass (``forward(..., cache=[])``) and each
+candidate attended against them (``candidates``). Attention then costs C x (L + 1) per row instead of
+(L + C)^2, and the history is encoded once for retrieval and ranking instead of twice.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,14 +38,39 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x: [B, T, d]; cos, sin: [B, 1, T, hd/2]; mask: [B, 1, T, T] bool (True = attend) -> [B, T, d]."""
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, d] -> rotated q, k and v, each [B, H, T, hd]."""
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # 3x [B, H, T, hd]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _out(self, y: Tensor) -> Tensor:
+        """[B, H, T, hd] -> [B, T, d]."""
+        B, H, T, hd = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: list | None = None) -> Tensor:
+        """x: [B, T, d]; cos, sin: [B, 1, T, hd/2]; mask: [B, 1, T, T] bool (True = attend) -> [B, T, d].
+        ``cache``: a list that receives this layer's (k, v) for ``candidates``."""
+        q, k, v = self._qkv(x, cos, sin)
+        if cache is not None:
+            cache.append((k, v))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, H, T, hd]
-        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p))
+
+    def candidates(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], valid: Tensor) -> Tensor:
+        """Candidates attending to the cached history and to themselves only.
+
+        x: [B, C, d]; cos, sin: [B, 1, 1 or C, hd/2]; kv: history (k, v) [B, H, L, hd]; valid: [B, L] bool
+        -> [B, C, d]; the same as their rows of ``forward`` with ``masks.attention_mask``."""
+        q, k, v = self._qkv(x, cos, sin)  # [B, H, C, hd]
+        hk, hv = kv
+        scale = q.shape[-1] ** -0.5
+        to_history = (q @ hk.transpose(-1, -2)) * scale  # [B, H, C, L]
+        to_history = to_history.masked_fill(~valid[:, None, None, :], float("-inf"))
+        to_self = (q * k).sum(-1, keepdim=True) * scale  # [B, H, C, 1]
+        p = torch.cat([to_history, to_self], dim=-1).softmax(-1)
+        return self._out(p[..., :-1] @ hv + p[..., -1:] * v)
 
 
 class MLP(nn.Module):
@@ -70,9 +102,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.mlp, cfg.mlp_ratio)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: list | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+    def candidates(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], valid: Tensor) -> Tensor:
+        x = x + self.attn.candidates(self.norm1(x), cos, sin, kv, valid)
+        return x + self.mlp(self.norm2(x))
 
 
 class Backbone(nn.Module):
@@ -88,8 +124,16 @@ class Backbone(nn.Module):
             for w in (blk.attn.proj.weight, blk.mlp.down.weight):
                 nn.init.normal_(w, std=std / math.sqrt(2 * len(self.blocks)))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x: [B, T, d] -> final-normed hidden states [B, T, d]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: list | None = None) -> Tensor:
+        """x: [B, T, d] -> final-normed hidden states [B, T, d]. ``cache`` (a list) receives every
+        layer's history (k, v) for ``candidates``."""
         for blk in self.blocks:
-            x = blk(x, cos, sin, mask)
+            x = blk(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+    def candidates(self, x: Tensor, cos: Tensor, sin: Tensor, cache: list, valid: Tensor) -> Tensor:
+        """Inference only. x: [B, C, d] candidate inputs; cache: from ``forward`` over the history;
+        valid: [B, L] history flags -> final-normed candidate hidden states [B, C, d]."""
+        for blk, kv in zip(self.blocks, cache, strict=True):
+            x = blk.candidates(x, cos, sin, kv, valid)
         return self.norm(x)

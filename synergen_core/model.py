@@ -155,6 +155,34 @@ class SynerGen(nn.Module):
         cos, sin = self.rope(pos, ts, valid, dtype=x.dtype)
         return self.backbone(self.drop(x), cos, sin, mask)
 
+    @torch.no_grad()
+    def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Inference: the history pass once, for retrieval and ranking.
+
+        -> (history hidden states [B, L, d], a cache for ``rank_cached``). The states equal ``forward``'s
+        history rows; the rotary reference time includes the candidates' slot (the request time), as
+        ``forward`` with candidates does, so the cached ranking matches the masked pass.
+        """
+        tt = batch["token_type"]
+        valid = tt != TokenType.PAD  # [B, L]
+        x = self.embed(
+            batch["item_idx"], batch["query_idx"], tt, batch["action"], batch["surface"], batch.get("query_text")
+        )
+        cpos, cts = self._request_position_ts(batch, valid)  # [B], [B]
+        pos = torch.cat([batch["position"], cpos[:, None]], dim=1)  # [B, L + 1]: history, then the candidates' slot
+        ts = torch.cat([batch["ts"].to(cts.dtype), cts[:, None]], dim=1)
+        cos, sin = self.rope(pos, ts, torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1), dtype=x.dtype)
+        L, kv = tt.shape[1], []
+        hidden = self.backbone(x, cos[:, :, :L], sin[:, :, :L], attention_mask(valid), kv)
+        return hidden, {"kv": kv, "valid": valid, "cos": cos[:, :, L:], "sin": sin[:, :, L:]}
+
+    @torch.no_grad()
+    def rank_cached(self, cache: dict, cand: Tensor) -> Tensor:
+        """Inference. cache: from ``encode``; cand: [B, C] items (0 = padding) -> [B, C] ranking logits,
+        equal to ``ranking_scores`` of the masked pass with these candidates."""
+        h = self.backbone.candidates(self.embed.candidates(cand), cache["cos"], cache["sin"], cache["kv"], cache["valid"])
+        return self.ranking(h)
+
     @staticmethod
     def _request_position_ts(batch: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
         """Candidates sit one step after the latest history token, at the request time."""

@@ -126,6 +126,25 @@ def test_candidate_order_does_not_matter():
     torch.testing.assert_close(model.ranking_scores(swapped, model(swapped)), scores[:, perm], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("rope", ["time", "position"])
+@pytest.mark.parametrize("request_ts", [False, True])
+def test_cached_ranking_equals_the_masked_pass(rope, request_ts):
+    """Inference ranks candidates against the history's cached keys and values (one history pass): the
+    same history states and candidate scores as the masked pass over [history | candidates]."""
+    model = _model(rope=rope).eval()
+    batch = _batch()
+    if request_ts:
+        batch["request_ts"] = batch["ts"].amax(1) + 3600.0
+    with torch.no_grad():
+        hidden = model(batch)
+        dense = model.ranking_scores(batch, hidden)
+    history, cache = model.encode({k: v for k, v in batch.items() if k != "candidates"})
+    torch.testing.assert_close(history, hidden[:, :L], rtol=0, atol=1e-5)
+    valid = batch["candidates"] > 0
+    cached = model.rank_cached(cache, batch["candidates"])
+    torch.testing.assert_close(cached[valid], dense[valid], rtol=0, atol=1e-5)
+
+
 def test_left_and_right_padding_agree():
     model = _model().eval()
     batch = _batch()
