@@ -61,14 +61,23 @@ class Attention(nn.Module):
     def candidates(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], valid: Tensor) -> Tensor:
         """Candidates attending to the cached history and to themselves only.
 
-        x: [B, C, d]; cos, sin: [B, 1, 1 or C, hd/2]; kv: history (k, v) [B, H, L, hd]; valid: [B, L] bool
-        -> [B, C, d]; the same as their rows of ``forward`` with ``masks.attention_mask``."""
-        q, k, v = self._qkv(x, cos, sin)  # [B, H, C, hd]
+        x: [B, C, d]; cos, sin: [B, 1, 1, hd/2], the one rotary angle all candidates of a row share;
+        kv: history (k, v) [B, H, L, hd], k rotated; valid: [B, L] bool -> [B, C, d]; the same as their
+        rows of ``forward`` with ``masks.attention_mask``.
+
+        Rotating q by the candidates' angle a and each history key by its own angle b scores as the
+        unrotated q against the key turned back by a, so the L history keys are turned once instead of
+        rotating C queries; a candidate's own key has its query's angle, which cancels.
+        """
+        B, C, d = x.shape
+        if cos.shape[2] != 1:
+            raise ValueError(f"candidates share one rotary angle per row: cos must be [B, 1, 1, hd/2], got {tuple(cos.shape)}")
+        q, k, v = self.qkv(x).view(B, C, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, C, hd]
         hk, hv = kv
-        scale = q.shape[-1] ** -0.5
-        to_history = (q @ hk.transpose(-1, -2)) * scale  # [B, H, C, L]
+        q = q * q.shape[-1] ** -0.5
+        to_history = q @ apply_rotary(hk, cos, -sin).transpose(-1, -2)  # [B, H, C, L]
         to_history = to_history.masked_fill(~valid[:, None, None, :], float("-inf"))
-        to_self = (q * k).sum(-1, keepdim=True) * scale  # [B, H, C, 1]
+        to_self = (q * k).sum(-1, keepdim=True)  # [B, H, C, 1]
         p = torch.cat([to_history, to_self], dim=-1).softmax(-1)
         return self._out(p[..., :-1] @ hv + p[..., -1:] * v)
 
