@@ -223,7 +223,10 @@ class Scorer:
 
     def request_vectors(self, req, chunk: np.ndarray) -> np.ndarray:
         """[r, d] unit vectors the dense retriever searches with."""
-        return self.model.retrieval.query(self.states(req, chunk)[0]).float().numpy()
+        import torch
+
+        with torch.no_grad():
+            return self.model.retrieval.query(self.states(req, chunk)[0]).float().numpy()
 
     def _score_chunk(self, req, chunk: np.ndarray, consumed: pa.ListArray) -> tuple:
         """-> (chunk rows, items [r, K], retrieval [r, K], ranking [r, K], valid [r, K])."""
