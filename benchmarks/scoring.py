@@ -10,7 +10,8 @@ generated catalog of 1M items; end-to-end users/s next to bare faiss exact searc
    item; users/s of each retriever.
 3. 1M items: the ``no_text`` model grown to 1,000,000 items (each generated item = a real item's ID
    embedding plus Gaussian noise, and its semantic IDs), a lake whose item vocabulary holds them, then the
-   production run: every user's latest sequence, consumed items excluded, K = 100 of N = 200. The stage
+   production run: every user's latest sequence, consumed items excluded, K = 100 of N = 200 (then again
+   with N = 100: retrieval depth is the main cost of the ranking pass, see ``--retrieve-n``). The stage
    chooses its index on its own measurement (IVF above ``score.exact_max_items``) and we report it, users/s
    end to end (Spark already started; everything else counted: requests, model, index build and recall
    measurement, inference, writing) and the validation's time. In the same run, bare faiss exact search
@@ -234,7 +235,7 @@ def validate_seconds(cfg: Config, ds: str) -> float:
 
 def summary(fig: dict) -> str:
     real, big = fig["real_catalog"], fig["big_catalog"]
-    lines = [f"Amazon Beauty, {big['users']:,} users, K = {K_LIST} of N = {N_RETRIEVE} retrieved, "
+    lines = [f"Amazon Beauty, {big['users']:,} users, K = {K_LIST} of N = {fig['n']} retrieved, "
              f"models trained {fig['train_steps']} steps.", "",
              f"**Real catalog ({real['catalog_items']:,} items)**, histories = the leave-one-out training split, "
              "quality = the held-out validation item:", "",
@@ -250,6 +251,9 @@ def summary(fig: dict) -> str:
               f"{big['users_per_s']:.1f} users/s ({big['seconds']['total']:.1f} s) |",
               f"| bare faiss exact search, {b['threads']} threads, same vectors | {b['queries_per_s']:.1f} queries/s |",
               f"| end-to-end / bare exact | {big['ratio_to_bare_exact']:.2f} (target >= 0.5) |",
+              *[f"| N = {n}: end to end (index {r['seconds']['index']:.1f} s + scoring and writing "
+                f"{r['seconds']['score_and_write']:.1f} s) | {r['users_per_s']:.1f} users/s, "
+                f"{r['ratio_to_bare_exact']:.2f} of bare exact |" for n, r in big.get("by_retrieve_n", {}).items()],
               f"| index chosen by the stage | {ix.get('kind')}: {ix.get('why')} |"]
     if "ivf" in b:
         lines.append(f"| IVF recall@100 vs exact ({b['queries']} real requests) | {b['ivf']['recall@100']:.4f} "
@@ -273,6 +277,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "bench" / "scoring", help="lakes and models")
     ap.add_argument("--exact-max-items", type=int, default=Config().score.exact_max_items,
                     help="score.exact_max_items of the scale run (IVF above it)")
+    ap.add_argument("--retrieve-n", type=int, nargs="+", default=[N_RETRIEVE, K_LIST],
+                    help="N of the scale run, one run per value in this order (the first is the headline)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -282,7 +288,7 @@ def main() -> None:
     src = Path(base_cfg.lake.root)
     models = trained_models(base_cfg, ds, args.train_steps)
     spark = get_spark(score_config(src, args.work))  # started before any timing
-    fig: dict = {"ds": ds, "train_steps": args.train_steps, "k": K_LIST, "n": N_RETRIEVE}
+    fig: dict = {"ds": ds, "train_steps": args.train_steps, "k": K_LIST, "n": args.retrieve_n[0]}
 
     qroot = quality_lake(src, args.work, ds, args.max_users)
     targets = valid_targets(src, ds)
@@ -303,14 +309,23 @@ def main() -> None:
     grown = args.work / f"model-{args.items}"
     grown.mkdir(parents=True, exist_ok=True)
     checkpoint.save(record, grown / checkpoint.MODEL)
-    cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items)
-    out = score.run(spark, cfg, ds, model_dir=grown)
+    runs = {}
+    for n in args.retrieve_n:  # the same lake, model and users at each retrieval depth, one after another
+        cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n)
+        runs[n] = score.run(spark, cfg, ds, model_dir=grown)
+        print(f"N = {n}:", json.dumps(runs[n]["seconds"]), flush=True)
+    n0 = args.retrieve_n[0]
+    out = runs[n0]
+    cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n0)
     big = {"users": out["users"], "catalog_items": out["catalog_items"], "seconds": out["seconds"],
            "users_per_s": out["users"] / out["seconds"]["total"], "index": out["index"],
            "rows": out["surfaces"]["rec"]["rows"], "validate_seconds": validate_seconds(cfg, ds)}
     queries = request_vectors(cfg, ds, record, args.bare_queries, args.seed)
     big["bare_faiss"] = bare_faiss(item_vectors(record), queries, out["index"], args.seed)
     big["ratio_to_bare_exact"] = big["users_per_s"] / big["bare_faiss"]["queries_per_s"]
+    big["by_retrieve_n"] = {str(n): {"seconds": r["seconds"], "users_per_s": r["users"] / r["seconds"]["total"],
+                                     "ratio_to_bare_exact": r["users"] / r["seconds"]["total"]
+                                     / big["bare_faiss"]["queries_per_s"]} for n, r in runs.items()}
     fig["big_catalog"] = big
     fig["seconds"] = round(time.perf_counter() - t_all, 1)
     print(json.dumps(big, indent=1, default=str), flush=True)
