@@ -147,6 +147,7 @@ class Settings:
     n_queries: int  # query indices the model reads (its own plus those appended for today's requests)
     threads: int
     progress: bool
+    precision: str = "float32"  # score.precision
 
 
 def end_of_day(ds: str) -> float:
@@ -204,7 +205,7 @@ class Scorer:
 
         req, kept = self.requests(batch)
         parts = []
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             for lo in range(0, len(kept), self.s.batch_size):
                 chunk = np.arange(lo, min(lo + self.s.batch_size, len(kept)))
                 parts.append(self._score_chunk(req, chunk, batch.column(CONSUMED).take(pa.array(kept[chunk]))))
@@ -225,8 +226,14 @@ class Scorer:
         """[r, d] unit vectors the dense retriever searches with."""
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             return self.model.retrieval.query(self.states(req, chunk)[0]).float().numpy()
+
+    def autocast(self):
+        """The model's passes in ``score.precision``: bfloat16 autocast, or a no-op for float32."""
+        import torch
+
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.precision == "bfloat16")
 
     def _score_chunk(self, req, chunk: np.ndarray, consumed: pa.ListArray) -> tuple:
         """-> (chunk rows, items [r, K], retrieval [r, K], ranking [r, K], valid [r, K])."""
@@ -512,7 +519,7 @@ def _settings(cfg: Config, ds: str, n_queries: int) -> Settings:
     if sc.retrieve_n < sc.top_k:
         raise ConfigError(f"score.retrieve_n ({sc.retrieve_n}) must be >= score.top_k ({sc.top_k})")
     return Settings(sc.top_k, sc.retrieve_n, sc.retriever, sc.batch_size, end_of_day(ds), n_queries, sc.threads,
-                    sc.progress)
+                    sc.progress, sc.precision)
 
 
 def build_index(scorer: Scorer, cfg: Config, sample: pa.Table):

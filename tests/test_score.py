@@ -208,6 +208,18 @@ def test_dense_and_generative_retrieval(published, spark, trained):
     assert len(dense.merge(gen, on=[*key, C.ITEM_ID], how="inner")) < len(dense)
 
 
+def test_bfloat16_scoring_keeps_the_lists(published, spark, trained):
+    cfg, ds, *_, dense = published
+    bf_cfg = with_score(cfg, output="bf16", precision="bfloat16")
+    score.run(spark, bf_cfg, ds, model_dir=trained[2])
+    assert score.validate_candidates(bf_cfg, ds)["success"]
+    bf = lists_of(score.staged_dir(bf_cfg, ds))
+    same = dense.merge(bf, on=[C.SURFACE, C.USER_ID, C.QUERY, C.ITEM_ID], how="inner")
+    assert len(same) >= 0.9 * len(dense)  # near-ties may swap at the list's cut, little else
+    r = np.corrcoef(same[f"{C.RANKING_SCORE}_x"], same[f"{C.RANKING_SCORE}_y"])[0, 1]
+    assert r > 0.99
+
+
 def test_search_requests_from_a_file_and_the_registry(published, spark, trained, tmp_path, monkeypatch):
     cfg, ds, *_ = published
     requests = tmp_path / "requests.parquet"
