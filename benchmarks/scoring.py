@@ -11,7 +11,8 @@ generated catalog of 1M items; end-to-end users/s next to bare faiss exact searc
 3. 1M items: the ``no_text`` model grown to 1,000,000 items (each generated item = a real item's ID
    embedding plus Gaussian noise, and its semantic IDs), a lake whose item vocabulary holds them, then the
    production run: every user's latest sequence, consumed items excluded, K = 100 of N = 200 (then again
-   with N = 100: retrieval depth is the main cost of the ranking pass, see ``--retrieve-n``). The stage
+   with N = 100: retrieval depth is the main cost of the ranking pass, see ``--retrieve-n``; and at N = 200
+   under bfloat16 autocast, ``score.precision``). The stage
    chooses its index on its own measurement (IVF above ``score.exact_max_items``) and we report it, users/s
    end to end (Spark already started; everything else counted: requests, model, index build and recall
    measurement, inference, writing) and the validation's time. In the same run, bare faiss exact search
@@ -222,6 +223,20 @@ def bare_faiss(items: np.ndarray, queries: np.ndarray, report: dict, seed: int) 
     return out
 
 
+def list_overlap(a: Config, b: Config, ds: str) -> float:
+    """Share of ``a``'s (user, item) rows that ``b``'s lists of the same day also hold."""
+    import polars as pl
+
+    from jobs import score
+
+    def rows(cfg: Config) -> pl.DataFrame:
+        part = score.staged_dir(cfg, ds) / "surface=rec"
+        return pl.read_parquet(part / "*.parquet", columns=[C.USER_ID, C.ITEM_ID])
+
+    ra = rows(a)
+    return round(ra.join(rows(b), on=[C.USER_ID, C.ITEM_ID], how="semi").height / max(ra.height, 1), 4)
+
+
 def validate_seconds(cfg: Config, ds: str) -> float:
     from jobs import score
 
@@ -259,6 +274,9 @@ def summary(fig: dict) -> str:
         lines.append(f"| IVF recall@100 vs exact ({b['queries']} real requests) | {b['ivf']['recall@100']:.4f} "
                      f"(nprobe {b['ivf']['nprobe']} of {b['ivf']['nlist']}; "
                      f"{b['ivf']['queries_per_s']:.0f} queries/s) |")
+    if "bf16_list_overlap" in big:
+        lines.append(f"| bfloat16 lists vs float32 lists (N = {fig['n']}): share of the same (user, item) rows | "
+                     f"{big['bf16_list_overlap']:.4f} |")
     lines.append(f"| validation of the {big['rows']:,} rows (Great Expectations on Spark) | "
                  f"{big['validate_seconds']} s |")
     return "\n".join(lines)
@@ -279,6 +297,8 @@ def main() -> None:
                     help="score.exact_max_items of the scale run (IVF above it)")
     ap.add_argument("--retrieve-n", type=int, nargs="+", default=[N_RETRIEVE, K_LIST],
                     help="N of the scale run, one run per value in this order (the first is the headline)")
+    ap.add_argument("--bf16", type=int, choices=(0, 1), default=1,
+                    help="1: one more run at the first N with score.precision=bfloat16")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -310,20 +330,27 @@ def main() -> None:
     grown.mkdir(parents=True, exist_ok=True)
     checkpoint.save(record, grown / checkpoint.MODEL)
     runs = {}
-    for n in args.retrieve_n:  # the same lake, model and users at each retrieval depth, one after another
-        cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n)
-        runs[n] = score.run(spark, cfg, ds, model_dir=grown)
-        print(f"N = {n}:", json.dumps(runs[n]["seconds"]), flush=True)
+    variants = [(n, "float32") for n in args.retrieve_n] + [(args.retrieve_n[0], "bfloat16")] * args.bf16
+    for n, precision in variants:  # the same lake, model and users, one run after another
+        cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n,
+                           precision=precision, output=f"candidates-{n}-{precision}")
+        key = str(n) if precision == "float32" else f"{n} {precision}"
+        runs[key] = score.run(spark, cfg, ds, model_dir=grown)
+        print(f"N = {key}:", json.dumps(runs[key]["seconds"]), flush=True)
     n0 = args.retrieve_n[0]
-    out = runs[n0]
-    cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n0)
+    out = runs[str(n0)]
+    cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n0,
+                       output=f"candidates-{n0}-float32")
     big = {"users": out["users"], "catalog_items": out["catalog_items"], "seconds": out["seconds"],
            "users_per_s": out["users"] / out["seconds"]["total"], "index": out["index"],
            "rows": out["surfaces"]["rec"]["rows"], "validate_seconds": validate_seconds(cfg, ds)}
     queries = request_vectors(cfg, ds, record, args.bare_queries, args.seed)
     big["bare_faiss"] = bare_faiss(item_vectors(record), queries, out["index"], args.seed)
     big["ratio_to_bare_exact"] = big["users_per_s"] / big["bare_faiss"]["queries_per_s"]
-    big["by_retrieve_n"] = {str(n): {"seconds": r["seconds"], "users_per_s": r["users"] / r["seconds"]["total"],
+    if args.bf16:
+        big["bf16_list_overlap"] = list_overlap(cfg, score_config(broot, args.work, output=f"candidates-{n0}-bfloat16"),
+                                                ds)
+    big["by_retrieve_n"] = {n: {"seconds": r["seconds"], "users_per_s": r["users"] / r["seconds"]["total"],
                                      "ratio_to_bare_exact": r["users"] / r["seconds"]["total"]
                                      / big["bare_faiss"]["queries_per_s"]} for n, r in runs.items()}
     fig["big_catalog"] = big
