@@ -266,9 +266,9 @@ class ScoreConfig(_Section):
     ann_nlist: int | None = Field(None, ge=1)  # IVF lists; null: about sqrt(catalog)
     batch_size: int = Field(256, ge=1)  # requests per model forward
     threads: int = Field(1, ge=1)  # torch and faiss threads per Spark task (tasks already run in parallel)
-    # The model's passes in float32, or under bfloat16 autocast: ~2x faster ranking on CPUs with AMX or
-    # AVX512-BF16, scores correlated 0.99998 with float32, so near-ties may swap places; float32 keeps
-    # lists identical across machines.
+    # The model's passes in float32, or under bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16
+    # (slower without), and near-ties may swap places (BENCHMARKS.md "scoring" measures both); float32
+    # keeps lists identical across machines.
     precision: Literal["float32", "bfloat16"] = "float32"
     partitions: int | None = Field(None, ge=1)  # Spark partitions of the requests; null: default parallelism
     progress: bool = True  # a tqdm bar per Spark task

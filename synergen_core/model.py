@@ -139,9 +139,7 @@ class SynerGen(nn.Module):
         """-> hidden states [B, L + C, d]: history positions first, then candidates (C = 0 without)."""
         tt = batch["token_type"]
         valid = tt != TokenType.PAD  # [B, L]
-        x = self.embed(
-            batch["item_idx"], batch["query_idx"], tt, batch["action"], batch["surface"], batch.get("query_text")
-        )
+        x = self._embed_history(batch)
         pos, ts, cand_valid = batch["position"], batch["ts"], None
         if "candidates" in batch:
             cand = batch["candidates"]  # [B, C]
@@ -165,9 +163,7 @@ class SynerGen(nn.Module):
         """
         tt = batch["token_type"]
         valid = tt != TokenType.PAD  # [B, L]
-        x = self.embed(
-            batch["item_idx"], batch["query_idx"], tt, batch["action"], batch["surface"], batch.get("query_text")
-        )
+        x = self._embed_history(batch)
         cpos, cts = self._request_position_ts(batch, valid)  # [B], [B]
         pos = torch.cat([batch["position"], cpos[:, None]], dim=1)  # [B, L + 1]: history, then the candidates' slot
         ts = torch.cat([batch["ts"].to(cts.dtype), cts[:, None]], dim=1)
@@ -182,6 +178,11 @@ class SynerGen(nn.Module):
         equal to ``ranking_scores`` of the masked pass with these candidates."""
         h = self.backbone.candidates(self.embed.candidates(cand), cache["cos"], cache["sin"], cache["kv"], cache["valid"])
         return self.ranking(h)
+
+    def _embed_history(self, batch: dict[str, Tensor]) -> Tensor:
+        """-> [B, L, d] input vectors of the history tokens."""
+        return self.embed(batch["item_idx"], batch["query_idx"], batch["token_type"], batch["action"], batch["surface"],
+                          batch.get("query_text"))
 
     @staticmethod
     def _request_position_ts(batch: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:

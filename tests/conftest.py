@@ -1,6 +1,7 @@
 """Shared fixtures. One Spark session (local[2]) serves the whole test session: a JVM start costs
 5-13 s, so no test starts its own (tests needing another master run the CLI in a subprocess)."""
 import logging
+from contextlib import contextmanager
 
 import pytest
 
@@ -17,16 +18,31 @@ def spark_test_config(cfg):
     return cfg
 
 
+@contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test: tiny matrices gain nothing from threads, and on a shared 2-core
     CI box their start-up and contention cost far more than they save."""
-    import torch
+    with torch_threads(1):
+        yield
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """``one_torch_thread`` for a whole module (its module-scoped fixtures train models too)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

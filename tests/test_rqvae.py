@@ -28,12 +28,8 @@ def catalog(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these models are tiny: a second thread only adds sync cost, and much more on a shared, busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread_module):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import spark_test_config
 from jobs import score
 from schemas import C
 from schemas import candidates as K
@@ -35,7 +34,7 @@ from schemas.sequences import conforms
 from synergen_core import index as cindex
 from synergen_core import lake
 from synergen_core.config import Config
-from test_train_e2e import DATA, ingested_slice
+from test_train_e2e import DATA, ingested_slice, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K, RETRIEVE_N = 10, 20
@@ -43,24 +42,18 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: Spark's tasks are the parallelism
+def _one_thread(one_torch_thread_module):
     yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(root: Path) -> Config:
-    cfg = spark_test_config(Config())
-    cfg.lake.root = root / "lake"
+    """test_train_e2e's small config, smaller still: one layer of 16, one epoch, loo only, K of N."""
+    cfg = small_config(root)
     cfg.mlflow.tracking_uri = f"sqlite:///{root}/mlflow.db"
     cfg.mlflow.artifact_root = root / "mlartifacts"
     cfg.sessionize.splits = ["loo"]
-    cfg.model = cfg.model.model_copy(update={"d_model": 16, "n_layers": 1, "max_seq_len": 20})
-    cfg.train = cfg.train.model_copy(update={"epochs": 1, "batch_size": 32, "progress": False, "threads": 1,
-                                             "variants": ["synergen"], "protocols": ["loo"]})
-    cfg.semantic_ids = cfg.semantic_ids.model_copy(update={
-        "epochs": 3, "codebook_size": 32, "hidden_dims": [64], "batch_size": 512, "kmeans_iters": 5})
+    cfg.model = cfg.model.model_copy(update={"d_model": 16, "n_layers": 1})
+    cfg.train = cfg.train.model_copy(update={"epochs": 1, "variants": ["synergen"], "protocols": ["loo"]})
     cfg.score = cfg.score.model_copy(update={"top_k": TOP_K, "retrieve_n": RETRIEVE_N, "lookback_days": None,
                                              "progress": False, "partitions": 2})
     return cfg

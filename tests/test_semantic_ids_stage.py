@@ -42,12 +42,8 @@ def load_model(cfg, ds):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: a second torch thread only adds sync cost on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread_module):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
