@@ -22,9 +22,9 @@ import faiss
 import numpy as np
 
 # faiss (1.15) runs exact search through its BLAS kernel only from nq x d >= 128,000, i.e. 2,000 queries
-# per call at d = 64; below that a per-query scan is ~10x slower (95 vs 1,050 queries/s over 1M items
-# at 256 queries per call on a 2-core box, and no faster even for a single query). Scoring searches
-# score.batch_size requests at a time and measures recall on ~1,000, so: BLAS always.
+# per call at d = 64; below that it scans query by query, several times slower per query (and on the
+# machines tried, no faster even for a single query). Scoring searches score.batch_size requests at a
+# time and measures recall on ~1,000, so: BLAS always. Set once here: a process-wide faiss setting.
 faiss.cvar.distance_compute_blas_threshold = 0
 
 EXACT, IVF = "exact", "ivf"
