@@ -12,6 +12,7 @@ Training time per run is the wall time of the optimizer steps (``train_seconds``
 
     .venv/bin/python -m benchmarks.quality                       # 3 seeds, 20 epochs, both datasets
     .venv/bin/python -m benchmarks.quality --seeds 1 --epochs 2  # a quick check
+    .venv/bin/python -m benchmarks.quality --set model.dropout=0.5   # any setting, kept in the recorded command
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 
 from benchmarks.common import ROOT, SHARED_DATA, write_result
 from synergen_core import lake
-from synergen_core.config import Config
+from synergen_core.config import Config, with_overrides
 
 DATASETS = {
     "beauty": {"format": "amazon-seq", "path": SHARED_DATA / "amazon-beauty", "tasks": ["rec"],
@@ -71,7 +72,7 @@ def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
 
     cfg = cfg.model_copy(deep=True)
     cfg.train.seed = cfg.semantic_ids.seed = seed
-    cfg.train.output = f"models-seed{seed}"
+    cfg.train.output = f"{cfg.train.output}-seed{seed}"  # --set train.output=... keeps tuning runs apart
     t0 = time.perf_counter()
     trained = train.run(cfg, ds, variants=variants, protocols=["loo"])
     prepare_s = trained["loo"]["prepare_seconds"]
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", help="override the trained variants of every dataset")
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "bench" / "quality", help="lakes and models")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                    help="configuration overrides for training and evaluation (e.g. model.dropout=0.5)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -148,6 +151,7 @@ def main() -> None:
     for name in args.datasets:
         t0 = time.perf_counter()
         cfg, ds = prepare(name, args.work)
+        cfg = with_overrides(cfg, args.set)
         cfg.train.progress = False
         cfg.train.threads = args.threads
         cfg.train.epochs = args.epochs
@@ -161,7 +165,7 @@ def main() -> None:
         print(text + "\n", flush=True)
         sections.append(text)
         figures[name] = {"ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
-                         "variants": variants, "test_targets": runs[0]["test_targets"],
+                         "variants": variants, "overrides": args.set, "test_targets": runs[0]["test_targets"],
                          "features": runs[0]["features"], "mean_std": agg, "runs": runs,
                          "seconds": round(time.perf_counter() - t0, 1)}
     write_result("quality", figures, "\n\n".join(sections))

@@ -155,9 +155,11 @@ class TrainConfig(_Section):
     # "sampled" = in-batch + n_negatives popularity-sampled items with log-Q correction (large catalogs).
     negatives: Literal["full", "sampled"] = "full"
     n_negatives: int = Field(1024, ge=1)
-    # Ranking candidates per request: the engaged item + popularity-sampled + hard negatives (the items
-    # nearest the engaged one in the retrieval space). Logged impressions are not in the sessionized
-    # tables, so they cannot be used yet.
+    # Ranking candidates per request: the engaged item + negatives. A request whose event logged
+    # impressions gets up to rank_impression_negatives of the items shown with it (the logs' own
+    # negatives); any other request gets popularity-sampled + hard negatives (the items nearest the
+    # engaged one in the retrieval space).
+    rank_impression_negatives: int = Field(8, ge=0)
     rank_pop_negatives: int = Field(8, ge=0)
     rank_hard_negatives: int = Field(4, ge=0)
     patience: int = Field(3, ge=1)  # epochs without a better validation metric before stopping
@@ -344,6 +346,35 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_overrides(cfg: Config, assignments: list[str]) -> Config:
+    """``cfg`` with ``section.key=value`` assignments applied (values parsed as YAML scalars): the
+    benchmarks' ``--set``, so that a tuned run's settings stay in its recorded command line."""
+    over: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad override {assignment!r}: expected section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = over
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return _validated(_merge(cfg.model_dump(by_alias=True), over), "overrides " + " ".join(assignments))
+
+
+def _validated(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc'])}: "
+            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            + ("" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})")
+            for err in e.errors()
+        ]
+        raise ConfigError(f"invalid configuration from {source}:\n" + "\n".join(lines)) from None
+
+
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Defaults < YAML file < ``SYNERGEN__*`` environment variables."""
     environ = os.environ if environ is None else environ
@@ -360,13 +391,4 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     env = _env_overrides(environ)
     if env:
         source += " + SYNERGEN__* environment"
-    try:
-        return Config.model_validate(_merge(data, env))
-    except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc'])}: "
-            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            + ("" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})")
-            for err in e.errors()
-        ]
-        raise ConfigError(f"invalid configuration from {source}:\n" + "\n".join(lines)) from None
+    return _validated(_merge(data, env), source)

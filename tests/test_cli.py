@@ -9,7 +9,7 @@ import pytest
 
 from jobs import cli
 from synergen_core import lake
-from synergen_core.config import ConfigError, load_config
+from synergen_core.config import ConfigError, load_config, with_overrides
 
 
 def test_help_lists_one_subcommand_per_stage():
@@ -24,6 +24,17 @@ def test_config_file_and_environment_overrides(tmp_path):
     path.write_text("spark:\n  master: spark://h:7077\nvalidate:\n  max_bad_row_share: 0.1\n")
     cfg = load_config(path, environ={"SYNERGEN__VALIDATE__MAX_BAD_ROW_SHARE": "0.2"})
     assert cfg.spark.master == "spark://h:7077" and cfg.validate_.max_bad_row_share == 0.2
+
+
+def test_overrides_apply_over_a_loaded_config_and_name_bad_keys(tmp_path):
+    base = load_config(None, environ={"SYNERGEN__MODEL__DROPOUT": "0.3"})
+    cfg = with_overrides(base, ["model.n_layers=3", "validate.late_days=4", "train.variants=[sasrec]"])
+    assert (cfg.model.dropout, cfg.model.n_layers, cfg.validate_.late_days, cfg.train.variants) == (0.3, 3, 4, ["sasrec"])
+    assert base.model.n_layers == 2  # the loaded config is left as it was
+    with pytest.raises(ConfigError, match="model.n_layer: unknown key"):
+        with_overrides(base, ["model.n_layer=3"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        with_overrides(base, ["model.dropout"])
 
 
 @pytest.mark.parametrize("text, message", [
