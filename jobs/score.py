@@ -279,17 +279,11 @@ class Scorer:
 
 def _known_tokens(tok, n_items: int, n_queries: int):
     """``tok`` without the tokens of items and queries the model has no row for (added after its training)."""
-    from synergen_core.data import Tokens, row_ids
     from synergen_core.embeddings import TokenType
 
     ok = (((tok.token_type != TokenType.ITEM) | (tok.item_idx < n_items))
           & ((tok.token_type != TokenType.QUERY) | (tok.query_idx < n_queries)))
-    if ok.all():
-        return tok
-    lengths = np.bincount(row_ids(tok.offsets)[ok], minlength=len(tok.lengths))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return Tokens(offsets, *(getattr(tok, k)[ok] for k in
-                             ("token_type", "item_idx", "query_idx", "action", "surface", "position", "ts")))
+    return tok if ok.all() else tok.keep(ok)
 
 
 def _after_last_item(tok) -> np.ndarray:

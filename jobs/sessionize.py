@@ -77,9 +77,9 @@ def unify(search: DataFrame, browse: DataFrame) -> DataFrame:
     """Search and browse events as one stream with ``kind`` (both carry ``ds``, the arrival day)."""
     none = F.lit(None)
     s = search.select(C.EVENT_ID, C.USER_ID, C.TS, F.lit(S.KIND_SEARCH).alias(C.KIND), C.QUERY,
-                      C.ITEM_ID, C.ACTION, none.cast("double").alias(C.VALUE), C.DS)
+                      C.ITEM_ID, C.ACTION, none.cast("double").alias(C.VALUE), C.IMPRESSIONS, C.DS)
     b = browse.select(C.EVENT_ID, C.USER_ID, C.TS, F.lit(S.KIND_BROWSE).alias(C.KIND),
-                      none.cast("string").alias(C.QUERY), C.ITEM_ID, C.ACTION, C.VALUE, C.DS)
+                      none.cast("string").alias(C.QUERY), C.ITEM_ID, C.ACTION, C.VALUE, C.IMPRESSIONS, C.DS)
     return s.unionByName(b)
 
 
@@ -88,11 +88,12 @@ def dedup(events: DataFrame, seen: DataFrame | None = None) -> DataFrame:
 
     A hash aggregate on the whole row (minimum arrival day as a date, which hash aggregation can hold)
     instead of a per-id sort; partitioning by user first lets it and the session window share one
-    shuffle.
+    shuffle. Impressions are not part of the key (the same event logged twice is one event); copies
+    that differ in them keep the smallest list, so the choice does not depend on row order.
     """
     first = (events.repartition(C.USER_ID)
-             .groupBy(*DEDUP_KEY).agg(F.min(F.to_date(C.DS)).alias("_first"))
-             .select(*DEDUP_KEY, F.date_format("_first", "yyyy-MM-dd").alias(C.DS)))
+             .groupBy(*DEDUP_KEY).agg(F.min(F.to_date(C.DS)).alias("_first"), F.min(C.IMPRESSIONS).alias(C.IMPRESSIONS))
+             .select(*DEDUP_KEY, C.IMPRESSIONS, F.date_format("_first", "yyyy-MM-dd").alias(C.DS)))
     if seen is None:
         return first
     same = [F.col(f"a.{c}").eqNullSafe(F.col(f"b.{c}")) for c in DEDUP_KEY]
@@ -171,8 +172,22 @@ def with_counts(vocab: DataFrame, known: DataFrame, tokens: DataFrame, index: st
             .select(index, *[c for c in vocab.columns if c != index], total.cast("long").alias(C.COUNT)))
 
 
+def shown_indices(events: DataFrame, items: DataFrame) -> DataFrame:
+    """(``user_id``, ``event_pos``, ``shown_items``) of the events with logged impressions: the shown
+    item ids as vocabulary indices in display order. Ids the vocabulary lacks are left out (every item
+    of the catalog or of an event has an index, so only items never listed anywhere are).
+    """
+    return (events.select(C.USER_ID, C.EVENT_POS, F.posexplode(C.IMPRESSIONS).alias("_k", C.ITEM_ID))
+            .join(F.broadcast(items.select(C.ITEM_ID, C.ITEM_INDEX)), C.ITEM_ID)
+            .groupBy(C.USER_ID, C.EVENT_POS)
+            .agg(F.sort_array(F.collect_list(F.struct("_k", C.ITEM_INDEX))).alias("_shown"))
+            .select(C.USER_ID, C.EVENT_POS, F.transform("_shown", lambda s: s[C.ITEM_INDEX]).alias(C.SHOWN_ITEMS)))
+
+
 def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> DataFrame:
-    """Events in the ``schemas.sequences.EVENTS`` layout (+ ``ds``), with item and query indices.
+    """Events in the ``schemas.sequences.EVENTS`` layout (+ ``ds``), with item and query indices and
+    the impressions as item indices without the engaged item (empty when it was the only one shown,
+    null when none were logged).
 
     Vocabularies are broadcast: they are small next to the events and keep the user partitioning.
     """
@@ -180,8 +195,13 @@ def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> D
     e = (events.withColumn("_qkey", normalize_query(F.col(C.QUERY)))
          .join(F.broadcast(items.select(C.ITEM_ID, C.ITEM_INDEX)), C.ITEM_ID, "left")
          .join(F.broadcast(q), "_qkey", "left")
+         .join(shown_indices(events, items), [C.USER_ID, C.EVENT_POS], "left")
          .withColumn(C.SURFACE, surface()))
-    casts = {C.QUERY_INDEX: "int", C.ITEM_INDEX: "int", C.EVENT_POS: "int", C.POS: "int", C.SESSION: "int"}
+    engaged = F.coalesce(F.col(C.ITEM_INDEX), F.lit(-1))
+    logged = F.when(F.col(C.IMPRESSIONS).isNotNull(), F.coalesce(F.col(C.SHOWN_ITEMS), F.array().cast("array<int>")))
+    e = e.withColumn(C.SHOWN_ITEMS, F.filter(logged, lambda x: x != engaged))
+    casts = {C.QUERY_INDEX: "int", C.ITEM_INDEX: "int", C.EVENT_POS: "int", C.POS: "int", C.SESSION: "int",
+             C.SHOWN_ITEMS: "array<int>"}
     return e.select(*[F.col(c).cast(casts[c]).alias(c) if c in casts else F.col(c) for c in S.EVENTS.names],
                     C.DS)
 

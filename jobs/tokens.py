@@ -2,7 +2,8 @@
 
 A search event is a query token followed by the engaged item's token (the query token alone when
 nothing was engaged); a browse event is one item token. Both tokens of a search event share its time,
-action, surface, session and gap; the item token sits at the event's position + 1.
+action, surface, session and gap; the item token sits at the event's position + 1 and alone carries
+the event's impressions (``shown_items``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def surface() -> Column:
     return F.when(is_search(), S.SURFACE_SEARCH).otherwise(S.SURFACE_REC)
 
 
-def _token(pos: Column, kind: str, item_index: Column, query_index: Column) -> Column:
+def _token(pos: Column, kind: str, item_index: Column, query_index: Column, shown: Column) -> Column:
     # Field order and types follow schemas.sequences.TOKEN.
     return F.struct(
         pos.cast("int").alias(C.POS),
@@ -38,6 +39,7 @@ def _token(pos: Column, kind: str, item_index: Column, query_index: Column) -> C
         F.col(C.SURFACE),
         F.col(C.SESSION).cast("int").alias(C.SESSION),
         F.col(C.GAP_S).cast("double").alias(C.GAP_S),
+        shown.cast("array<int>").alias(C.SHOWN_ITEMS),
     )
 
 
@@ -46,12 +48,12 @@ def event_tokens(events: DataFrame, *keep: str) -> DataFrame:
     none = F.lit(None)
     queries = events.where(is_search()).select(
         C.USER_ID, *keep, F.col(C.POS).cast("int").alias(C.POS),
-        _token(F.col(C.POS), S.TOKEN_QUERY, none, F.col(C.QUERY_INDEX)).alias("token"),
+        _token(F.col(C.POS), S.TOKEN_QUERY, none, F.col(C.QUERY_INDEX), none).alias("token"),
     )
     item_pos = F.col(C.POS) + F.when(is_search(), 1).otherwise(0)
     items = events.where(F.col(C.ITEM_ID).isNotNull()).select(
         C.USER_ID, *keep, item_pos.cast("int").alias(C.POS),
-        _token(item_pos, S.TOKEN_ITEM, F.col(C.ITEM_INDEX), none).alias("token"),
+        _token(item_pos, S.TOKEN_ITEM, F.col(C.ITEM_INDEX), none, F.col(C.SHOWN_ITEMS)).alias("token"),
     )
     return queries.unionByName(items)
 

@@ -41,6 +41,7 @@ N_EVENTS = "n_events"
 N_TOKENS = "n_tokens"
 LAST_SESSION = "last_session"
 WATERMARK = "watermark"  # latest event time of the user so far
+SHOWN_ITEMS = "shown_items"  # item indices logged as shown with an event (impressions), engaged one excluded
 
 # vocabularies
 FIRST_DS = "first_ds"

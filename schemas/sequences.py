@@ -39,6 +39,9 @@ TOKEN = pa.struct(
         pa.field(C.SURFACE, pa.string()),  # "search" or "recommendation"
         pa.field(C.SESSION, pa.int32()),
         pa.field(C.GAP_S, pa.float64()),  # seconds since the previous event; null for the first
+        # item tokens: the event's impressions as item indices in display order, without the engaged
+        # item (the ranking loss's logged negatives); null where the logs have no impressions
+        pa.field(C.SHOWN_ITEMS, pa.list_(pa.int32())),
     ]
 )
 TOKENS_TYPE = pa.list_(TOKEN)
@@ -62,6 +65,7 @@ EVENTS = pa.schema(
         pa.field(C.POS, pa.int32()),  # position of the event's first token
         pa.field(C.SESSION, pa.int32()),
         pa.field(C.GAP_S, pa.float64()),
+        pa.field(C.SHOWN_ITEMS, pa.list_(pa.int32())),  # impressions as item indices (see TOKEN)
     ]
 )
 

@@ -30,7 +30,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "sasrec": {
         "model": {"use_text_emb": False, "use_semantic_ids": False, "semantic_head": False,
                   "use_action_surface": False, "rope": "position", "w_ranking": 0.0},
-        "train": {"negatives": "full", "rank_pop_negatives": 0, "rank_hard_negatives": 0},
+        "train": {"negatives": "full", "rank_impression_negatives": 0, "rank_pop_negatives": 0,
+                  "rank_hard_negatives": 0},
     },
     "rec_only": {"train": {"w_search": 0.0}},
     "search_only": {"train": {"w_rec": 0.0}},

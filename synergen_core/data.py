@@ -77,6 +77,13 @@ class Tokens:
     surface: np.ndarray  # int64, index into SURFACES + 1
     position: np.ndarray  # int64, the token's position in its user's history
     ts: np.ndarray  # float64, epoch seconds
+    # [T, M] int64: items logged as shown with an item token's event (impressions), 0-padded; M = 0
+    # unless asked for (the ranking loss's negatives)
+    shown: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.shown is None:
+            self.shown = np.zeros((len(self.ts), 0), np.int64)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -86,7 +93,14 @@ class Tokens:
         """Rows ``rows`` keeping their first ``lengths`` tokens (all by default)."""
         starts = self.offsets[:-1][rows]
         lengths = self.lengths[rows] if lengths is None else lengths
-        src = _ranges(starts, lengths)
+        return self._gather(_ranges(starts, lengths), lengths)
+
+    def keep(self, mask: np.ndarray) -> Tokens:
+        """Every row with only the tokens where ``mask`` [T] is true."""
+        lengths = np.bincount(row_ids(self.offsets)[mask], minlength=len(self.lengths))
+        return self._gather(np.nonzero(mask)[0], lengths)
+
+    def _gather(self, src: np.ndarray, lengths: np.ndarray) -> Tokens:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         return Tokens(offsets, **{f.name: getattr(self, f.name)[src] for f in fields(self) if f.name != "offsets"})
 
@@ -97,8 +111,9 @@ def _codes(values: pa.Array, vocab: tuple[str, ...]) -> np.ndarray:
     return (pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1)
 
 
-def tokens_from_arrow(lists: pa.Array | pa.ChunkedArray) -> Tokens:
-    """A ``list<TOKEN>`` column (``schemas.sequences.TOKENS_TYPE``) -> ``Tokens``; null lists are empty."""
+def tokens_from_arrow(lists: pa.Array | pa.ChunkedArray, max_shown: int = 0) -> Tokens:
+    """A ``list<TOKEN>`` column (``schemas.sequences.TOKENS_TYPE``) -> ``Tokens``; null lists are empty.
+    ``max_shown``: keep the first that many impressions of every item token (``Tokens.shown``)."""
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks() if lists.num_chunks else pa.array([], S.TOKENS_TYPE)
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -121,7 +136,21 @@ def tokens_from_arrow(lists: pa.Array | pa.ChunkedArray) -> Tokens:
         surface=_codes(col(C.SURFACE), SURFACES),
         position=ints(C.POS),
         ts=ts_us.astype(np.float64) / 1e6,
+        shown=_first_of_lists(col(C.SHOWN_ITEMS), max_shown) if C.SHOWN_ITEMS in flat.type.names else None,
     )
+
+
+def _first_of_lists(lists: pa.Array, m: int) -> np.ndarray:
+    """A list<int> array [T] -> [T, m] int64 of each list's first m values, 0-padded (null = empty)."""
+    out = np.zeros((len(lists), m), np.int64)
+    if m == 0 or len(lists) == 0:
+        return out
+    lengths = np.minimum(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), m)
+    starts = lists.offsets.to_numpy()[:-1].astype(np.int64)  # into .values, which ignores a slice's offset
+    values = pc.fill_null(lists.values, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    out[rows, _ranges(np.zeros(len(lists), np.int64), lengths)] = values[_ranges(starts, lengths)]
+    return out
 
 
 def row_ids(offsets: np.ndarray) -> np.ndarray:
@@ -180,6 +209,7 @@ class Windows:
     target: np.ndarray  # [R, L] int64 item to retrieve at each position, 0 = none
     next_ts: np.ndarray  # [R] float64 time of the token after the window (the ranking request's time)
     lengths: np.ndarray  # [R] valid tokens per row
+    shown: np.ndarray  # [R, M] items logged as shown with the token after the window (its impressions)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -210,6 +240,7 @@ def make_windows(tok: Tokens, L: int, max_windows: int | None = None) -> Windows
         target=tgt,
         next_ts=tok.ts[starts + lengths] if len(starts) else np.zeros(0),
         lengths=lengths,
+        shown=tok.shown[starts + lengths] if len(starts) else tok.shown[:0],
     )
 
 
@@ -332,7 +363,8 @@ def load_split(cfg: Config, ds: str, protocol: str) -> SplitData:
     L = cfg.model.max_seq_len
     items, queries = read_table(cfg, "item_vocab", ds), read_table(cfg, "query_vocab", ds)
     n_items, n_queries = vocab_size(items, C.ITEM_INDEX), vocab_size(queries, C.QUERY_INDEX)
-    train = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
+    train = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS],
+                              cfg.train.rank_impression_negatives)
     if protocol == "loo":
         valid, _ = requests_from_eval(read_table(cfg, "split_loo_eval", ds), L, S.SPLIT_VALID)
     else:

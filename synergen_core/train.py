@@ -7,10 +7,10 @@ One step (shapes for a batch of B windows trimmed to width L, C ranking candidat
   target (``Windows.target``), search at query tokens, recommendation at item tokens; full softmax over
   the catalog (``train.negatives=full``) or in-batch + popularity-sampled InfoNCE with log-Q
   (``sampled``); plus the semantic-ID loss of the same positions when the model has that head;
-* ranking: each window's last position is a request whose candidates are its target item (label 1),
-  popularity-sampled items and hard negatives, i.e. the catalog items nearest the target in the
-  current retrieval space (label 0). Logged impressions would be the better negatives, but the
-  sessionized tables do not carry them.
+* ranking: each window's last position is a request whose candidates are its target item (label 1)
+  and negatives (label 0): the items logged as shown with the target's event when the logs have
+  impressions (``Windows.shown``), else popularity-sampled items and hard negatives, i.e. the
+  catalog items nearest the target in the current retrieval space.
 
 Reproducibility: model init and every random draw of a step (dropout, negatives) use torch's global
 RNG, seeded by ``train.seed``; the batch order of epoch e comes from ``numpy.random.default_rng((seed,
@@ -100,23 +100,26 @@ def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfi
     batch = to_batch(win.history, rows, win.lengths, device)
     L = batch["token_type"].shape[1]
     batch["target"] = torch.from_numpy(win.target[rows, -L:]).to(device)  # [B, L]
-    n_neg = tcfg.rank_pop_negatives + tcfg.rank_hard_negatives
-    if model.cfg.w_ranking == 0 or n_neg == 0:
+    shown = torch.from_numpy(win.shown[rows, :tcfg.rank_impression_negatives]).to(device)  # [B, M]
+    if model.cfg.w_ranking == 0 or shown.shape[1] + tcfg.rank_pop_negatives + tcfg.rank_hard_negatives == 0:
         return batch
     pos = batch["target"][:, -1]  # [B] the request's engaged item
     task = prediction_task(batch)[:, -1]
     weight = torch.where(task == SEARCH, tcfg.w_search, tcfg.w_rec)
-    parts = [pos[:, None]]
     B = len(rows)
+    sampled = []
     if tcfg.rank_pop_negatives:
-        parts.append(torch.multinomial(sampler.probs, B * tcfg.rank_pop_negatives, replacement=True).view(B, -1))
+        sampled.append(torch.multinomial(sampler.probs, B * tcfg.rank_pop_negatives, replacement=True).view(B, -1))
     if tcfg.rank_hard_negatives:
         with torch.no_grad():
             items = model.item_vectors()  # [n_items, d]
             sims = items[pos] @ items.T  # [B, n_items]
             sims[:, 0] = float("-inf")
             sims[torch.arange(B, device=device), pos] = float("-inf")
-            parts.append(sims.topk(tcfg.rank_hard_negatives, dim=1).indices)
+            sampled.append(sims.topk(tcfg.rank_hard_negatives, dim=1).indices)
+    parts = [pos[:, None], shown]
+    if sampled:  # only for requests without logged impressions
+        parts.append(torch.cat(sampled, 1).masked_fill((shown > 0).any(1, keepdim=True), 0))
     cand = torch.cat(parts, 1)  # [B, C]
     cand[:, 1:] = cand[:, 1:].masked_fill(cand[:, 1:] == pos[:, None], 0)
     cand = cand.masked_fill(((pos == 0) | (weight == 0))[:, None], 0)
@@ -211,7 +214,8 @@ BUCKET_BATCHES = 50
 # Settings that change what a step computes; the others (epochs, patience, max_steps, progress, ...)
 # may differ between a killed run and its resumption.
 _STEP_FIELDS = ("seed", "batch_size", "lr", "weight_decay", "clip_grad", "amp", "max_windows", "w_search", "w_rec",
-                "negatives", "n_negatives", "rank_pop_negatives", "rank_hard_negatives", "bucket_by_length")
+                "negatives", "n_negatives", "rank_impression_negatives", "rank_pop_negatives", "rank_hard_negatives",
+                "bucket_by_length")
 
 
 def _fingerprint(cfg: Config, data: SplitData, dims: dict) -> dict:

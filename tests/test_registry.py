@@ -97,6 +97,19 @@ def gate(trained):
     return out
 
 
+def test_training_requests_carry_the_logged_impressions(trained):
+    """The generator logs impressions; through sessionize they reach training as ranking negatives."""
+    from synergen_core.data import load_split
+
+    cfg, _, d2, _ = trained
+    win = load_split(cfg, d2, "temporal").windows
+    assert win.shown.shape[1] == cfg.train.rank_impression_negatives
+    requests = win.target[:, -1] > 0
+    logged = (win.shown > 0).any(1)
+    assert logged[requests].mean() > 0.9  # every generated event logs its impressions
+    assert not ((win.shown == win.target[:, -1:]) & (win.shown > 0)).any()  # never the engaged item itself
+
+
 def test_register_tags_versions_and_is_idempotent(trained, gate):
     cfg, d1, d2, _ = trained
     r1, r2 = gate["r1"], gate["r2"]

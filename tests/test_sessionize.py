@@ -103,19 +103,21 @@ def at(day: str, hh: int, mm: int = 0) -> dt.datetime:
     return dt.datetime.fromisoformat(day).replace(hour=hh, minute=mm, tzinfo=dt.timezone.utc)
 
 
-def search(eid, user, ts, query, item, action="click"):
-    return {C.EVENT_ID: eid, C.USER_ID: user, C.TS: ts, C.QUERY: query, C.ITEM_ID: item, C.ACTION: action}
+def search(eid, user, ts, query, item, action="click", shown=None):
+    return {C.EVENT_ID: eid, C.USER_ID: user, C.TS: ts, C.QUERY: query, C.ITEM_ID: item, C.ACTION: action,
+            C.IMPRESSIONS: shown}
 
 
-def browse(eid, user, ts, item, action="view"):
-    return {C.EVENT_ID: eid, C.USER_ID: user, C.TS: ts, C.ITEM_ID: item, C.ACTION: action, C.SURFACE: "home"}
+def browse(eid, user, ts, item, action="view", shown=None):
+    return {C.EVENT_ID: eid, C.USER_ID: user, C.TS: ts, C.ITEM_ID: item, C.ACTION: action, C.SURFACE: "home",
+            C.IMPRESSIONS: shown}
 
 
 SYNTH_SEARCH = {
     D1: [search("u1-s1", "u1", at(D1, 10), "Red Lipstick", "i1")],
-    D2: [search("u1-s2", "u1", at(D2, 9), "mascara", None, "none")],
+    D2: [search("u1-s2", "u1", at(D2, 9), "mascara", None, "none", shown=["i5", "i2"])],
     D3: [search("u1-s3", "u1", at(D3, 10), "  red   LIPSTICK ", "i7")],
-    D4: [search("u2-s1", "u2", at(D4, 9), "eyeliner", "i4"),
+    D4: [search("u2-s1", "u2", at(D4, 9), "eyeliner", "i4", shown=["i3", "i4", "i9"]),  # i9: listed nowhere
          search("u2-s2", "u2", at(D4, 9, 10), "eyeliner", "i5", "purchase"),
          search("u2-s3", "u2", at(D4, 9, 20), "Eyeliner", "i6")],
 }
@@ -126,14 +128,14 @@ SYNTH_BROWSE = {
          browse("u1-b3", "u1", at(D1, 11, 11), "i4"),  # 31 minutes: new session
          browse("u1-b4b", "u1", at(D1, 12), "i5"),  # same ts as u1-b4a: the id orders them
          browse("u1-b4a", "u1", at(D1, 12), "i6"),
-         browse("u2-b1", "u2", at(D1, 20), "i1")],
+         browse("u2-b1", "u2", at(D1, 20), "i1", shown=[])],
     D2: [browse("u1-b5", "u1", at(D2, 9, 5), "i2")],
     D3: [browse("u1-late", "u1", at(D2, 8), "i3"),  # late, older than u1's latest event: clamped
          browse("u1-b5", "u1", at(D2, 9, 5), "i2"),  # exact copy of a D2 event, resent a day later
          browse("u2-late", "u2", at(D2, 23), "i2"),  # late, but newer than all u2 had: in time order
          browse("u2-b2", "u2", at(D3, 8), "i3")],
     D4: [browse("u1-b6", "u1", at(D4, 10), "i1"),
-         browse("u3-b1", "u3", at(D4, 12), "i6"),
+         browse("u3-b1", "u3", at(D4, 12), "i6", shown=["i6", "i1", "i2"]),
          browse("u3-b2", "u3", at(D4, 12, 20), "i6"),
          browse("u3-b3", "u3", at(D4, 13), "i1")],
 }
@@ -225,6 +227,21 @@ def test_tokens_query_then_item_and_truncation(synth):
     for r in pairs.filter(pl.col(C.TOKEN_TYPE) == "query").iter_rows(named=True):
         assert r["next"] == "item" and r["next_ts"] == r[C.TS]
         assert r[C.ITEM_INDEX] is None and r[C.QUERY_INDEX] is not None
+
+
+def test_impressions_become_item_indices_on_item_tokens(synth):
+    ev = read(synth["root"], "daily", "events")
+    shown = dict(zip(ev[C.EVENT_ID], ev[C.SHOWN_ITEMS].to_list()))
+    # display order kept, the engaged item and ids no vocabulary holds left out; null = not logged
+    assert shown["u2-s1"] == [3] and shown["u3-b1"] == [1, 2] and shown["u1-s2"] == [5, 2]
+    assert shown["u2-b1"] == [] and shown["u1-b2"] is None
+    toks = tokens_of(read(synth["root"], "daily", "sequences", D4))
+    at_pos = {(r[C.USER_ID], r[C.POS]): r[C.SHOWN_ITEMS] for r in toks.iter_rows(named=True)}
+    assert at_pos[("u2", 4)] == [3] and at_pos[("u2", 3)] is None  # the item token, not the query token
+    assert at_pos[("u3", 0)] == [1, 2]
+    # the split tables carry them too: u2-s1's item is in u2's context of the loo test target
+    ctx = tokens_of(read(synth["root"], "daily", "split_loo_eval", D4), C.CONTEXT)
+    assert [3] in ctx.filter(pl.col(C.USER_ID) == "u2")[C.SHOWN_ITEMS].to_list()
 
 
 def test_vocabularies_stable_and_appended(synth):

@@ -135,7 +135,8 @@ def test_tokens_from_arrow_and_eval_requests():
         [pa.array([0, 1, 2], pa.int32()), ts, pa.array(["item", "query", "item"]),
          pa.array([7, None, 8], pa.int32()), pa.array([None, 3, None], pa.int32()),
          pa.array(["rate", "tag", "tag"]), pa.array(["recommendation", "search", "search"]),
-         pa.array([0, 0, 0], pa.int32()), pa.array([None, 1.0, 1.0])],
+         pa.array([0, 0, 0], pa.int32()), pa.array([None, 1.0, 1.0]),
+         pa.array([[4, 5, 6], None, [6]], pa.list_(pa.int32()))],
         fields=list(S.TOKEN))
     lists = pa.ListArray.from_arrays(pa.array([0, 2, 2], pa.int32()), tokens.slice(0, 2))
     table = pa.table({
@@ -147,6 +148,8 @@ def test_tokens_from_arrow_and_eval_requests():
     tok = tokens_from_arrow(table[C.CONTEXT])
     assert tok.token_type.tolist() == [I, Q] and tok.item_idx.tolist() == [7, 0] and tok.query_idx.tolist() == [0, 3]
     assert tok.ts.tolist() == [1.0, 2.0] and tok.lengths.tolist() == [2, 0]
+    assert tok.shown.shape == (2, 0)  # impressions only when asked for
+    assert tokens_from_arrow(table[C.CONTEXT], max_shown=2).shown.tolist() == [[4, 5], [0, 0]]
     req, dropped = requests_from_eval(table, L=4, split="test")
     assert dropped == 1  # the user without any context
     assert req.task.tolist() == [SEARCH] and req.target.tolist() == [8] and req.query_idx.tolist() == [3]
@@ -259,6 +262,29 @@ def test_one_step_losses_per_task_and_ranking():
     assert all(math.isfinite(float(v.detach())) for v in losses.values())
     rec_only = train_mod.step_losses(model, batch, variant_config(cfg, "rec_only").train, sampler)
     assert "retrieval_search" not in rec_only and "retrieval_rec" in rec_only
+
+
+def test_logged_impressions_replace_the_sampled_ranking_negatives():
+    # two users; the first one's last browse logged items 30 and 31 as shown with it, the second's nothing
+    rows = [[(I, 1, 0, 1.0), (I, 2, 0, 2.0), (I, 3, 0, 3.0)], [(I, 11, 0, 1.0), (I, 12, 0, 2.0), (I, 13, 0, 3.0)]]
+    tok = _tokens(rows)
+    tok.shown = np.zeros((len(tok.ts), 3), np.int64)
+    tok.shown[2, :2] = [30, 31]
+    tok.shown[1, :1] = [20]  # inside the window: not the request's
+    data = SplitData("loo", N_ITEMS, N_QUERIES, None, None, tok, make_windows(tok, 8), None,
+                     item_counts(tok, N_ITEMS))
+    assert data.windows.shown.tolist() == [[30, 31, 0], [0, 0, 0]]  # the token after each window
+    cfg = small_config(rank_impression_negatives=3)
+    torch.manual_seed(0)
+    model = train_mod.build_model(cfg, data, synthetic_features())
+    sampler = train_mod.Sampler.from_counts(data.counts, "cpu")
+    cand = train_mod.make_batch(model, data.windows, np.arange(2), cfg.train, sampler, "cpu")["candidates"]
+    assert cand.shape == (2, 1 + 3 + 2 + 1)
+    assert cand[0].tolist() == [3, 30, 31, 0, 0, 0, 0]  # shown items only: no sampled ones
+    assert cand[1, 0] == 13 and (cand[1, 1:4] == 0).all() and (cand[1, 4:] > 0).all()  # sampled ones
+    no_impressions = small_config(rank_impression_negatives=0)
+    cand = train_mod.make_batch(model, data.windows, np.arange(2), no_impressions.train, sampler, "cpu")["candidates"]
+    assert cand.shape == (2, 1 + 2 + 1) and (cand[:, 1:] > 0).all()
 
 
 def test_variants_switch_what_they_say():
