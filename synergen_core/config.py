@@ -133,6 +133,10 @@ class TrainConfig(_Section):
     # fewer epochs than 256 at 1e-3 (more, smaller steps per epoch).
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
+    # "cosine": decay from lr to 0 over the run's horizon (epochs x steps per epoch, or max_steps when
+    # smaller), which converges further within a fixed budget; early stopping may end the run sooner.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up from ~0 to lr, before either schedule
     weight_decay: float = Field(0.0, ge=0)
     clip_grad: float | None = Field(1.0, gt=0)  # max global gradient norm; null: no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -213,9 +213,28 @@ BUCKET_BATCHES = 50
 
 # Settings that change what a step computes; the others (epochs, patience, max_steps, progress, ...)
 # may differ between a killed run and its resumption.
-_STEP_FIELDS = ("seed", "batch_size", "lr", "weight_decay", "clip_grad", "amp", "max_windows", "w_search", "w_rec",
+_STEP_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "clip_grad", "amp", "max_windows", "w_search", "w_rec",
                 "negatives", "n_negatives", "rank_impression_negatives", "rank_pop_negatives", "rank_hard_negatives",
                 "bucket_by_length")
+
+
+def learning_rate(tcfg: TrainConfig, step: int, horizon: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of a run of ``horizon`` steps."""
+    if step < tcfg.warmup_steps:
+        return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    if tcfg.lr_schedule == "constant":
+        return tcfg.lr
+    done = min(1.0, (step - tcfg.warmup_steps) / max(1, horizon - tcfg.warmup_steps))
+    return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def _horizon(tcfg: TrainConfig, n_windows: int, ranks: distributed.Ranks) -> int:
+    """Optimizer steps of a run that is not stopped early (the cosine schedule's length)."""
+    per_epoch = len(batch_order(np.zeros(n_windows, np.int64), tcfg, 0))
+    if ranks.active:
+        per_epoch = -(-per_epoch // ranks.world_size)
+    steps = tcfg.epochs * per_epoch
+    return min(steps, tcfg.max_steps) if tcfg.max_steps else steps
 
 
 def _fingerprint(cfg: Config, data: SplitData, dims: dict) -> dict:
@@ -266,6 +285,9 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
     fingerprint = _fingerprint(cfg, data, dims)
     if ranks.active:  # a rank's share of an epoch depends on the number of ranks
         fingerprint["world_size"] = ranks.world_size
+    horizon = _horizon(tcfg, len(data.windows), ranks)
+    if tcfg.lr_schedule != "constant":  # then epochs and max_steps change every step's rate
+        fingerprint["lr_horizon"] = horizon
     ckpt_path = out_dir / checkpoint.CHECKPOINT
     resumed = False
     if tcfg.resume and ckpt_path.is_file():
@@ -327,6 +349,8 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
                 losses = step_losses_of(batch)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(tcfg, state["step"], horizon)
             if tcfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
             opt.step()

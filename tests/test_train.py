@@ -168,10 +168,10 @@ def _weights(run_dir):
     return checkpoint.load(run_dir / checkpoint.CHECKPOINT)["model"]
 
 
-@pytest.mark.parametrize("negatives", ["full", "sampled"])
-def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negatives):
+@pytest.mark.parametrize("negatives, schedule", [("full", "constant"), ("sampled", "constant"), ("full", "cosine")])
+def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negatives, schedule):
     data, feats = synthetic_split(), synthetic_features()
-    cfg = small_config(negatives=negatives, n_negatives=16)
+    cfg = small_config(negatives=negatives, n_negatives=16, lr_schedule=schedule, warmup_steps=2)
     straight = train_mod.train(cfg, data, feats, tmp_path / "straight")
     assert straight["steps"] > 5
 
@@ -189,6 +189,16 @@ def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negative
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert resumed["history"][-1]["valid"] == straight["history"][-1]["valid"]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_horizon():
+    cosine = TrainConfig(lr=1e-3, lr_schedule="cosine", warmup_steps=4)
+    rates = [train_mod.learning_rate(cosine, step, 104) for step in range(105)]
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert rates[4] == pytest.approx(1e-3) and rates[54] == pytest.approx(5e-4) and rates[104] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    constant = TrainConfig(lr=1e-3)
+    assert {train_mod.learning_rate(constant, step, 104) for step in range(200)} == {1e-3}
 
 
 KILL_AT_STEP_5 = """
