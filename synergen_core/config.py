@@ -330,17 +330,20 @@ def parse_ds(ds: str) -> dt.date:
     raise ConfigError(f"bad ds {ds!r}: expected a day as YYYY-MM-DD")
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def _tree(assignments: list[tuple[list[str], str]]) -> dict[str, Any]:
+    """(key path, raw value) pairs -> nested sections, values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+    for path, raw in assignments:
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
     return tree
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    return _tree([([p.lower() for p in key[len(ENV_PREFIX):].split("__")], raw)
+                  for key, raw in environ.items() if key.startswith(ENV_PREFIX)])
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -353,17 +356,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def with_overrides(cfg: Config, assignments: list[str]) -> Config:
     """``cfg`` with ``section.key=value`` assignments applied (values parsed as YAML scalars): the
     benchmarks' ``--set``, so that a tuned run's settings stay in its recorded command line."""
-    over: dict[str, Any] = {}
+    pairs = []
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
             raise ConfigError(f"bad override {assignment!r}: expected section.key=value")
-        *parents, leaf = key.strip().split(".")
-        node = over
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-    return _validated(_merge(cfg.model_dump(by_alias=True), over), "overrides " + " ".join(assignments))
+        pairs.append((key.strip().split("."), raw))
+    return _validated(_merge(cfg.model_dump(by_alias=True), _tree(pairs)), "overrides " + " ".join(assignments))
 
 
 def _validated(data: dict[str, Any], source: str) -> Config:

@@ -108,9 +108,11 @@ def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfi
     weight = torch.where(task == SEARCH, tcfg.w_search, tcfg.w_rec)
     B = len(rows)
     sampled = []
-    if tcfg.rank_pop_negatives:
+    logged = (shown > 0).any(1, keepdim=True)  # [B, 1]
+    need_sampled = not bool(logged.all())  # else skip the draws and the [B, n_items] similarity search
+    if tcfg.rank_pop_negatives and need_sampled:
         sampled.append(torch.multinomial(sampler.probs, B * tcfg.rank_pop_negatives, replacement=True).view(B, -1))
-    if tcfg.rank_hard_negatives:
+    if tcfg.rank_hard_negatives and need_sampled:
         with torch.no_grad():
             items = model.item_vectors()  # [n_items, d]
             sims = items[pos] @ items.T  # [B, n_items]
@@ -119,7 +121,7 @@ def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfi
             sampled.append(sims.topk(tcfg.rank_hard_negatives, dim=1).indices)
     parts = [pos[:, None], shown]
     if sampled:  # only for requests without logged impressions
-        parts.append(torch.cat(sampled, 1).masked_fill((shown > 0).any(1, keepdim=True), 0))
+        parts.append(torch.cat(sampled, 1).masked_fill(logged, 0))
     cand = torch.cat(parts, 1)  # [B, C]
     cand[:, 1:] = cand[:, 1:].masked_fill(cand[:, 1:] == pos[:, None], 0)
     cand = cand.masked_fill(((pos == 0) | (weight == 0))[:, None], 0)

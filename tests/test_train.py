@@ -292,6 +292,8 @@ def test_logged_impressions_replace_the_sampled_ranking_negatives():
     assert cand.shape == (2, 1 + 3 + 2 + 1)
     assert cand[0].tolist() == [3, 30, 31, 0, 0, 0, 0]  # shown items only: no sampled ones
     assert cand[1, 0] == 13 and (cand[1, 1:4] == 0).all() and (cand[1, 4:] > 0).all()  # sampled ones
+    only_logged = train_mod.make_batch(model, data.windows, np.arange(1), cfg.train, sampler, "cpu")["candidates"]
+    assert only_logged.tolist() == [[3, 30, 31, 0]]  # nothing sampled when every request has impressions
     no_impressions = small_config(rank_impression_negatives=0)
     cand = train_mod.make_batch(model, data.windows, np.arange(2), no_impressions.train, sampler, "cpu")["candidates"]
     assert cand.shape == (2, 1 + 2 + 1) and (cand[:, 1:] > 0).all()
