@@ -13,10 +13,14 @@ Training time per run is the wall time of the optimizer steps (``train_seconds``
     .venv/bin/python -m benchmarks.quality                       # 3 seeds, 20 epochs, both datasets
     .venv/bin/python -m benchmarks.quality --seeds 1 --epochs 2  # a quick check
     .venv/bin/python -m benchmarks.quality --set model.dropout=0.5   # any setting, kept in the recorded command
+
+A run replaces only the tables of the datasets it ran: each dataset keeps the command, date and revision
+that produced its table, so datasets tuned with different settings can be rerun one at a time.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import time
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import ROOT, SHARED_DATA, write_result
+from benchmarks.common import RESULTS, ROOT, SHARED_DATA, command, git_revision, write_result
 from synergen_core import lake
 from synergen_core.config import Config, with_overrides
 
@@ -40,6 +44,8 @@ PUBLISHED_BEAUTY = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
     "SASRec (TIGER paper)": (0.0387, 0.0249, 0.0605, 0.0318),
     "TIGER": (0.0454, 0.0321, 0.0648, 0.0384),
     "HSTU (target)": (0.0486, 0.0340, 0.0708, 0.0412),
+    "LC-Rec": (0.0525, 0.0352, 0.0791, 0.0438),
+    "SASRec full CE, public re-run (aim)": (0.0601, 0.0420, 0.0859, 0.0503),
     "SASRec full CE, RecBole 1.2.1": (0.0567, 0.0328, 0.0844, 0.0417),
 }
 KS = (5, 10, 20, 50)
@@ -116,10 +122,13 @@ def _cell(agg: dict, key: str, digits: int = 4) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table(name: str, agg: dict, tasks: list[str], n_seeds: int) -> str:
+def table(name: str, fig: dict) -> str:
+    """The dataset's markdown table, headed by the command that produced it."""
+    agg, tasks, n_seeds = fig["mean_std"], DATASETS[name]["tasks"], len(fig["seeds"])
     cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], "rank AUC", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
+             f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scorer, a in agg.items():
         auc = " / ".join(_cell(a, f"{t}.rank_auc", 3) for t in tasks if f"{t}.rank_auc" in a) or "—"
@@ -147,7 +156,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    figures, sections = {}, []
+    figures = {}
     for name in args.datasets:
         t0 = time.perf_counter()
         cfg, ds = prepare(name, args.work)
@@ -161,14 +170,27 @@ def main() -> None:
             runs.append(run_seed(cfg, ds, variants, seed))
             print(f"{name} seed {seed}: {runs[-1]['seconds']} s", flush=True)
         agg = aggregate(runs)
-        text = table(name, agg, DATASETS[name]["tasks"], args.seeds)
-        print(text + "\n", flush=True)
-        sections.append(text)
-        figures[name] = {"ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
+        figures[name] = {"command": command(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                         "git_revision": git_revision(), "ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
                          "variants": variants, "overrides": args.set, "test_targets": runs[0]["test_targets"],
                          "features": runs[0]["features"], "mean_std": agg, "runs": runs,
                          "seconds": round(time.perf_counter() - t0, 1)}
-    write_result("quality", figures, "\n\n".join(sections))
+        print(table(name, figures[name]) + "\n", flush=True)
+    figures = {**previous_figures(), **figures}
+    figures = {name: figures[name] for name in DATASETS if name in figures}
+    write_result("quality", figures, "\n\n".join(table(name, fig) for name, fig in figures.items()))
+
+
+def previous_figures() -> dict:
+    """The datasets of the last recorded run, each with the command that produced it."""
+    path = RESULTS / "quality.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    for fig in old["figures"].values():  # results written before each dataset kept its own command
+        for key in ("command", "date", "git_revision"):
+            fig.setdefault(key, old[key])
+    return old["figures"]
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "train": {"negatives": "full", "rank_impression_negatives": 0, "rank_pop_negatives": 0,
                   "rank_hard_negatives": 0},
     },
-    "rec_only": {"train": {"w_search": 0.0}},
-    "search_only": {"train": {"w_rec": 0.0}},
+    # A single-task model has no task balance to tune: its task keeps weight 1 whatever the joint
+    # model's weights are (e.g. a small w_search where search events are rare).
+    "rec_only": {"train": {"w_search": 0.0, "w_rec": 1.0}},
+    "search_only": {"train": {"w_search": 1.0, "w_rec": 0.0}},
     "no_time_rope": {"model": {"rope": "position"}},
     "no_text": {"model": {"use_text_emb": False}},
     "no_semantic_ids": {"model": {"use_semantic_ids": False, "semantic_head": False}},

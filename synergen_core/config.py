@@ -167,7 +167,7 @@ class TrainConfig(_Section):
     rank_pop_negatives: int = Field(8, ge=0)
     rank_hard_negatives: int = Field(4, ge=0)
     patience: int = Field(3, ge=1)  # epochs without a better validation metric before stopping
-    valid_metric: str = "ndcg@10"  # mean over the trained tasks on the validation targets
+    valid_metric: str = "ndcg@10"  # geometric mean over the trained tasks on the validation targets
     valid_max_rows: int = Field(20_000, ge=1)  # a seeded sample of validation targets beyond this
     checkpoint_every: int = Field(500, ge=1)  # optimizer steps between checkpoints (and every epoch end)
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (a time budget)

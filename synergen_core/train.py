@@ -174,7 +174,12 @@ def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sample
 
 
 def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: int = 512) -> tuple[float, dict]:
-    """(mean over trained tasks of ``train.valid_metric``, per-task metrics) on the validation targets."""
+    """(geometric mean over trained tasks of ``train.valid_metric``, per-task metrics) on the validation targets.
+
+    Geometric, so that a task's relative change counts the same whatever its scale: on MovieLens
+    search NDCG@10 is ~0.5 and recommendation's ~0.04, and an arithmetic mean would select the epoch
+    best for search alone.
+    """
     req = data.valid
     if len(req) > tcfg.valid_max_rows:
         req = req.select(np.sort(np.random.default_rng(tcfg.seed).choice(len(req), tcfg.valid_max_rows, replace=False)))
@@ -184,7 +189,7 @@ def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: in
     model.train(was_training)
     weights = {"search": tcfg.w_search, "rec": tcfg.w_rec}
     vals = [m[tcfg.valid_metric] for t, m in metrics.items() if weights[t] > 0 and tcfg.valid_metric in m]
-    return (float(np.mean(vals)) if vals else float("nan")), metrics
+    return (float(np.prod(vals) ** (1 / len(vals))) if vals else float("nan")), metrics
 
 
 def batch_order(lengths: np.ndarray, tcfg: TrainConfig, epoch: int) -> list[np.ndarray]:

@@ -251,6 +251,19 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     assert out["epochs_run"] == 4 and out["best_epoch"] == 1 and out["best_valid"] == 0.5
 
 
+def test_validation_score_is_the_geometric_mean_over_the_trained_tasks():
+    data, feats, cfg = synthetic_split(), synthetic_features(), small_config()
+    torch.manual_seed(0)
+    model = train_mod.build_model(cfg, data, feats)
+    score, per_task = train_mod.validate(model, data, cfg.train)
+    search, rec = per_task["search"]["ndcg@10"], per_task["rec"]["ndcg@10"]
+    assert search > 0 and rec > 0 and search != rec
+    # scale-free: a task at 10x the other's scale does not decide alone which epoch is best
+    assert score == pytest.approx(math.sqrt(search * rec))
+    rec_only = variant_config(cfg, "rec_only").train
+    assert train_mod.validate(model, data, rec_only)[0] == pytest.approx(rec)
+
+
 def test_step_budget_stops_training(tmp_path):
     out = train_mod.train(small_config(max_steps=4, epochs=5), synthetic_split(), synthetic_features(), tmp_path)
     assert out["steps"] == 4 and (tmp_path / checkpoint.MODEL).is_file()
@@ -308,6 +321,10 @@ def test_variants_switch_what_they_say():
     assert not (sas.model.use_text_emb or sas.model.use_semantic_ids or sas.model.semantic_head)
     assert sas.model.rope == "position" and sas.train.negatives == "full" and sas.model.w_ranking == 0
     assert variant_config(cfg, "no_time_rope").model.rope == "position"
+    tuned = Config(train=TrainConfig(w_search=0.05, w_rec=2.0))  # the joint model's balance ...
+    only = {v: variant_config(tuned, v).train for v in ("rec_only", "search_only")}
+    assert (only["rec_only"].w_search, only["rec_only"].w_rec) == (0.0, 1.0)  # ... is not a single task's
+    assert (only["search_only"].w_search, only["search_only"].w_rec) == (1.0, 0.0)
     assert cfg.model.rope == "time"  # the base config is untouched
     data, feats = synthetic_split(), synthetic_features()
     model = train_mod.build_model(sas, data, feats)
