@@ -126,7 +126,7 @@ def table(name: str, fig: dict) -> str:
     """The dataset's markdown table, headed by the command that produced it."""
     agg, tasks, n_seeds = fig["mean_std"], DATASETS[name]["tasks"], len(fig["seeds"])
     cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
-    head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], "rank AUC", "train s"]
+    head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
