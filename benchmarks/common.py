@@ -51,7 +51,13 @@ def write_result(name: str, figures: dict, summary_md: str) -> Path:
             "command": command(), "git_revision": git_revision(), "machine": machine()}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**meta, "figures": figures}, indent=2, default=str) + "\n")
-    m = meta["machine"]
+    write_summary(meta, summary_md)
+    return path
+
+
+def write_summary(meta: dict, summary_md: str) -> None:
+    """Replace the section of benchmark ``meta["name"]`` in BENCHMARKS.md (meta as in its results JSON)."""
+    name, m = meta["name"], meta["machine"]
     section = (
         f"<!-- {name}:start -->\n## {name}\n\n"
         f"`{meta['command']}` — {meta['date']}, {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
@@ -62,4 +68,3 @@ def write_result(name: str, figures: dict, summary_md: str) -> Path:
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     SUMMARY.write_text(text)
-    return path

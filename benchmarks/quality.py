@@ -29,14 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, ROOT, SHARED_DATA, command, git_revision, write_result
+from benchmarks.common import RESULTS, ROOT, SHARED_DATA, command, git_revision, write_result, write_summary
 from synergen_core import lake
 from synergen_core.config import Config, with_overrides
 
 DATASETS = {
     "beauty": {"format": "amazon-seq", "path": SHARED_DATA / "amazon-beauty", "tasks": ["rec"],
+               "about": "Recommendation only (the data has no queries): the last item of each of 22,363 users "
+                        "against all 12,101 items. Published rows: `../shared/data/README.md`.",
                "variants": ["synergen", "sasrec", "no_time_rope", "no_text", "no_semantic_ids"]},
     "movielens": {"format": "movielens", "path": SHARED_DATA / "movielens-small", "tasks": ["search", "rec"],
+                  "about": "search = the movie a user tagged, with the tag as the query (test: the last tag of each "
+                           "of the 43 users with at least 3); rec = the next rated movie (610 users). Searches "
+                           "are 3.6% of the events.",
                   "variants": ["synergen", "sasrec", "rec_only", "search_only", "no_time_rope", "no_text",
                                "no_semantic_ids"]},
 }
@@ -129,6 +134,9 @@ def table(name: str, fig: dict) -> str:
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
+             DATASETS[name]["about"] + " rank AUC: the ranking head on 1 engaged + "
+             "99 popularity-sampled items per request. train s: optimizer steps, plus text vectors and RQ-VAE "
+             "for synergen's run.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scorer, a in agg.items():
         auc = " / ".join(_cell(a, f"{t}.rank_auc", 3) for t in tasks if f"{t}.rank_auc" in a) or "—"
@@ -152,7 +160,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                     help="configuration overrides for training and evaluation (e.g. model.dropout=0.5)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite BENCHMARKS.md's tables from benchmarks/results/quality.json (no training)")
     args = ap.parse_args()
+    if args.render:
+        meta = json.loads((RESULTS / "quality.json").read_text())
+        figures = previous_figures()
+        write_summary(meta, "\n\n".join(table(name, fig) for name, fig in figures.items()))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
