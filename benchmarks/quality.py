@@ -35,13 +35,12 @@ from synergen_core.config import Config, with_overrides
 
 DATASETS = {
     "beauty": {"format": "amazon-seq", "path": SHARED_DATA / "amazon-beauty", "tasks": ["rec"],
-               "about": "Recommendation only (the data has no queries): the last item of each of 22,363 users "
-                        "against all 12,101 items. Published rows: `../shared/data/README.md`.",
+               "about": "Recommendation only (the data has no queries): each user's last item against the whole "
+                        "catalog. Published rows: `../shared/data/README.md`.",
                "variants": ["synergen", "sasrec", "no_time_rope", "no_text", "no_semantic_ids"]},
     "movielens": {"format": "movielens", "path": SHARED_DATA / "movielens-small", "tasks": ["search", "rec"],
                   "about": "search = the movie a user tagged, with the tag as the query (test: the last tag of each "
-                           "of the 43 users with at least 3); rec = the next rated movie (610 users). Searches "
-                           "are 3.6% of the events.",
+                           "user with at least 3); rec = the next rated movie. Tags are 3.5% of the events.",
                   "variants": ["synergen", "sasrec", "rec_only", "search_only", "no_time_rope", "no_text",
                                "no_semantic_ids"]},
 }
@@ -134,7 +133,8 @@ def table(name: str, fig: dict) -> str:
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
-             DATASETS[name]["about"] + " rank AUC: the ranking head on 1 engaged + "
+             DATASETS[name]["about"] + " Test targets: "
+             + ", ".join(f"{t} {fig['test_targets'][t]:,}" for t in tasks) + ". rank AUC: the ranking head on 1 engaged + "
              "99 popularity-sampled items per request. train s: optimizer steps, plus text vectors and RQ-VAE "
              "for synergen's run.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -287,7 +287,7 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
                           state["sequences"] if prev else None, cfg.sessionize.gap_minutes)
     # Cached until the events are: attach_indices reads the sessions twice (the events and their
     # impressions), and each read would otherwise repeat the per-user sort of the session window.
-    sessions = sessions.cache()
+    sessions = _cache(cached, sessions)  # released early below; the finally releases it on failure
     # Cached: written as the day partitions, then the source of sequences, counts, stats and splits.
     events = _cache(cached, attach_indices(sessions, items, queries))
     staging.write_days(events, _out(cfg, EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)

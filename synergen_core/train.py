@@ -189,7 +189,15 @@ def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: in
     model.train(was_training)
     weights = {"search": tcfg.w_search, "rec": tcfg.w_rec}
     vals = [m[tcfg.valid_metric] for t, m in metrics.items() if weights[t] > 0 and tcfg.valid_metric in m]
-    return (float(np.prod(vals) ** (1 / len(vals))) if vals else float("nan")), metrics
+    return task_score(vals), metrics
+
+
+def task_score(vals: list[float]) -> float:
+    """Geometric mean of the tasks' validation metrics; a task at 0 is floored at 1e-6 so that the
+    other tasks' progress still raises the score (a plain product would stay 0 and stop the run)."""
+    if not vals:
+        return float("nan")
+    return float(np.exp(np.mean(np.log(np.maximum(vals, 1e-6)))))
 
 
 def batch_order(lengths: np.ndarray, tcfg: TrainConfig, epoch: int) -> list[np.ndarray]:

@@ -262,6 +262,7 @@ def test_validation_score_is_the_geometric_mean_over_the_trained_tasks():
     assert score == pytest.approx(math.sqrt(search * rec))
     rec_only = variant_config(cfg, "rec_only").train
     assert train_mod.validate(model, data, rec_only)[0] == pytest.approx(rec)
+    assert 0 < train_mod.task_score([0.0, 0.2]) < train_mod.task_score([0.0, 0.3])  # a task at 0 stops nothing
 
 
 def test_step_budget_stops_training(tmp_path):
