@@ -86,12 +86,18 @@ def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
     t0 = time.perf_counter()
     trained = train.run(cfg, ds, variants=variants, protocols=["loo"])
     prepare_s = trained["loo"]["prepare_seconds"]
-    result = evaluate.run(cfg, ds, variants=variants, protocols=["loo"])["loo"]
+    kept = {}
+    if cfg.evaluate.exclude_consumed:  # the same models ranking the consumed items too, for comparison
+        plain = cfg.model_copy(deep=True)
+        plain.evaluate.exclude_consumed = []
+        kept = evaluate.run(plain, ds, variants=variants, protocols=["loo"])["loo"]["scorers"]
+    result = evaluate.run(cfg, ds, variants=variants, protocols=["loo"])["loo"]  # last: its files stay
     out = {}
     for name, metrics in result["scorers"].items():
         summary = trained["loo"]["models"].get(name)
         out[name] = {
             "catalog": metrics["catalog"], "ranking": metrics["ranking"],
+            "catalog_consumed_kept": kept[name]["catalog"] if name in kept else None,
             "train_seconds": None if summary is None else summary["train_seconds"] + (prepare_s if name == "synergen" else 0),
             "epochs_run": None if summary is None else summary["epochs_run"],
         }
@@ -109,6 +115,10 @@ def aggregate(runs: list[dict]) -> dict:
             for key in rows[0]["catalog"][task]:
                 vals = [r["catalog"][task][key] for r in rows]
                 agg[f"{task}.{key}"] = (float(np.mean(vals)), float(np.std(vals)))
+            if all(r.get("catalog_consumed_kept") for r in rows):
+                for key in rows[0]["catalog_consumed_kept"][task]:
+                    vals = [r["catalog_consumed_kept"][task][key] for r in rows]
+                    agg[f"kept.{task}.{key}"] = (float(np.mean(vals)), float(np.std(vals)))
             if "auc" in rows[0]["ranking"].get(task, {}):
                 vals = [r["ranking"][task]["auc"] for r in rows]
                 agg[f"{task}.rank_auc"] = (float(np.mean(vals)), float(np.std(vals)))
@@ -136,17 +146,30 @@ def table(name: str, fig: dict) -> str:
              DATASETS[name]["about"] + " Test targets: "
              + ", ".join(f"{t} {fig['test_targets'][t]:,}" for t in tasks) + ". rank AUC: the ranking head on 1 engaged + "
              "99 popularity-sampled items per request. train s: optimizer steps, plus text vectors and RQ-VAE "
-             "for synergen's run.", "",
+             "for synergen's run." + _exclusion_note(fig, tasks), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scorer, a in agg.items():
         auc = " / ".join(_cell(a, f"{t}.rank_auc", 3) for t in tasks if f"{t}.rank_auc" in a) or "—"
         lines.append("| " + " | ".join([scorer, *[_cell(a, c) for c in cols], auc, _cell(a, "train_seconds", 0)]) + " |")
+    for scorer, a in agg.items():
+        if any(k.startswith("kept.") for k in a) and scorer != "popularity":
+            lines.append("| " + " | ".join([f"{scorer}, consumed items ranked too", *[_cell(a, f"kept.{c}") for c in cols],
+                                            "—", "—"]) + " |")
     if name == "beauty":
         for ref, (r5, n5, r10, n10) in PUBLISHED_BEAUTY.items():
             vals = {"rec.recall@5": r5, "rec.ndcg@5": n5, "rec.recall@10": r10, "rec.ndcg@10": n10}
             lines.append("| " + " | ".join([f"{ref} (published)", *[f"{vals[c]:.4f}" if c in vals else "—" for c in cols],
                                             "—", "—"]) + " |")
     return "\n".join(lines)
+
+
+def _exclusion_note(fig: dict, tasks: list[str]) -> str:
+    excluded = [t for t in tasks if t in fig.get("exclude_consumed", [])]
+    if not excluded:
+        return " Consumed items are ranked like any other item."
+    return (f" {' and '.join(excluded)}: the items a user engaged with before the request are left out of the "
+            "ranking, as the served lists leave them out (`evaluate.exclude_consumed`, the default; RecBole's full "
+            "ranking masks them too); the rows \"consumed items ranked too\" score the same models without that.")
 
 
 def main() -> None:
@@ -188,6 +211,7 @@ def main() -> None:
         figures[name] = {"command": command(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                          "git_revision": git_revision(), "ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
                          "variants": variants, "overrides": args.set, "test_targets": runs[0]["test_targets"],
+                         "exclude_consumed": list(cfg.evaluate.exclude_consumed),
                          "features": runs[0]["features"], "mean_std": agg, "runs": runs,
                          "seconds": round(time.perf_counter() - t0, 1)}
         print(table(name, figures[name]) + "\n", flush=True)

@@ -188,6 +188,11 @@ class EvaluateConfig(_Section):
     rank_negatives_by: Literal["popularity", "uniform"] = "popularity"
     batch_size: int = Field(512, ge=1)
     seed: int = 7
+    # Tasks whose full-catalog ranking leaves out the items the user engaged with before the request, as
+    # the served lists do (score.exclude_consumed / exclude_consumed_search): so the figures measure the
+    # lists users get. RecBole's and S3-Rec's full ranking also mask each user's history. Training's
+    # validation uses the same setting.
+    exclude_consumed: list[Literal["rec", "search"]] = ["rec"]
 
 
 class TextEncoderConfig(_Section):

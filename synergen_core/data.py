@@ -255,6 +255,9 @@ class Requests:
     query_idx: np.ndarray  # [N] the search target's query (0 for recommendation)
     ts: np.ndarray  # [N] float64 time of the target event (the request time)
     lengths: np.ndarray  # [N] valid history tokens
+    # [N, M] items the user engaged with before the request (the whole context, not only the L
+    # tokens of history), 0-padded: what the served lists leave out (evaluate.exclude_consumed)
+    consumed: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
@@ -263,7 +266,21 @@ class Requests:
         return Requests(
             {k: v[rows] for k, v in self.history.items()}, self.target[rows], self.task[rows],
             self.query_idx[rows], self.ts[rows], self.lengths[rows],
+            None if self.consumed is None else self.consumed[rows],
         )
+
+
+def consumed_items(tok: Tokens, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """[N, M] the item tokens' items of tokens starts[i] .. ends[i] - 1 of ``tok``, 0-padded
+    (M = the longest span; repeats kept, they mask the same column)."""
+    n = np.maximum(ends - starts, 0)
+    M = max(int(n.max()) if len(n) else 0, 1)
+    if not len(tok.item_idx):
+        return np.zeros((len(n), M), np.int64)
+    col = np.arange(M)[None, :]
+    inside = col < n[:, None]  # [N, M]
+    idx = np.where(inside, starts[:, None] + col, 0)
+    return np.where(inside & (tok.token_type[idx] == TokenType.ITEM), tok.item_idx[idx], 0).astype(np.int64)
 
 
 def requests_from_eval(table: pa.Table, L: int, split: str | None = None) -> tuple[Requests, int]:
@@ -285,6 +302,7 @@ def requests_from_eval(table: pa.Table, L: int, split: str | None = None) -> tup
         query_idx=pc.fill_null(table[C.QUERY_INDEX], 0).to_numpy().astype(np.int64)[keep],
         ts=pc.fill_null(table[C.TARGET_TS].cast(pa.int64()), 0).to_numpy().astype(np.float64)[keep] / 1e6,
         lengths=n[keep],
+        consumed=consumed_items(tok, tok.offsets[:-1][keep], tok.offsets[1:][keep]),
     )
     return req, int((~has).sum())
 
@@ -314,6 +332,7 @@ def holdout_last(tok: Tokens, L: int, min_items: int = 3) -> tuple[Tokens, Reque
         query_idx=np.where(search, tok.query_idx[prev], 0),
         ts=tok.ts[last],
         lengths=ctx_len,
+        consumed=consumed_items(tok, tok.offsets[:-1][rows], last),
     )
     keep_len = tok.lengths.copy()
     keep_len[rows] -= 1 + search  # drop the whole held-out event

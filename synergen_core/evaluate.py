@@ -71,15 +71,34 @@ def _by_task(scorer, req: Requests, compute) -> dict[str, dict]:
     return out
 
 
-def evaluate_catalog(scorer, req: Requests, ks: list[int], batch_size: int = 512) -> dict[str, dict]:
-    """Full-catalog Recall@K / NDCG@K / MRR of ``scorer`` per task: {"search": {...}, "rec": {...}}."""
+def evaluate_catalog(
+    scorer, req: Requests, ks: list[int], batch_size: int = 512, exclude_consumed: tuple[str, ...] = ()
+) -> dict[str, dict]:
+    """Full-catalog Recall@K / NDCG@K / MRR of ``scorer`` per task: {"search": {...}, "rec": {...}}.
+
+    ``exclude_consumed``: the tasks ("rec", "search") whose requests rank the catalog without the items in
+    ``req.consumed``, as the served lists do (``score.exclude_consumed``); a target the user had already
+    engaged with then ranks below every other item (a miss at any K short of the catalog), as it is
+    missing from the served list.
+    """
+    unknown = set(exclude_consumed) - set(TASK_NAMES.values())
+    if unknown:
+        raise ValueError(f"exclude_consumed: unknown tasks {sorted(unknown)}")
 
     def compute(rows: np.ndarray) -> dict:
         sub = req.select(rows)
+        exclude = TASK_NAMES[int(sub.task[0])] in exclude_consumed
+        if exclude and sub.consumed is None:
+            raise ValueError("exclude_consumed needs requests with their consumed items (Requests.consumed)")
         greater, ties = [], []
         for chunk in _chunks(len(sub), batch_size):
             part = sub.select(chunk)
-            g, t = rank_stats(scorer.catalog(part), torch.from_numpy(part.target))
+            scores = scorer.catalog(part)  # [n, n_items]
+            if exclude:  # out of place: a scorer may return a broadcast view; column 0 is padding anyway
+                consumed = torch.from_numpy(part.consumed)
+                consumed = consumed.masked_fill(consumed >= scores.shape[1], 0)  # items the scorer cannot rank
+                scores = scores.scatter(1, consumed, float("-inf"))
+            g, t = rank_stats(scores, torch.from_numpy(part.target))
             greater.append(g.numpy())
             ties.append(t.numpy())
         return catalog_metrics(np.concatenate(greater), np.concatenate(ties), ks)
@@ -133,7 +152,7 @@ def evaluate_lists(score, scorer, req: Requests, cand: np.ndarray, ks: list[int]
 
 def evaluate_scorer(scorer, req: Requests, cand: np.ndarray, cfg: EvaluateConfig) -> dict:
     """{"catalog": per-task retrieval metrics, "ranking": per-task list metrics[, "ranking_retrieval"]}."""
-    out = {"catalog": evaluate_catalog(scorer, req, cfg.ks, cfg.batch_size),
+    out = {"catalog": evaluate_catalog(scorer, req, cfg.ks, cfg.batch_size, tuple(cfg.exclude_consumed)),
            "ranking": evaluate_lists(scorer.candidates, scorer, req, cand, cfg.ks, cfg.batch_size)}
     if isinstance(scorer, ModelScorer) and scorer.use_ranking_head:
         retrieval = lambda r, c: np.take_along_axis(scorer.catalog(r).numpy(), c, 1)  # noqa: E731

@@ -173,8 +173,10 @@ def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sample
 # ---- validation ---------------------------------------------------------------------------------
 
 
-def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: int = 512) -> tuple[float, dict]:
-    """(geometric mean over trained tasks of ``train.valid_metric``, per-task metrics) on the validation targets.
+def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: int = 512,
+             exclude_consumed: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """(geometric mean over trained tasks of ``train.valid_metric``, per-task metrics) on the validation targets,
+    ranked as the evaluation ranks them (``exclude_consumed``: ``evaluate.exclude_consumed``).
 
     Geometric, so that a task's relative change counts the same whatever its scale: on MovieLens
     search NDCG@10 is ~0.5 and recommendation's ~0.04, and an arithmetic mean would select the epoch
@@ -185,7 +187,7 @@ def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: in
         req = req.select(np.sort(np.random.default_rng(tcfg.seed).choice(len(req), tcfg.valid_max_rows, replace=False)))
     k = int(tcfg.valid_metric.split("@")[1])
     was_training = model.training
-    metrics = evaluate_catalog(ModelScorer(model), req, [k], batch_size)
+    metrics = evaluate_catalog(ModelScorer(model), req, [k], batch_size, exclude_consumed)
     model.train(was_training)
     weights = {"search": tcfg.w_search, "rec": tcfg.w_rec}
     vals = [m[tcfg.valid_metric] for t, m in metrics.items() if weights[t] > 0 and tcfg.valid_metric in m]
@@ -335,7 +337,7 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
 
     def end_of_training_unit() -> bool:
         """Validate, keep the best weights; True when early stopping says stop."""
-        score, per_task = validate(model, data, tcfg)
+        score, per_task = validate(model, data, tcfg, exclude_consumed=tuple(cfg.evaluate.exclude_consumed))
         state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": per_task,
                                  tcfg.valid_metric: score, "loss": state.get("epoch_loss")})
         if not math.isfinite(score) or score > state["best"]:  # no validation targets: keep the latest

@@ -33,7 +33,8 @@ def requests(targets, tasks=None, queries=None, L=3, n_items=5) -> Requests:
         h["position"][r] = np.arange(L)
         h["ts"][r] = 1.7e9 + 60.0 * np.arange(L)
         h["action"][r], h["surface"][r] = 1, np.where(h["token_type"][r] == Q, 1, 2)
-    return Requests(h, np.array(targets), tasks, queries, np.full(N, 1.7e9 + 600.0), np.full(N, L))
+    consumed = np.where(h["token_type"] == I, h["item_idx"], 0)
+    return Requests(h, np.array(targets), tasks, queries, np.full(N, 1.7e9 + 600.0), np.full(N, L), consumed)
 
 
 def test_candidate_lists_target_first_distinct_seeded_and_popularity_weighted():
@@ -70,6 +71,28 @@ def test_popularity_full_catalog_metrics_with_ties():
     assert m["recall@1"] == pytest.approx((1 + 0 + 0) / 3)
     assert m["recall@2"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert "search" not in evaluate_catalog(pop, req, [1])
+
+
+def test_excluding_consumed_items_ranks_the_rest_and_makes_a_consumed_target_a_miss():
+    pop = Popularity(np.array([0, 5, 3, 3, 1]))
+    req = requests([4, 1, 2], tasks=[RECOMMEND, RECOMMEND, SEARCH])
+    req.consumed = np.array([[1, 2, 3], [1, 0, 0], [1, 0, 0]])
+    kept = evaluate_catalog(pop, req, [1, 2], exclude_consumed=())
+    out = evaluate_catalog(pop, req, [1, 2], exclude_consumed=("rec",))
+    assert kept["rec"]["recall@1"] == pytest.approx(0.5)  # target 1 on top; target 4 last of 4
+    # target 4: items 1-3 consumed, so it is the only item left; target 1: consumed, so it ranks below
+    # the three items left (a miss at every K short of the catalog)
+    assert out["rec"]["recall@1"] == out["rec"]["recall@2"] == pytest.approx(0.5)
+    assert kept["rec"]["recall@2"] == pytest.approx(0.5)
+    # search keeps consumed items unless asked: item 1 stays above target 2
+    assert out["search"] == kept["search"] and out["search"]["recall@1"] == 0
+    # ... and when asked, item 1 goes: target 2 ties with item 3 for the top (half a hit)
+    assert evaluate_catalog(pop, req, [1], exclude_consumed=("rec", "search"))["search"]["recall@1"] == 0.5
+    with pytest.raises(ValueError, match="unknown tasks"):
+        evaluate_catalog(pop, req, [1], exclude_consumed=("recommend",))
+    req.consumed = None
+    with pytest.raises(ValueError, match="consumed items"):
+        evaluate_catalog(pop, req, [1], exclude_consumed=("rec",))
 
 
 def test_bm25_finds_the_item_named_by_the_query_and_serves_search_only():

@@ -127,6 +127,7 @@ def test_holdout_last_takes_the_whole_last_event():
     assert valid.query_idx.tolist() == [5, 0]
     assert valid.lengths.tolist() == [4, 2]  # the search request's history ends with its query
     assert valid.history["token_type"][0, -1] == Q
+    assert valid.consumed.tolist() == [[1, 2, 3, 0], [1, 2, 0, 0]]  # the items before the held-out event
 
 
 def test_tokens_from_arrow_and_eval_requests():
@@ -153,6 +154,8 @@ def test_tokens_from_arrow_and_eval_requests():
     req, dropped = requests_from_eval(table, L=4, split="test")
     assert dropped == 1  # the user without any context
     assert req.task.tolist() == [SEARCH] and req.target.tolist() == [8] and req.query_idx.tolist() == [3]
+    assert req.consumed.tolist() == [[7, 0]]  # the context's items (the query token is not one)
+    assert req.select(np.array([0])).consumed.tolist() == [[7, 0]]
     batch = to_batch(req.history, np.arange(1), req.lengths, "cpu")
     assert batch["token_type"].tolist() == [[I, Q]] and batch["ts"].dtype == torch.float64
 
