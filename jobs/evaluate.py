@@ -4,7 +4,9 @@ For every protocol in ``train.protocols``: the ``test`` rows of ``split_<protoco
 any context are counted and left out: no sequence model can score them), the same popularity-sampled
 candidate lists for every scorer, then ``synergen_core.evaluate.evaluate_scorer`` for every trained
 variant found under ``<lake>/<train.output>/ds=D/<protocol>/`` and every baseline in
-``evaluate.baselines``. The result is returned and written to ``<lake>/<train.output>/ds=D/evaluation.json``.
+``evaluate.baselines``. Full-catalog figures of the tasks in ``evaluate.exclude_consumed`` (default:
+recommendation) rank the catalog without the items the user already engaged with, as the served lists
+do; the result records which tasks those were. The result is returned and written to ``<lake>/<train.output>/ds=D/evaluation.json``.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
         counts = item_counts(train_tokens, n_items)
         cand = ranking_lists(test, counts, cfg.evaluate)
         res = {"test_targets": {"search": int((test.task == SEARCH).sum()), "rec": int((test.task != SEARCH).sum())},
-               "no_context": no_context, "candidates_per_list": int(cand.shape[1]), "scorers": {}}
+               "no_context": no_context, "candidates_per_list": int(cand.shape[1]),
+               "exclude_consumed": list(cfg.evaluate.exclude_consumed), "scorers": {}}
         names = [v for v in (variants or VARIANTS) if (root / protocol / v / checkpoint.MODEL).is_file()]
         for v in names:
             t0 = time.perf_counter()

@@ -266,6 +266,10 @@ def test_validation_score_is_the_geometric_mean_over_the_trained_tasks():
     rec_only = variant_config(cfg, "rec_only").train
     assert train_mod.validate(model, data, rec_only)[0] == pytest.approx(rec)
     assert 0 < train_mod.task_score([0.0, 0.2]) < train_mod.task_score([0.0, 0.3])  # a task at 0 stops nothing
+    # validation ranks as the evaluation does: without the consumed items where the evaluation leaves them out
+    assert (data.valid.consumed == data.valid.target[:, None]).any(1).any()  # some targets repeat an item
+    _, excluded = train_mod.validate(model, data, cfg.train, exclude_consumed=("rec",))
+    assert excluded["search"] == per_task["search"] and excluded["rec"]["mrr"] != per_task["rec"]["mrr"]
 
 
 def test_step_budget_stops_training(tmp_path):
