@@ -168,8 +168,8 @@ def _exclusion_note(fig: dict, tasks: list[str]) -> str:
     if not excluded:
         return " Consumed items are ranked like any other item."
     return (f" {' and '.join(excluded)}: the items a user engaged with before the request are left out of the "
-            "ranking, as the served lists leave them out (`evaluate.exclude_consumed`, the default; RecBole's full "
-            "ranking masks them too); the rows \"consumed items ranked too\" score the same models without that.")
+            "ranking, as the served lists leave them out (`evaluate.exclude_consumed`, the default; S3-Rec's "
+            "evaluation code masks them too, RecBole's does not for sequential models); the rows \"consumed items ranked too\" score the same models without that.")
 
 
 def main() -> None:

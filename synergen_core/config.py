@@ -190,8 +190,8 @@ class EvaluateConfig(_Section):
     seed: int = 7
     # Tasks whose full-catalog ranking leaves out the items the user engaged with before the request, as
     # the served lists do (score.exclude_consumed / exclude_consumed_search): so the figures measure the
-    # lists users get. RecBole's and S3-Rec's full ranking also mask each user's history. Training's
-    # validation uses the same setting.
+    # lists users get. S3-Rec's full ranking (and its successors') masks each user's history too; RecBole's
+    # does not for sequential models. Training's validation uses the same setting.
     exclude_consumed: list[Literal["rec", "search"]] = ["rec"]
 
 
