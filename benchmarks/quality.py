@@ -36,7 +36,8 @@ from synergen_core.config import Config, with_overrides
 DATASETS = {
     "beauty": {"format": "amazon-seq", "path": SHARED_DATA / "amazon-beauty", "tasks": ["rec"],
                "about": "Recommendation only (the data has no queries): each user's last item against the whole "
-                        "catalog. Published rows: `../shared/data/README.md`.",
+                        "catalog. Published rows: `../shared/data/README.md`; RecBole's SASRec ranks consumed items (compare it "
+                        "with the \"consumed items ranked too\" rows), the README does not say how the others did.",
                "variants": ["synergen", "sasrec", "no_time_rope", "no_text", "no_semantic_ids"]},
     "movielens": {"format": "movielens", "path": SHARED_DATA / "movielens-small", "tasks": ["search", "rec"],
                   "about": "search = the movie a user tagged, with the tag as the query (test: the last tag of each "
@@ -194,6 +195,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
+    revision = git_revision()  # the code that runs: taken before a run that can outlast a commit
     figures = {}
     for name in args.datasets:
         t0 = time.perf_counter()
@@ -209,7 +211,7 @@ def main() -> None:
             print(f"{name} seed {seed}: {runs[-1]['seconds']} s", flush=True)
         agg = aggregate(runs)
         figures[name] = {"command": command(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                         "git_revision": git_revision(), "ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
+                         "git_revision": revision, "ds": ds, "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs,
                          "variants": variants, "overrides": args.set, "test_targets": runs[0]["test_targets"],
                          "exclude_consumed": list(cfg.evaluate.exclude_consumed),
                          "features": runs[0]["features"], "mean_std": agg, "runs": runs,
