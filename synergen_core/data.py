@@ -271,16 +271,17 @@ class Requests:
 
 
 def consumed_items(tok: Tokens, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """[N, M] the item tokens' items of tokens starts[i] .. ends[i] - 1 of ``tok``, 0-padded
-    (M = the longest span; repeats kept, they mask the same column)."""
+    """[N, M] int32 the item tokens' items of tokens starts[i] .. ends[i] - 1 of ``tok``, 0-padded
+    (M = the longest span, at most sessionize.max_seq_len; repeats kept, they mask the same column).
+    int32: a day's test targets times M can be large, and item indices fit."""
     n = np.maximum(ends - starts, 0)
     M = max(int(n.max()) if len(n) else 0, 1)
     if not len(tok.item_idx):
-        return np.zeros((len(n), M), np.int64)
+        return np.zeros((len(n), M), np.int32)
     col = np.arange(M)[None, :]
     inside = col < n[:, None]  # [N, M]
     idx = np.where(inside, starts[:, None] + col, 0)
-    return np.where(inside & (tok.token_type[idx] == TokenType.ITEM), tok.item_idx[idx], 0).astype(np.int64)
+    return np.where(inside & (tok.token_type[idx] == TokenType.ITEM), tok.item_idx[idx], 0).astype(np.int32)
 
 
 def requests_from_eval(table: pa.Table, L: int, split: str | None = None) -> tuple[Requests, int]:

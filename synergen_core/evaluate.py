@@ -95,7 +95,7 @@ def evaluate_catalog(
             part = sub.select(chunk)
             scores = scorer.catalog(part)  # [n, n_items]
             if exclude:  # out of place: a scorer may return a broadcast view; column 0 is padding anyway
-                consumed = torch.from_numpy(part.consumed)
+                consumed = torch.from_numpy(part.consumed).long()  # [n, M] scatter indices
                 consumed = consumed.masked_fill(consumed >= scores.shape[1], 0)  # items the scorer cannot rank
                 scores = scores.scatter(1, consumed, float("-inf"))
             g, t = rank_stats(scores, torch.from_numpy(part.target))
