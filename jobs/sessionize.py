@@ -86,14 +86,22 @@ def unify(search: DataFrame, browse: DataFrame) -> DataFrame:
 def dedup(events: DataFrame, seen: DataFrame | None = None) -> DataFrame:
     """Exact duplicates collapsed to their first arrival (``ds``), minus rows whose copy is in ``seen``.
 
-    A hash aggregate on the whole row (minimum arrival day as a date, which hash aggregation can hold)
-    instead of a per-id sort; partitioning by user first lets it and the session window share one
-    shuffle. Impressions are not part of the key (the same event logged twice is one event); copies
-    that differ in them keep the smallest list, so the choice does not depend on row order.
+    An aggregate on the whole row; partitioning by user first lets it and the session window share
+    one shuffle. Impressions are not part of the key (the same event logged twice is one event);
+    copies that differ in them keep the smallest list, so the choice does not depend on row order.
+
+    The smallest list is not a fixed-width value, so the aggregate sorts (a hash aggregate cannot hold
+    it). It sorts once only if no key is floating point: Spark normalizes such a key (-0.0, NaN) in
+    the partial step, which then no longer merges with the final one, and every event with its
+    impressions is sorted twice. So ``value`` is grouped by its text, normalized the same way first:
+    a double's text reads back as the same double.
     """
+    value = F.when(F.col(C.VALUE) == 0, F.lit(0.0)).otherwise(F.col(C.VALUE))  # -0.0 as 0.0; NaN is "NaN"
+    keys = [value.cast("string").alias(C.VALUE) if c == C.VALUE else F.col(c) for c in DEDUP_KEY]
     first = (events.repartition(C.USER_ID)
-             .groupBy(*DEDUP_KEY).agg(F.min(F.to_date(C.DS)).alias("_first"), F.min(C.IMPRESSIONS).alias(C.IMPRESSIONS))
-             .select(*DEDUP_KEY, C.IMPRESSIONS, F.date_format("_first", "yyyy-MM-dd").alias(C.DS)))
+             .groupBy(*keys).agg(F.min(F.to_date(C.DS)).alias("_first"), F.min(C.IMPRESSIONS).alias(C.IMPRESSIONS))
+             .select(*[F.col(c).cast("double").alias(c) if c == C.VALUE else c for c in DEDUP_KEY], C.IMPRESSIONS,
+                     F.date_format("_first", "yyyy-MM-dd").alias(C.DS)))
     if seen is None:
         return first
     same = [F.col(f"a.{c}").eqNullSafe(F.col(f"b.{c}")) for c in DEDUP_KEY]
@@ -172,22 +180,58 @@ def with_counts(vocab: DataFrame, known: DataFrame, tokens: DataFrame, index: st
             .select(index, *[c for c in vocab.columns if c != index], total.cast("long").alias(C.COUNT)))
 
 
-def shown_indices(events: DataFrame, items: DataFrame) -> DataFrame:
-    """(``user_id``, ``event_pos``, ``shown_items``) of the events with logged impressions: the shown
-    item ids as vocabulary indices in display order. Ids the vocabulary lacks are left out (every item
-    of the catalog or of an event has an index, so only items never listed anywhere are).
+def hash_table(vocab: DataFrame, key: str, index: str, n: int) -> tuple[DataFrame, int]:
+    """``vocab`` (``n`` rows) as a one-row, one-column hash table for ``lookup``, and its bucket count.
+
+    The table is an array of buckets: bucket ``b`` is a map from the keys whose ``xxhash64(key) mod
+    buckets`` is ``b`` to their indices (null when none). With at least twice as many buckets as keys
+    a bucket holds one key or none on average, so a lookup is a hash, an array access and a search
+    of a map of about one entry. The table takes a few bytes per key, like a broadcast vocabulary.
     """
-    return (events.select(C.USER_ID, C.EVENT_POS, F.posexplode(C.IMPRESSIONS).alias("_k", C.ITEM_ID))
-            .join(F.broadcast(items.select(C.ITEM_ID, C.ITEM_INDEX)), C.ITEM_ID)
-            .groupBy(C.USER_ID, C.EVENT_POS)
-            .agg(F.sort_array(F.collect_list(F.struct("_k", C.ITEM_INDEX))).alias("_shown"))
-            .select(C.USER_ID, C.EVENT_POS, F.transform("_shown", lambda s: s[C.ITEM_INDEX]).alias(C.SHOWN_ITEMS)))
+    buckets = max(1024, 1 << (2 * max(n, 1) - 1).bit_length())
+    filled = (vocab.where(F.col(key).isNotNull()).groupBy(_bucket(F.col(key), buckets).alias("_b"))
+              .agg(F.collect_list(F.struct(key, index)).alias("_e")))
+    table = (vocab.sparkSession.range(buckets).select(F.col("id").cast("int").alias("_b"))
+             .join(filled, "_b", "left")
+             .agg(F.sort_array(F.collect_list(F.struct("_b", "_e"))).alias("_t"))
+             .select(F.transform("_t", lambda b: F.map_from_entries(b["_e"])).alias("_t")))
+    return table, buckets
+
+
+def lookup(table: Column, buckets: int, key: Column) -> Column:
+    """The index of ``key`` in a ``hash_table`` column; null when absent (or null)."""
+    return F.try_element_at(F.get(table, _bucket(key, buckets)), key)
+
+
+def _bucket(key: Column, buckets: int) -> Column:
+    return F.pmod(F.xxhash64(key), F.lit(buckets)).cast("int")
+
+
+def shown_indices(events: DataFrame, items: DataFrame, n_items: int) -> DataFrame:
+    """``events`` with ``impressions`` replaced by ``shown_items``: the shown ids as indices of the item
+    vocabulary ``items`` (``n_items`` rows) in display order, null when none were logged. Ids the
+    vocabulary lacks are left out (every item of the catalog or of an event has an index, so only
+    items never listed anywhere are).
+
+    Each row looks its ids up in the vocabulary as a hash table (``hash_table``, computed once as a
+    scalar subquery), so the rows keep their partitioning. A join would explode the events to one row
+    per shown id, group them back and join them to the events again (a shuffle and sort of every event
+    with its impressions). Done before the session window, whose sort then carries the shown items as
+    ints instead of id strings.
+    """
+    table, buckets = hash_table(items, C.ITEM_ID, C.ITEM_INDEX, n_items)
+    shown = F.transform(C.IMPRESSIONS, lambda x: lookup(F.col("_items"), buckets, x))
+    # Subqueries may not appear inside a lambda: the table is a column first, which the optimizer
+    # folds into the expression reading it (it is not copied into every row).
+    return (events.withColumn("_items", table.scalar())
+            .select(*[c for c in events.columns if c != C.IMPRESSIONS],
+                    F.filter(shown, lambda i: i.isNotNull()).cast("array<int>").alias(C.SHOWN_ITEMS)))
 
 
 def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> DataFrame:
-    """Events in the ``schemas.sequences.EVENTS`` layout (+ ``ds``), with item and query indices and
-    the impressions as item indices without the engaged item (empty when it was the only one shown,
-    null when none were logged).
+    """Events (with ``shown_items``, see ``shown_indices``) in the ``schemas.sequences.EVENTS`` layout
+    (+ ``ds``), with item and query indices and the shown items without the engaged one (empty when
+    it was the only one shown, null when none were logged).
 
     Vocabularies are broadcast: they are small next to the events and keep the user partitioning.
     """
@@ -195,11 +239,9 @@ def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> D
     e = (events.withColumn("_qkey", normalize_query(F.col(C.QUERY)))
          .join(F.broadcast(items.select(C.ITEM_ID, C.ITEM_INDEX)), C.ITEM_ID, "left")
          .join(F.broadcast(q), "_qkey", "left")
-         .join(shown_indices(events, items), [C.USER_ID, C.EVENT_POS], "left")
          .withColumn(C.SURFACE, surface()))
     engaged = F.coalesce(F.col(C.ITEM_INDEX), F.lit(-1))
-    logged = F.when(F.col(C.IMPRESSIONS).isNotNull(), F.coalesce(F.col(C.SHOWN_ITEMS), F.array().cast("array<int>")))
-    e = e.withColumn(C.SHOWN_ITEMS, F.filter(logged, lambda x: x != engaged))
+    e = e.withColumn(C.SHOWN_ITEMS, F.filter(C.SHOWN_ITEMS, lambda x: x != engaged))
     casts = {C.QUERY_INDEX: "int", C.ITEM_INDEX: "int", C.EVENT_POS: "int", C.POS: "int", C.SESSION: "int",
              C.SHOWN_ITEMS: "array<int>"}
     return e.select(*[F.col(c).cast(casts[c]).alias(c) if c in casts else F.col(c) for c in S.EVENTS.names],
@@ -270,9 +312,11 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
              days: list[str], out_days: list[str]) -> dict:
     root, src = Path(cfg.lake.root), cfg.sessionize.source
     inputs = {t: read_days(spark, root, f"{src}/{t}", c, after=prev, upto=ds) for t, c in INPUTS.items()}
-    # Cached: the vocabularies, the duplicate check and the sessions all read the input, and a long
-    # backfill's input is thousands of small partitions.
-    raw = _cache(cached, unify(inputs["search_events"], inputs["browse_events"]))
+    # Not cached: the vocabularies (and a daily run's duplicate check) read two of its columns, which
+    # is all Parquet reads, and the sessions read it once. A cached copy would hold every event's
+    # impressions (8 ids each by default, ~4x the rest of the row) in one block per input file: at 20M
+    # events, blocks of ~0.8 GiB built beside the vocabularies' sort ran a 4 GiB driver out of heap.
+    raw = unify(inputs["search_events"], inputs["browse_events"])
     state = _state(spark, cfg, prev)
 
     item_seen = raw.select(C.ITEM_ID, C.DS).unionByName(inputs["catalog"].select(C.ITEM_ID, C.DS))
@@ -283,15 +327,12 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
     queries, new_queries = extend_vocab(state["queries"], query_seen, C.QUERY, C.QUERY_INDEX, sizes[QUERY_VOCAB])
     items, queries = _cache(cached, items), _cache(cached, queries)
 
-    sessions = sessionize(dedup(raw, _recent_copies(spark, cfg, raw, prev, days)),
-                          state["sequences"] if prev else None, cfg.sessionize.gap_minutes)
-    # Cached until the events are: attach_indices reads the sessions twice (the events and their
-    # impressions), and each read would otherwise repeat the per-user sort of the session window.
-    sessions = _cache(cached, sessions)  # released early below; the finally releases it on failure
+    unique = shown_indices(dedup(raw, _recent_copies(spark, cfg, raw, prev, days)), items,
+                           sizes[ITEM_VOCAB] + new_items)
+    sessions = sessionize(unique, state["sequences"] if prev else None, cfg.sessionize.gap_minutes)
     # Cached: written as the day partitions, then the source of sequences, counts, stats and splits.
     events = _cache(cached, attach_indices(sessions, items, queries))
     staging.write_days(events, _out(cfg, EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)
-    sessions.unpersist()
 
     toks = event_tokens(events)
     for vocab, known, index, table in ((items, state["items"], C.ITEM_INDEX, ITEM_VOCAB),

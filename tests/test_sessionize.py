@@ -244,6 +244,23 @@ def test_impressions_become_item_indices_on_item_tokens(synth):
     assert [3] in ctx.filter(pl.col(C.USER_ID) == "u2")[C.SHOWN_ITEMS].to_list()
 
 
+def test_impression_lookup_table_with_shared_buckets(spark):
+    """``hash_table`` + ``lookup`` (how impressions become indices): every key's index, null for an
+    unknown or null id, also where buckets hold several keys (sized for 1 key: 1,024 buckets for 5,000)."""
+    from pyspark.sql import functions as F
+
+    index = {f"i{k}": k + 1 for k in range(5000)}
+    vocab = spark.createDataFrame(list(index.items()), f"{C.ITEM_ID} string, {C.ITEM_INDEX} int")
+    table, buckets = sessionize.hash_table(vocab, C.ITEM_ID, C.ITEM_INDEX, 1)
+    assert buckets == 1024
+    probe = spark.createDataFrame([(f"i{k}",) for k in range(0, 5001, 7)] + [("i",), ("nope",), (None,)],
+                                  f"{C.ITEM_ID} string")
+    got = (probe.withColumn("_t", table.scalar())
+           .select(C.ITEM_ID, sessionize.lookup(F.col("_t"), buckets, F.col(C.ITEM_ID)).alias("v")).collect())
+    assert len(got) == 718
+    assert {r[C.ITEM_ID]: r["v"] for r in got} == {r[C.ITEM_ID]: index.get(r[C.ITEM_ID]) for r in got}
+
+
 def test_vocabularies_stable_and_appended(synth):
     root = synth["root"]
     items = {d: read(root, "daily", "item_vocab", d) for d in (D1, D2, D3, D4)}
