@@ -151,9 +151,9 @@ class TrainConfig(_Section):
     variants: list[VariantName] = ["synergen"]
     max_windows: int | None = Field(None, ge=1)  # windows of model.max_seq_len tokens per user, latest first
     # Batches of similar lengths: less padding, so faster epochs, but each batch then holds only short or
-    # only long histories and its loss is a mean over very different target counts. On Amazon Beauty it
-    # cost the ID-only model a fifth of its validation NDCG@10 after 6 epochs (0.0318 vs 0.0388), so it
-    # is opt-in for corpora where padding dominates the cost; the order stays seeded either way.
+    # only long histories and its loss is a mean over very different target counts; on Amazon Beauty the
+    # ID-only model learned markedly slower per epoch with it. Opt-in for corpora where padding dominates
+    # the cost; the order stays seeded either way.
     bucket_by_length: bool = False
     # Task weights of the joint objective: recommendation = next item at item positions, search = the
     # engaged item at query positions (0 turns a task off: the single-task variants).
