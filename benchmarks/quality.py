@@ -15,7 +15,11 @@ Training time per run is the wall time of the optimizer steps (``train_seconds``
     .venv/bin/python -m benchmarks.quality --set model.dropout=0.5   # any setting, kept in the recorded command
 
 A run replaces only the tables of the datasets it ran: each dataset keeps the command, date and revision
-that produced its table, so datasets tuned with different settings can be rerun one at a time.
+that produced its table, so datasets tuned with different settings can be rerun one at a time. With
+``--add`` it adds its variants to the dataset's table instead (the same seeds, epochs and overrides),
+so a table too long for one sitting is run in parts, each part's command listed under the table's:
+
+    .venv/bin/python -m benchmarks.quality --datasets beauty --variants no_time_rope --add --set ...
 """
 from __future__ import annotations
 
@@ -130,6 +134,35 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+def added(old: dict | None, new: dict, name: str) -> dict:
+    """``old``'s table with ``new``'s trained variants added (or replaced), seed by seed.
+
+    Only runs of the same settings mix: the same seeds, epochs, test targets, exclusion and overrides
+    (``train.output`` aside, it only names where the models go). Each addition keeps its command, date
+    and revision, which the table lists under its own.
+    """
+    if old is None:
+        raise SystemExit(f"--add: there is no recorded {name} table to add to")
+
+    def settings(fig: dict) -> dict:
+        return {"seeds": fig["seeds"], "epochs": fig["epochs"], "test_targets": fig["test_targets"],
+                "exclude_consumed": fig.get("exclude_consumed", []),
+                "overrides": sorted(o for o in fig["overrides"] if not o.startswith("train.output="))}
+
+    if settings(old) != settings(new):
+        raise SystemExit(f"--add: the recorded {name} table was made with {settings(old)}, this run with "
+                         f"{settings(new)}; rerun with the same settings or without --add")
+    variants = [*old["variants"], *[v for v in new["variants"] if v not in old["variants"]]]
+    runs = []
+    for o, n in zip(old["runs"], new["runs"]):
+        scorers = {**o["scorers"], **n["scorers"]}  # the untrained baselines are the same in both
+        order = [*variants, *[k for k in scorers if k not in variants]]  # trained first, as in one run
+        runs.append({**o, "scorers": {k: scorers[k] for k in order}, "seconds": o["seconds"] + n["seconds"]})
+    addition = {k: new[k] for k in ("command", "date", "git_revision", "variants")}
+    return {**old, "variants": variants, "runs": runs, "mean_std": aggregate(runs),
+            "additions": [*old.get("additions", []), addition], "seconds": old["seconds"] + new["seconds"]}
+
+
 def _cell(agg: dict, key: str, digits: int = 4) -> str:
     if key not in agg:
         return "—"
@@ -144,6 +177,8 @@ def table(name: str, fig: dict) -> str:
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
+             *[f"Added with `--add` ({', '.join(a['variants'])}): `{a['command']}` — {a['date']}, revision "
+               f"{a['git_revision']}\n" for a in fig.get("additions", [])],
              DATASETS[name]["about"] + " Test targets: "
              + ", ".join(f"{t} {fig['test_targets'][t]:,}" for t in tasks) + ". rank AUC: the ranking head on 1 engaged + "
              "99 popularity-sampled items per request. train s: optimizer steps, plus text vectors and RQ-VAE "
@@ -184,6 +219,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                     help="configuration overrides for training and evaluation (e.g. model.dropout=0.5)")
+    ap.add_argument("--add", action="store_true",
+                    help="add this run's trained variants to the dataset's recorded table instead of replacing "
+                         "it (same seeds, epochs and overrides, train.output aside): a long table in parts")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite BENCHMARKS.md's tables from benchmarks/results/quality.json (no training)")
     args = ap.parse_args()
@@ -216,6 +254,8 @@ def main() -> None:
                          "exclude_consumed": list(cfg.evaluate.exclude_consumed),
                          "features": runs[0]["features"], "mean_std": agg, "runs": runs,
                          "seconds": round(time.perf_counter() - t0, 1)}
+        if args.add:
+            figures[name] = added(previous_figures().get(name), figures[name], name)
         print(table(name, figures[name]) + "\n", flush=True)
     figures = {**previous_figures(), **figures}
     figures = {name: figures[name] for name in DATASETS if name in figures}

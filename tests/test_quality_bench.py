@@ -1,0 +1,41 @@
+"""benchmarks.quality --add: a dataset's table run in parts stays one table of same-settings runs."""
+import pytest
+
+from benchmarks.quality import added, table
+
+
+def scorer(r10: float, seconds: float | None = 100.0) -> dict:
+    catalog = {"rec": {f"{m}@{k}": r10 for k in (5, 10, 20, 50) for m in ("recall", "ndcg")}}
+    return {"catalog": catalog, "ranking": {"rec": {"auc": 0.7}}, "catalog_consumed_kept": catalog,
+            "train_seconds": seconds, "epochs_run": 3}
+
+
+def figure(variants: list[str], r10: list[float], overrides: list[str], command: str) -> dict:
+    runs = [{"scorers": {**{v: scorer(x) for v in variants}, "popularity": scorer(0.01, None)}, "seconds": 10.0,
+             "test_targets": {"rec": 5}} for x in r10]
+    return {"command": command, "date": "2026-11-24", "git_revision": "abc1234", "seeds": [42, 43][:len(r10)],
+            "epochs": 30, "variants": variants, "overrides": overrides, "test_targets": {"rec": 5},
+            "exclude_consumed": ["rec"], "runs": runs, "mean_std": {}, "seconds": 20.0}
+
+
+def test_add_keeps_the_old_rows_and_lists_the_addition():
+    old = figure(["synergen", "sasrec"], [0.08, 0.09], ["model.dropout=0.3", "train.output=a"], "first")
+    new = figure(["no_text"], [0.05, 0.07], ["train.output=b", "model.dropout=0.3"], "second")
+    fig = added(old, new, "beauty")
+    assert list(fig["mean_std"]) == ["synergen", "sasrec", "no_text", "popularity"]
+    assert fig["mean_std"]["synergen"]["rec.recall@10"] == pytest.approx((0.085, 0.005))
+    assert fig["mean_std"]["no_text"]["rec.recall@10"] == pytest.approx((0.06, 0.01))
+    assert fig["variants"] == ["synergen", "sasrec", "no_text"] and fig["runs"][0]["seconds"] == 20.0
+    text = table("beauty", fig)
+    assert "`first`" in text and "Added with `--add` (no_text): `second`" in text
+    assert text.index("| synergen |") < text.index("| no_text |") < text.index("| popularity |")
+
+
+def test_add_refuses_other_settings_or_no_table():
+    old = figure(["synergen"], [0.08, 0.09], ["model.dropout=0.3"], "first")
+    with pytest.raises(SystemExit, match="model.dropout=0.2"):
+        added(old, figure(["no_text"], [0.05, 0.07], ["model.dropout=0.2"], "second"), "beauty")
+    with pytest.raises(SystemExit, match="seeds"):
+        added(old, figure(["no_text"], [0.05], ["model.dropout=0.3"], "second"), "beauty")
+    with pytest.raises(SystemExit, match="no recorded beauty table"):
+        added(None, old, "beauty")
