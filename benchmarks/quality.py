@@ -141,17 +141,7 @@ def added(old: dict | None, new: dict, name: str) -> dict:
     (``train.output`` aside, it only names where the models go). Each addition keeps its command, date
     and revision, which the table lists under its own.
     """
-    if old is None:
-        raise SystemExit(f"--add: there is no recorded {name} table to add to")
-
-    def settings(fig: dict) -> dict:
-        return {"seeds": fig["seeds"], "epochs": fig["epochs"], "test_targets": fig["test_targets"],
-                "exclude_consumed": fig.get("exclude_consumed", []),
-                "overrides": sorted(o for o in fig["overrides"] if not o.startswith("train.output="))}
-
-    if settings(old) != settings(new):
-        raise SystemExit(f"--add: the recorded {name} table was made with {settings(old)}, this run with "
-                         f"{settings(new)}; rerun with the same settings or without --add")
+    refuse_addition(old, new, name)
     variants = [*old["variants"], *[v for v in new["variants"] if v not in old["variants"]]]
     runs = []
     for o, n in zip(old["runs"], new["runs"]):
@@ -161,6 +151,21 @@ def added(old: dict | None, new: dict, name: str) -> dict:
     addition = {k: new[k] for k in ("command", "date", "git_revision", "variants")}
     return {**old, "variants": variants, "runs": runs, "mean_std": aggregate(runs),
             "additions": [*old.get("additions", []), addition], "seconds": old["seconds"] + new["seconds"]}
+
+
+def refuse_addition(old: dict | None, new: dict, name: str) -> None:
+    """Stop unless ``new`` (a run, or the settings of one about to start) may be added to ``old``."""
+    if old is None:
+        raise SystemExit(f"--add: there is no recorded {name} table to add to")
+
+    def settings(fig: dict) -> dict:
+        return {"seeds": fig["seeds"], "epochs": fig["epochs"], "exclude_consumed": fig.get("exclude_consumed", []),
+                "overrides": sorted(o for o in fig["overrides"] if not o.startswith("train.output=")),
+                **({"test_targets": fig["test_targets"]} if "test_targets" in new else {})}
+
+    if settings(old) != settings(new):
+        raise SystemExit(f"--add: the recorded {name} table was made with {settings(old)}, this run with "
+                         f"{settings(new)}; rerun with the same settings or without --add")
 
 
 def _cell(agg: dict, key: str, digits: int = 4) -> str:
@@ -243,6 +248,10 @@ def main() -> None:
         cfg.train.threads = args.threads
         cfg.train.epochs = args.epochs
         variants = args.variants or DATASETS[name]["variants"]
+        if args.add:  # before hours of training, not after
+            refuse_addition(previous_figures().get(name), {
+                "seeds": list(range(42, 42 + args.seeds)), "epochs": cfg.train.epochs, "overrides": args.set,
+                "exclude_consumed": list(cfg.evaluate.exclude_consumed)}, name)
         runs = []
         for seed in range(42, 42 + args.seeds):
             runs.append(run_seed(cfg, ds, variants, seed))

@@ -1,7 +1,7 @@
 """benchmarks.quality --add: a dataset's table run in parts stays one table of same-settings runs."""
 import pytest
 
-from benchmarks.quality import added, table
+from benchmarks.quality import added, refuse_addition, table
 
 
 def scorer(r10: float, seconds: float | None = 100.0) -> dict:
@@ -39,3 +39,7 @@ def test_add_refuses_other_settings_or_no_table():
         added(old, figure(["no_text"], [0.05], ["model.dropout=0.3"], "second"), "beauty")
     with pytest.raises(SystemExit, match="no recorded beauty table"):
         added(None, old, "beauty")
+    planned = {"seeds": [42, 43], "epochs": 30, "overrides": ["model.dropout=0.3"], "exclude_consumed": ["rec"]}
+    refuse_addition(old, planned, "beauty")  # checked before training: the test targets are not known yet
+    with pytest.raises(SystemExit, match="'epochs': 20"):
+        refuse_addition(old, {**planned, "epochs": 20}, "beauty")
