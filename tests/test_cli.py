@@ -27,9 +27,9 @@ def test_config_file_and_environment_overrides(tmp_path):
 
 
 def test_overrides_apply_over_a_loaded_config_and_name_bad_keys(tmp_path):
-    base = load_config(None, environ={"SYNERGEN__MODEL__DROPOUT": "0.3"})
+    base = load_config(None, environ={"SYNERGEN__MODEL__DROPOUT": "0.4"})
     cfg = with_overrides(base, ["model.n_layers=3", "validate.late_days=4", "train.variants=[sasrec]"])
-    assert (cfg.model.dropout, cfg.model.n_layers, cfg.validate_.late_days, cfg.train.variants) == (0.3, 3, 4, ["sasrec"])
+    assert (cfg.model.dropout, cfg.model.n_layers, cfg.validate_.late_days, cfg.train.variants) == (0.4, 3, 4, ["sasrec"])
     assert base.model.n_layers == 2  # the loaded config is left as it was
     with pytest.raises(ConfigError, match="model.n_layer: unknown key"):
         with_overrides(base, ["model.n_layer=3"])
