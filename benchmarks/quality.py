@@ -58,6 +58,12 @@ PUBLISHED_BEAUTY = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
     "SASRec full CE, RecBole 1.2.1": (0.0567, 0.0328, 0.0844, 0.0417),
 }
 KS = (5, 10, 20, 50)
+# Paired comparisons on the same test targets: (model, against, task). Each target's NDCG@10 is averaged
+# over the seeds, then the mean difference gets a bootstrap interval over the targets, so the table says
+# whether a gap is larger than which targets happened to be drawn (MovieLens has 43 search targets).
+PAIRS = (("synergen", "rec_only", "rec"), ("synergen", "search_only", "search"), ("synergen", "sasrec", "rec"))
+PAIRED_K = 10
+BOOTSTRAP = 10_000
 
 
 def prepare(name: str, work: Path) -> tuple[Config, str]:
@@ -97,6 +103,7 @@ def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
         plain.evaluate.exclude_consumed = []
         kept = evaluate.run(plain, ds, variants=variants, protocols=["loo"])["loo"]["scorers"]
     result = evaluate.run(cfg, ds, variants=variants, protocols=["loo"])["loo"]  # last: its files stay
+    paired = per_target_ndcg(cfg, ds, [v for v in variants if any(v in pair[:2] for pair in PAIRS)])
     out = {}
     for name, metrics in result["scorers"].items():
         summary = trained["loo"]["models"].get(name)
@@ -105,9 +112,77 @@ def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
             "catalog_consumed_kept": kept[name]["catalog"] if name in kept else None,
             "train_seconds": None if summary is None else summary["train_seconds"] + (prepare_s if name == "synergen" else 0),
             "epochs_run": None if summary is None else summary["epochs_run"],
+            **({f"per_target_ndcg@{PAIRED_K}": paired[name]} if name in paired else {}),
         }
     return {"scorers": out, "test_targets": result["test_targets"], "seconds": round(time.perf_counter() - t0, 1),
             "features": trained["loo"]["features"]}
+
+
+def per_target_ndcg(cfg: Config, ds: str, variants: list[str]) -> dict:
+    """{variant: {task: {"n": targets, "hits": [[target row, NDCG@PAIRED_K], ...] where it is not 0}}} for
+    the trained ``variants``, ranked as ``jobs.evaluate`` ranks them (sparse: most targets score 0)."""
+    from synergen_core import checkpoint
+    from synergen_core.data import load_test
+    from synergen_core.evaluate import ModelScorer, catalog_ranks
+    from synergen_core.metrics import ndcg_at_k
+    from synergen_core.train import pick_device
+
+    test, _ = load_test(cfg, ds, "loo")
+    device, root = pick_device(cfg.train), Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / "loo"
+    out = {}
+    for v in variants:
+        scorer = ModelScorer(checkpoint.load_model(root / v, device), v, device)
+        ranks = catalog_ranks(scorer, test, cfg.evaluate.batch_size, tuple(cfg.evaluate.exclude_consumed))
+        out[v] = {}
+        for task, (greater, ties) in ranks.items():
+            ndcg = ndcg_at_k(greater, ties, PAIRED_K)
+            out[v][task] = {"n": len(ndcg), "hits": [[int(i), round(float(ndcg[i]), 6)] for i in np.nonzero(ndcg)[0]]}
+    return out
+
+
+def _dense(sparse: dict) -> np.ndarray:
+    x = np.zeros(sparse["n"])
+    for i, v in sparse["hits"]:
+        x[i] = v
+    return x
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """For each of ``PAIRS`` whose two models have per-target figures in every run: the mean over test
+    targets of (model - against) NDCG@PAIRED_K, each target first averaged over the seeds, with a 95%
+    bootstrap interval over the targets and the targets where the model is better / worse."""
+    key, out = f"per_target_ndcg@{PAIRED_K}", []
+    for model, against, task in PAIRS:
+        per_seed = []
+        for r in runs:
+            a, b = r["scorers"].get(model, {}).get(key, {}), r["scorers"].get(against, {}).get(key, {})
+            if task not in a or task not in b:
+                break
+            per_seed.append(_dense(a[task]) - _dense(b[task]))
+        else:
+            if not per_seed:
+                continue
+            diff = np.mean(per_seed, axis=0)  # [targets]
+            idx = np.random.default_rng(0).integers(0, len(diff), (BOOTSTRAP, len(diff)))
+            lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
+            out.append({"model": model, "against": against, "task": task, "targets": len(diff),
+                        "mean_diff": float(diff.mean()), "ci95": [float(lo), float(hi)],
+                        "better": int((diff > 0).sum()), "worse": int((diff < 0).sum())})
+    return out
+
+
+def paired_table(comparisons: list[dict], n_seeds: int) -> str:
+    if not comparisons:
+        return ""
+    lines = [f"Paired on the same test targets: each target's NDCG@{PAIRED_K} averaged over the {n_seeds} seeds, "
+             "the mean difference with a 95% bootstrap interval over the targets (an interval that holds 0: the "
+             "gap is within what the draw of test targets alone would give).", "",
+             f"| model − against | task | targets | mean N@{PAIRED_K} difference | 95% interval | targets better / worse |",
+             "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['model']} − {c['against']} | {c['task']} | {c['targets']:,} | {c['mean_diff']:+.4f} | "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['better']} / {c['worse']} |")
+    return "\n".join(lines)
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -201,7 +276,8 @@ def table(name: str, fig: dict) -> str:
             vals = {"rec.recall@5": r5, "rec.ndcg@5": n5, "rec.recall@10": r10, "rec.ndcg@10": n10}
             lines.append("| " + " | ".join([f"{ref} (published)", *[f"{vals[c]:.4f}" if c in vals else "—" for c in cols],
                                             "—", "—"]) + " |")
-    return "\n".join(lines)
+    pairs = paired_table(paired(fig["runs"]), n_seeds)
+    return "\n".join(lines) + (f"\n\n{pairs}" if pairs else "")
 
 
 def _exclusion_note(fig: dict, tasks: list[str]) -> str:

@@ -81,11 +81,20 @@ def evaluate_catalog(
     engaged with then ranks below every other item (a miss at any K short of the catalog), as it is
     missing from the served list.
     """
+    ranks = catalog_ranks(scorer, req, batch_size, exclude_consumed)
+    return {task: catalog_metrics(greater, ties, ks) for task, (greater, ties) in ranks.items()}
+
+
+def catalog_ranks(
+    scorer, req: Requests, batch_size: int = 512, exclude_consumed: tuple[str, ...] = ()
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, (greater, ties) [n] of each request's target in its full-catalog ranking, in request
+    order: the per-target figures ``evaluate_catalog`` averages (for paired comparisons of two models)."""
     unknown = set(exclude_consumed) - set(TASK_NAMES.values())
     if unknown:
         raise ValueError(f"exclude_consumed: unknown tasks {sorted(unknown)}")
 
-    def compute(rows: np.ndarray) -> dict:
+    def compute(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sub = req.select(rows)
         exclude = TASK_NAMES[int(sub.task[0])] in exclude_consumed
         if exclude and sub.consumed is None:
@@ -101,7 +110,7 @@ def evaluate_catalog(
             g, t = rank_stats(scores, torch.from_numpy(part.target))
             greater.append(g.numpy())
             ties.append(t.numpy())
-        return catalog_metrics(np.concatenate(greater), np.concatenate(ties), ks)
+        return np.concatenate(greater), np.concatenate(ties)
 
     return _by_task(scorer, req, compute)
 

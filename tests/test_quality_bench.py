@@ -1,7 +1,9 @@
 """benchmarks.quality --add: a dataset's table run in parts stays one table of same-settings runs."""
 import pytest
 
-from benchmarks.quality import added, refuse_addition, table
+import numpy as np
+
+from benchmarks.quality import PAIRED_K, added, paired, refuse_addition, table
 
 
 def scorer(r10: float, seconds: float | None = 100.0) -> dict:
@@ -43,3 +45,33 @@ def test_add_refuses_other_settings_or_no_table():
     refuse_addition(old, planned, "beauty")  # checked before training: the test targets are not known yet
     with pytest.raises(SystemExit, match="'epochs': 20"):
         refuse_addition(old, {**planned, "epochs": 20}, "beauty")
+
+
+def with_per_target(run: dict, name: str, task: str, ndcg: list[float]) -> None:
+    hits = [[i, v] for i, v in enumerate(ndcg) if v]
+    run["scorers"].setdefault(name, scorer(0.05))[f"per_target_ndcg@{PAIRED_K}"] = {task: {"n": len(ndcg), "hits": hits}}
+
+
+def test_paired_comparison_averages_targets_over_seeds_and_bounds_the_gap():
+    fig = figure(["synergen", "rec_only"], [0.08, 0.09], [], "first")
+    joint = ([1.0, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.5])
+    single = ([0.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0])
+    for run, a, b in zip(fig["runs"], joint, single):
+        with_per_target(run, "synergen", "rec", a)
+        with_per_target(run, "rec_only", "rec", b)
+    (c,) = paired(fig["runs"])
+    # per target, averaged over the two seeds: joint - single = [0.5, -0.25, 0, 0.25]
+    assert (c["model"], c["against"], c["task"], c["targets"]) == ("synergen", "rec_only", "rec", 4)
+    assert c["mean_diff"] == pytest.approx(0.125) and (c["better"], c["worse"]) == (2, 1)
+    lo, hi = c["ci95"]
+    assert -0.25 <= lo < 0.125 < hi <= 0.5  # bootstrap means stay within the per-target differences
+    text = table("beauty", fig)
+    assert "| synergen − rec_only | rec | 4 | +0.1250 |" in text and "2 / 1 |" in text
+
+    del fig["runs"][1]["scorers"]["rec_only"][f"per_target_ndcg@{PAIRED_K}"]  # one seed without: no comparison
+    assert paired(fig["runs"]) == [] and "Paired on the same test targets" not in table("beauty", fig)
+    same = figure(["synergen", "rec_only"], [0.08], [], "first")
+    for name in ("synergen", "rec_only"):
+        with_per_target(same["runs"][0], name, "rec", list(np.linspace(0, 1, 50)))
+    (c,) = paired(same["runs"])
+    assert c["mean_diff"] == 0.0 and c["ci95"] == [0.0, 0.0] and (c["better"], c["worse"]) == (0, 0)

@@ -105,6 +105,18 @@ def test_train_and_evaluate_on_a_movielens_slice(sessionized):
                 assert 0.0 <= scorers[name]["ranking"][task]["auc"] <= 1.0
         assert set(scorers["bm25"]["catalog"]) == {"search"}  # no user model: search only
         assert "ranking_retrieval" in scorers["synergen"] and "ranking_retrieval" not in scorers["sasrec"]
+    # the benchmark's per-target figures (for paired comparisons) average to the evaluation's
+    from benchmarks.quality import PAIRED_K, _dense, paired, per_target_ndcg
+
+    per_target = per_target_ndcg(cfg, ds, ["synergen", "sasrec"])
+    for name in ("synergen", "sasrec"):
+        for task in ("search", "rec"):
+            cat = result["loo"]["scorers"][name]["catalog"][task]
+            assert per_target[name][task]["n"] == cat["n"]
+            assert _dense(per_target[name][task]).mean() == pytest.approx(cat[f"ndcg@{PAIRED_K}"], abs=1e-6)
+    run = {"scorers": {n: {f"per_target_ndcg@{PAIRED_K}": v} for n, v in per_target.items()}}
+    (cmp,) = paired([run])  # synergen - sasrec on rec: the only pair of PAIRS with both models
+    assert (cmp["against"], cmp["targets"]) == ("sasrec", result["loo"]["test_targets"]["rec"])
     flat = evaluate.headline(result)
     assert "loo.synergen.search.recall@10" in flat and "temporal.bm25.search.ndcg@10" in flat
 
