@@ -167,7 +167,6 @@ class Scorer:
         self.model, self.index, self.s = model.eval(), index, settings
         self.L = model.cfg.max_seq_len
         self.rank_head = model.cfg.w_ranking > 0  # a variant trained without it ranks by retrieval
-        self.temperature = float(model.temperature().detach())
 
     def requests(self, batch: pa.RecordBatch):
         """-> (``synergen_core.data.Requests`` of the rows that have a history, their row numbers)."""
@@ -227,7 +226,15 @@ class Scorer:
         import torch
 
         with torch.no_grad(), self.autocast():
-            return self.model.retrieval.query(self.states(req, chunk)[0]).float().numpy()
+            return self.model.retrieval.query(self.states(req, chunk)[0], self._search(req, chunk)).float().numpy()
+
+    def _search(self, req, chunk: np.ndarray):
+        """[r] bool tensor: which requests of the chunk are searches (their own query tower, if any)."""
+        import torch
+
+        from synergen_core.model import SEARCH
+
+        return torch.from_numpy(req.task[chunk] == SEARCH)
 
     def autocast(self):
         """The model's passes in ``score.precision``: bfloat16 autocast, or a no-op for float32."""
@@ -242,9 +249,11 @@ class Scorer:
         if self.s.retriever == "generative":
             items, retr = self._generate(h, req.task[chunk], self.s.retrieve_n + extra)
         else:
-            q = self.model.retrieval.query(h).float().numpy()
+            search = self._search(req, chunk)
+            q = self.model.retrieval.query(h, search).float().numpy()
             scores, items = self.index.search(q, self.s.retrieve_n + extra)
-            retr = scores / self.temperature  # the model's retrieval logit
+            temperature = self.model.temperature(search).detach().float().numpy()  # [] or [r, 1]
+            retr = scores / temperature  # the model's retrieval logit
         cand, retr, valid = _first_valid(items, retr, _consumed_mask(items, consumed, self.model.n_items),
                                          self.s.retrieve_n)
         ranking = self._rank(cache, cand) if self.rank_head else retr.copy()

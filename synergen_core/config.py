@@ -114,6 +114,10 @@ class ModelConfig(_Section):
     #               + w_semantic * mean per-level semantic-ID cross-entropy.
     temperature: float = Field(0.05, gt=0)  # InfoNCE temperature (initial value when learned)
     learn_temperature: bool = True
+    # Search positions get their own retrieval query Linear and temperature (the item side, hence the
+    # index, stays one for both tasks), so a small search share does not have to share the query
+    # space and the softmax sharpness that recommendation settles on.
+    task_towers: bool = False
     w_retrieval: float = Field(1.0, ge=0)
     w_ranking: float = Field(1.0, ge=0)
     w_semantic: float = Field(1.0, ge=0)

@@ -44,7 +44,7 @@ class ModelScorer:
     def catalog(self, req: Requests) -> Tensor:
         batch = self._batch(req)
         hidden = self.model(batch)
-        return self.model.retrieval_logits(self.model.last_hidden(batch, hidden), self.items).float().cpu()
+        return self.model.request_logits(batch, hidden, self.items).float().cpu()
 
     @torch.no_grad()
     def candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 * ``RetrievalHead``: a prediction position's hidden state and an item's content vector (the same item
   parts the input tokens use, see ``embeddings.py``) each go through their own Linear and are
   L2-normalised; retrieval is their dot product, so the whole catalog can be embedded once and searched
-  exhaustively or with a vector index.
+  exhaustively or with a vector index. With ``task_towers`` search positions get a query Linear of
+  their own (one item side, one index, for both tasks).
 * ``RankingHead``: a score per appended candidate from its hidden state, which has seen the history
   (and the query, for search) and the candidate itself.
 * ``SemanticIdHead`` (GenSAR): logits for level l of the next item's semantic ID given the hidden state
@@ -17,14 +18,21 @@ from torch import Tensor, nn
 
 
 class RetrievalHead(nn.Module):
-    def __init__(self, d: int):
+    def __init__(self, d: int, task_towers: bool = False):
         super().__init__()
-        self.query_proj = nn.Linear(d, d)
+        self.query_proj = nn.Linear(d, d)  # recommendation positions (all positions without towers)
+        self.search_query_proj = nn.Linear(d, d) if task_towers else None
         self.item_proj = nn.Linear(d, d)
 
-    def query(self, hidden: Tensor) -> Tensor:
-        """[..., d] hidden states at prediction positions -> [..., d] unit vectors."""
-        return F.normalize(self.query_proj(hidden), dim=-1)
+    def query(self, hidden: Tensor, search: Tensor | None = None) -> Tensor:
+        """[..., d] hidden states at prediction positions -> [..., d] unit vectors.
+
+        search: [...] bool, True at search positions (their own Linear with task towers; else ignored).
+        """
+        q = self.query_proj(hidden)
+        if self.search_query_proj is not None and search is not None and bool(search.any()):
+            q = torch.where(search[..., None], self.search_query_proj(hidden), q)
+        return F.normalize(q, dim=-1)
 
     def item(self, content: Tensor) -> Tensor:
         """[..., d] item content vectors -> [..., d] unit vectors."""

@@ -121,7 +121,7 @@ class SynerGen(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.backbone = Backbone(cfg)
-        self.retrieval = RetrievalHead(d)
+        self.retrieval = RetrievalHead(d, cfg.task_towers)
         self.ranking = RankingHead(d)
         views = self.embed.views
         self.semantic = (
@@ -129,6 +129,10 @@ class SynerGen(nn.Module):
             if cfg.semantic_head else None
         )
         self.log_temp = nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
+        self.log_temp_search = (  # task towers: search's own temperature
+            nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
+            if cfg.task_towers else None
+        )
         self.apply(_init_weights)
         self.backbone.init_residual_()
         self.tries = nn.ModuleDict({v: SemanticIdTrie(self.embed.codes(v), codebook_size) for v in views})
@@ -198,10 +202,25 @@ class SynerGen(nn.Module):
         idx = last_valid_index(batch["token_type"] != TokenType.PAD)  # [B]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
+    @staticmethod
+    def request_is_search(batch: dict[str, Tensor]) -> Tensor:
+        """-> [B] bool: the row's last valid history token is a query (a search request)."""
+        tt = batch["token_type"]
+        idx = last_valid_index(tt != TokenType.PAD)  # [B]
+        return tt[torch.arange(tt.shape[0], device=tt.device), idx] == TokenType.QUERY
+
     # ---- retrieval -----------------------------------------------------------------------------
 
-    def temperature(self) -> Tensor:
-        return self.log_temp.exp().clamp(min=1e-3)
+    def temperature(self, search: Tensor | None = None) -> Tensor:
+        """-> scalar; with task towers and ``search`` [N] bool given, [N, 1]: each position's task's."""
+        if self.log_temp_search is None or search is None:
+            return self.log_temp.exp().clamp(min=1e-3)
+        return torch.where(search, self.log_temp_search, self.log_temp).exp().clamp(min=1e-3)[:, None]
+
+    def scaled_query(self, hidden: Tensor, search: Tensor | None = None) -> Tensor:
+        """hidden: [N, d] at prediction positions; search: [N] bool -> [N, d] query unit vectors over
+        their task's temperature: ``scaled_query @ item_vectors().T`` are the retrieval logits."""
+        return self.retrieval.query(hidden, search) / self.temperature(search)
 
     def item_vectors(self, item_idx: Tensor | None = None) -> Tensor:
         """-> [n, d] unit vectors of items (the whole catalog [n_items, d] by default, row 0 padding)."""
@@ -209,15 +228,20 @@ class SynerGen(nn.Module):
             item_idx = torch.arange(self.n_items, device=self.log_temp.device)
         return self.retrieval.item(self.embed.item_content(item_idx))
 
-    def retrieval_logits(self, hidden: Tensor, items: Tensor | None = None) -> Tensor:
+    def retrieval_logits(self, hidden: Tensor, items: Tensor | None = None, search: Tensor | None = None) -> Tensor:
         """hidden: [N, d] at prediction positions -> [N, n_items] cosine / temperature, -inf at padding.
 
-        ``items`` [n_items, d]: precomputed ``item_vectors()`` to reuse over many calls.
+        ``items`` [n_items, d]: precomputed ``item_vectors()`` to reuse over many calls; ``search`` [N]
+        bool: which rows are search positions (needed with task towers, see ``request_is_search``).
         """
         items = self.item_vectors() if items is None else items
-        logits = self.retrieval.query(hidden) @ items.T / self.temperature()
+        logits = self.scaled_query(hidden, search) @ items.T
         logits[:, 0] = float("-inf")
         return logits
+
+    def request_logits(self, batch: dict[str, Tensor], hidden: Tensor, items: Tensor | None = None) -> Tensor:
+        """-> [B, n_items] retrieval logits of each row's request (its last valid history token)."""
+        return self.retrieval_logits(self.last_hidden(batch, hidden), items, self.request_is_search(batch))
 
     def retrieval_loss(
         self, batch: dict[str, Tensor], hidden: Tensor, neg_idx: Tensor | None = None, log_q: Tensor | None = None
@@ -233,13 +257,14 @@ class SynerGen(nn.Module):
         if not sel.any():
             return hidden.sum() * 0.0
         pos_ids = target[sel]  # [N]
-        q = self.retrieval.query(hidden[:, :L][sel])  # [N, d]
+        search = prediction_task(batch)[sel] == SEARCH  # [N]
+        q = self.retrieval.query(hidden[:, :L][sel], search)  # [N, d]
         neg = None if neg_idx is None else self.item_vectors(neg_idx)
         pos_lq = None if log_q is None else log_q[pos_ids]
         neg_lq = None if log_q is None or neg_idx is None else log_q[neg_idx]
         return info_nce(
             q, self.item_vectors(pos_ids), pos_ids, neg, neg_idx,
-            temperature=self.temperature(), pos_log_q=pos_lq, neg_log_q=neg_lq,
+            temperature=self.temperature(search), pos_log_q=pos_lq, neg_log_q=neg_lq,
         )
 
     # ---- ranking -------------------------------------------------------------------------------

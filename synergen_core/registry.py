@@ -213,7 +213,7 @@ class SynerGenPyfunc(_PythonModel):
             with torch.no_grad():
                 batch = to_batch(hist, rows, lengths, "cpu")
                 hidden = model(batch)
-                logits = model.retrieval_logits(model.last_hidden(batch, hidden)).float()
+                logits = model.request_logits(batch, hidden).float()
                 top = logits.topk(min(k, logits.shape[1] - 1), dim=1)
             for j, r in enumerate(rows):
                 out_items[r] = top.indices[j].tolist()

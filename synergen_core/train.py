@@ -149,11 +149,8 @@ def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sample
             continue
         sub = {**batch, "target": target * sel}
         if items is not None:
-            # model.retrieval_logits divides the [N, n_items] product by the temperature; dividing the
-            # [N, d] queries instead is the same function at a fraction of the cost (and of its backward).
-            q = model.retrieval.query(hidden[:, :L][sel]) / model.temperature()  # [N, d]
-            logits = (q @ items.T).float()  # [N, n_items]
-            logits[:, 0] = float("-inf")
+            search = torch.full((int(sel.sum()),), code == SEARCH, device=sel.device)  # [N]
+            logits = model.retrieval_logits(hidden[:, :L][sel], items, search).float()  # [N, n_items]
             ret = F.cross_entropy(logits, target[sel])
         else:
             ret = model.retrieval_loss(sub, hidden, neg, sampler.log_q)

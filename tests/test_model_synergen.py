@@ -1,6 +1,9 @@
 """SynerGen wiring: shapes, candidate isolation, padding, ablations, a tiny overfit run."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from synergen_core.config import ModelConfig
 from synergen_core.embeddings import TokenType
@@ -254,3 +257,38 @@ def test_tiny_overfit():
     assert last["total"] < 0.5 * first["total"]
     for k in ("retrieval", "ranking", "semantic"):
         assert last[k] < first[k]
+
+
+def test_task_towers_give_search_requests_their_own_query_and_temperature():
+    """With task towers a search request is scored through search's query Linear and temperature, a
+    recommendation request through the shared ones; the item side is the same for both."""
+    model = _model(task_towers=True).eval()
+    batch = _batch(with_candidates=False)
+    search = model.request_is_search(batch)
+    assert search.tolist() == [True, False, False]  # row 0 ends with a query token; rows 1, 2 with items
+    with torch.no_grad():
+        model.log_temp_search.fill_(math.log(0.2))
+        hidden = model(batch)
+        last = model.last_hidden(batch, hidden)
+        logits = model.request_logits(batch, hidden)
+        items = model.item_vectors()
+        by_search = F.normalize(model.retrieval.search_query_proj(last), dim=-1) @ items.T / 0.2
+        by_rec = F.normalize(model.retrieval.query_proj(last), dim=-1) @ items.T / model.log_temp.exp()
+    torch.testing.assert_close(logits[0, 1:], by_search[0, 1:])
+    torch.testing.assert_close(logits[1:, 1:], by_rec[1:, 1:])
+    assert not torch.allclose(by_search[0, 1:], by_rec[0, 1:])
+    # the training loss reaches the search tower only through search positions
+    losses = model.train().losses(batch)
+    losses["retrieval"].backward()
+    assert model.retrieval.search_query_proj.weight.grad.abs().sum() > 0
+    assert model.log_temp_search.grad is not None and model.log_temp_search.grad != 0
+
+
+def test_without_task_towers_every_request_shares_one_query_tower():
+    model = _model().eval()
+    assert model.retrieval.search_query_proj is None and model.log_temp_search is None
+    batch = _batch(with_candidates=False)
+    with torch.no_grad():
+        hidden = model(batch)
+        torch.testing.assert_close(model.request_logits(batch, hidden),
+                                   model.retrieval_logits(model.last_hidden(batch, hidden)))

@@ -306,6 +306,34 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def test_search_requests_use_the_search_tower_and_its_temperature():
+    """A model with task towers: the scorer searches the index with each request's own tower and turns
+    the inner products into that task's retrieval logits (the model's ``request_logits``)."""
+    from synergen_core.data import Requests
+    from synergen_core.model import RECOMMEND, SEARCH
+    from test_model_synergen import _batch, _model
+
+    model = _model(task_towers=True).eval()
+    with torch.no_grad():
+        model.log_temp_search.fill_(np.log(0.2))
+        batch = {k: v[[0, 2]] for k, v in _batch(with_candidates=False).items()}  # a search, a left-padded rec
+        logits = model.request_logits(batch, model(batch))
+        vectors = model.item_vectors()[1:].numpy()
+    index = cindex.CandidateIndex(cindex.exact_index(vectors), np.arange(1, len(vectors) + 1), cindex.EXACT)
+    req = Requests({k: v.numpy() for k, v in batch.items()}, np.zeros(2, np.int64), np.array([SEARCH, RECOMMEND]),
+                   np.zeros(2, np.int64), np.zeros(2), np.array([6, 4]))
+    settings = score.Settings(top_k=5, retrieve_n=8, retriever="dense", batch_size=2, request_ts=0.0,
+                              n_queries=model.embed.query_text.shape[0], threads=1, progress=False)
+    scorer = score.Scorer(model, index, settings)
+    with torch.no_grad():
+        _, items, retr, _, valid = scorer._score_chunk(req, np.arange(2), pa.array([[], []], pa.list_(pa.int64())))
+    assert valid.all()
+    expected = np.take_along_axis(logits.numpy(), items, 1)
+    np.testing.assert_allclose(retr, expected, rtol=1e-4, atol=1e-4)
+    for row in range(2):  # re-ranked, but retrieved from each request's own top N
+        assert set(items[row]) <= set(logits[row].topk(8).indices.tolist())
+
+
 def test_index_exact_ivf_and_fallback():
     items, queries = clustered(4000, 16, 0), clustered(200, 16, 1)
     ids = np.arange(1, 4001)
