@@ -30,6 +30,8 @@ class RetrievalHead(nn.Module):
         search: [...] bool, True at search positions (their own Linear with task towers; else ignored).
         """
         q = self.query_proj(hidden)
+        # Skipped when no position is a search: the search tower then gets no gradient at all (None, so
+        # AdamW leaves it be) rather than a zero one that its momentum would still step on.
         if self.search_query_proj is not None and search is not None and bool(search.any()):
             q = torch.where(search[..., None], self.search_query_proj(hidden), q)
         return F.normalize(q, dim=-1)

@@ -199,15 +199,12 @@ class SynerGen(nn.Module):
 
     def last_hidden(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
         """-> [B, d]: hidden state at each row's last valid history token (the request's prediction)."""
-        idx = last_valid_index(batch["token_type"] != TokenType.PAD)  # [B]
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        return _at_last_token(batch, hidden)
 
     @staticmethod
     def request_is_search(batch: dict[str, Tensor]) -> Tensor:
         """-> [B] bool: the row's last valid history token is a query (a search request)."""
-        tt = batch["token_type"]
-        idx = last_valid_index(tt != TokenType.PAD)  # [B]
-        return tt[torch.arange(tt.shape[0], device=tt.device), idx] == TokenType.QUERY
+        return _at_last_token(batch, batch["token_type"]) == TokenType.QUERY
 
     # ---- retrieval -----------------------------------------------------------------------------
 
@@ -344,6 +341,12 @@ class SynerGen(nn.Module):
             total = total + self.cfg.w_semantic * out["semantic"]
         out["total"] = total
         return out
+
+
+def _at_last_token(batch: dict[str, Tensor], x: Tensor) -> Tensor:
+    """x: [B, L, ...] -> [B, ...] at each row's last valid history token."""
+    idx = last_valid_index(batch["token_type"] != TokenType.PAD)  # [B]
+    return x[torch.arange(x.shape[0], device=x.device), idx]
 
 
 def _init_weights(m: nn.Module) -> None:
