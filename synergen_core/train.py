@@ -16,7 +16,8 @@ Reproducibility: model init and every random draw of a step (dropout, negatives)
 RNG, seeded by ``train.seed``; the batch order of epoch e comes from ``numpy.random.default_rng((seed,
 e))``. A checkpoint holds the RNG states with the weights and optimizer, so stopping after any step
 and resuming gives the same weights as an uninterrupted run (on the same device and thread count).
-Early stopping keeps the weights of the best validation epoch (``checkpoint.MODEL``).
+Early stopping keeps the weights of the best validation epoch (``checkpoint.MODEL``); with
+``train.ema_decay`` those are the moving average of the weights (validated and kept in their place).
 
 Started by ``torchrun`` with several processes, the same loop trains data-parallel
 (``synergen_core.distributed``: DDP, each rank a share of every epoch's batches, rank 0 writes the files).
@@ -229,7 +230,7 @@ BUCKET_BATCHES = 50
 # may differ between a killed run and its resumption.
 _STEP_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "clip_grad", "amp", "max_windows", "w_search", "w_rec",
                 "negatives", "n_negatives", "rank_impression_negatives", "rank_pop_negatives", "rank_hard_negatives",
-                "bucket_by_length")
+                "bucket_by_length", "ema_decay")
 
 
 def learning_rate(tcfg: TrainConfig, step: int, horizon: int) -> float:
@@ -254,6 +255,17 @@ def _horizon(tcfg: TrainConfig, n_windows: int, ranks: distributed.Ranks) -> int
 def _fingerprint(cfg: Config, data: SplitData, dims: dict) -> dict:
     return {"rows": len(data.windows), "dims": dims, "model": cfg.model.model_dump(mode="json"),
             "train": {k: getattr(cfg.train, k) for k in _STEP_FIELDS}}
+
+
+def moving_average(model: SynerGen, tcfg: TrainConfig):
+    """The exponential moving average of ``model``'s parameters (``train.ema_decay``), or None.
+
+    Buffers (text vectors, semantic IDs) are copied, not averaged: they never change."""
+    if tcfg.ema_decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay), use_buffers=False)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -294,6 +306,8 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                             weight_decay=tcfg.weight_decay)
     sampler = Sampler.from_counts(data.counts, device)
+    ema = moving_average(model, tcfg)
+    kept = model if ema is None else ema.module  # what is validated and saved as the best model
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": -math.inf, "best_epoch": None,
              "bad_epochs": 0, "done": False, "history": [], "train_seconds": 0.0}
     fingerprint = _fingerprint(cfg, data, dims)
@@ -309,6 +323,8 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
         if ck["fingerprint"] == fingerprint:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
             state = ck["state"]
             if ranks.active:  # this rank's RNG stream and running epoch loss
                 rng, state["loss_sum"], state["loss_n"] = ck["rng"]["ranks"][ranks.rank]
@@ -330,17 +346,18 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
             rng = {"ranks": distributed.gather((rng, state.get("loss_sum", 0.0), state.get("loss_n", 0)))}
         if ranks.is_main:
             checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                             "rng": rng, "fingerprint": fingerprint}, ckpt_path)
+                             "ema": None if ema is None else ema.state_dict(), "rng": rng,
+                             "fingerprint": fingerprint}, ckpt_path)
 
     def end_of_training_unit() -> bool:
         """Validate, keep the best weights; True when early stopping says stop."""
-        score, per_task = validate(model, data, tcfg, exclude_consumed=tuple(cfg.evaluate.exclude_consumed))
+        score, per_task = validate(kept, data, tcfg, exclude_consumed=tuple(cfg.evaluate.exclude_consumed))
         state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": per_task,
                                  tcfg.valid_metric: score, "loss": state.get("epoch_loss")})
         if not math.isfinite(score) or score > state["best"]:  # no validation targets: keep the latest
             state["best"] = score if math.isfinite(score) else state["best"]
             state["best_epoch"], state["bad_epochs"] = state["epoch"], 0
-            checkpoint.save(checkpoint.model_record(model, dims), out_dir / checkpoint.MODEL)
+            checkpoint.save(checkpoint.model_record(kept, dims), out_dir / checkpoint.MODEL)
         else:
             state["bad_epochs"] += 1
         return state["bad_epochs"] >= tcfg.patience
@@ -368,6 +385,8 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
             if tcfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss = float(losses["total"].detach())
             loss_sum, loss_n = loss_sum + loss, loss_n + 1
             dt = time.perf_counter() - t0

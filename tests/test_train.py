@@ -171,10 +171,11 @@ def _weights(run_dir):
     return checkpoint.load(run_dir / checkpoint.CHECKPOINT)["model"]
 
 
-@pytest.mark.parametrize("negatives, schedule", [("full", "constant"), ("sampled", "constant"), ("full", "cosine")])
-def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negatives, schedule):
+@pytest.mark.parametrize("negatives, schedule, ema", [("full", "constant", None), ("sampled", "constant", None),
+                                                      ("full", "cosine", None), ("full", "constant", 0.8)])
+def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negatives, schedule, ema):
     data, feats = synthetic_split(), synthetic_features()
-    cfg = small_config(negatives=negatives, n_negatives=16, lr_schedule=schedule, warmup_steps=2)
+    cfg = small_config(negatives=negatives, n_negatives=16, lr_schedule=schedule, warmup_steps=2, ema_decay=ema)
     straight = train_mod.train(cfg, data, feats, tmp_path / "straight")
     assert straight["steps"] > 5
 
@@ -192,6 +193,9 @@ def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negative
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert resumed["history"][-1]["valid"] == straight["history"][-1]["valid"]
+    kept_a = checkpoint.load(tmp_path / "straight" / checkpoint.MODEL)["state_dict"]
+    kept_b = checkpoint.load(tmp_path / "killed" / checkpoint.MODEL)["state_dict"]
+    assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)  # the moving average too, when there is one
 
 
 def test_learning_rate_warms_up_then_decays_to_zero_at_the_horizon():
@@ -270,6 +274,30 @@ def test_validation_score_is_the_geometric_mean_over_the_trained_tasks():
     assert (data.valid.consumed == data.valid.target[:, None]).any(1).any()  # some targets repeat an item
     _, excluded = train_mod.validate(model, data, cfg.train, exclude_consumed=("rec",))
     assert excluded["search"] == per_task["search"] and excluded["rec"]["mrr"] != per_task["rec"]["mrr"]
+
+
+def test_moving_average_of_the_weights_is_what_is_validated_and_kept(tmp_path):
+    """model.pt holds decay * w1 + (1 - decay) * w2 after two steps (the first step's weights w1 start
+    the average), not the raw weights w2; buffers are copied, not averaged."""
+    data, feats = synthetic_split(), synthetic_features()
+    raw = {}
+    for steps in (1, 2):
+        train_mod.train(small_config(max_steps=steps, ema_decay=0.75), data, feats, tmp_path / f"s{steps}")
+        raw[steps] = _weights(tmp_path / f"s{steps}")
+    kept = checkpoint.load(tmp_path / "s2" / checkpoint.MODEL)["state_dict"]
+    model = train_mod.build_model(small_config(), data, feats)
+    params = dict(model.named_parameters())
+    moved = [k for k in params if not torch.equal(raw[1][k], raw[2][k])]
+    assert moved  # the second step changed weights, so the average differs from both
+    for k in params:
+        assert torch.allclose(kept[k], 0.75 * raw[1][k] + 0.25 * raw[2][k], atol=1e-7), k
+    assert not any(torch.equal(kept[k], raw[2][k]) for k in moved)
+    buffers = [k for k in model.state_dict() if k not in params]
+    assert buffers and all(torch.equal(kept[k], raw[2][k]) for k in buffers)
+    # without an average the kept weights are the raw ones
+    train_mod.train(small_config(max_steps=2), data, feats, tmp_path / "plain")
+    plain = checkpoint.load(tmp_path / "plain" / checkpoint.MODEL)["state_dict"]
+    assert all(torch.equal(plain[k], raw[2][k]) for k in params)
 
 
 def test_step_budget_stops_training(tmp_path):
