@@ -93,7 +93,7 @@ from synergen_core import distributed
 
 job.load_split = lambda cfg, ds, protocol: synthetic_split()
 job.load_features = lambda *a, **k: synthetic_features()
-cfg = small_config(epochs={epochs}, patience={epochs}, variants=["synergen"], protocols=["loo"])
+cfg = small_config(epochs={epochs}, patience={epochs}, variants=["synergen"], protocols=["loo"], ema_decay={ema})
 cfg.lake.root = {lake!r}
 cfg.mlflow.tracking_uri = "sqlite:///" + os.path.join({lake!r}, "mlflow.db")
 cfg.mlflow.artifact_root = os.path.join({lake!r}, "mlartifacts")
@@ -107,11 +107,12 @@ with open(os.path.join({lake!r}, f"rank{{rank}}.json"), "w") as f:
 """
 
 
-def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None,
+              ema: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
     script = tmp_path / "rank.py"
     (tmp_path / "lake").mkdir(parents=True, exist_ok=True)
     script.write_text(RANK_SCRIPT.format(tests=str(TESTS), lake=str(tmp_path / "lake"), epochs=epochs,
-                                         kill_at=kill_at))
+                                         kill_at=kill_at, ema=ema))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -127,7 +128,7 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
     from test_train import small_config, synthetic_split
 
     epochs = 4
-    proc, seconds = _torchrun(tmp_path, epochs)
+    proc, seconds = _torchrun(tmp_path, epochs, ema=0.9)  # with the moving average of the weights
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     lake = tmp_path / "lake"
     ranks = [json.loads((lake / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -139,8 +140,9 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
     final = checkpoint.load(run_dir / checkpoint.CHECKPOINT)
     assert distributed.digest(final["model"]) in digests
     assert final["fingerprint"]["world_size"] == 2 and len(final["rng"]["ranks"]) == 2
-    assert (run_dir / checkpoint.MODEL).is_file()
     assert checkpoint.load_model(run_dir).embed.codes("rec").shape[0] > 0
+    kept = checkpoint.load(run_dir / checkpoint.MODEL)["state_dict"]  # the average, not the raw weights
+    assert final["ema"] is not None and any(not torch.equal(kept[k], v) for k, v in final["model"].items())
 
     # Each rank took half of every epoch's batches (rounded up), in step with the other.
     data = synthetic_split()
