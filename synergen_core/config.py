@@ -182,7 +182,7 @@ class TrainConfig(_Section):
     # (torch.optim.swa_utils): validated, kept as the best model and served instead of the raw weights.
     # It evens out the step-to-step noise, so the early-stopping choice and the served model depend less
     # on where the last few batches left the weights (on MovieLens an epoch is 11 steps and consecutive
-    # epochs' validation NDCG jumps by 10%). null: no average. Half-life: ln 2 / (1 - decay) steps.
+    # epochs' validation NDCG jumps by 10%). null: no average. Half-life: about ln 2 / (1 - decay) steps.
     ema_decay: float | None = Field(None, gt=0, lt=1)
     patience: int = Field(3, ge=1)  # epochs without a better validation metric before stopping
     valid_metric: str = "ndcg@10"  # geometric mean over the trained tasks on the validation targets
