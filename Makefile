@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test test-fast test-cluster lock clean airflow mlflow
+.PHONY: setup run test test-fast test-cluster lock clean airflow mlflow recbole-venv
 
 setup: $(STAMP)
 
@@ -51,6 +51,14 @@ airflow: setup
 # The MLflow UI (runs, registry, aliases) on 127.0.0.1:5000 over the main job's store.
 mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/var/mlflow.db --host 127.0.0.1 --port 5000
+
+# RecBole 1.2.1 in its own environment, for benchmarks/epoch_speed.py only (its pins need numpy 1).
+recbole-venv: .venv-recbole/.installed-stamp
+
+.venv-recbole/.installed-stamp: benchmarks/recbole-requirements.txt
+	$(PYTHON) -m venv .venv-recbole
+	.venv-recbole/bin/pip install --quiet --disable-pip-version-check -r benchmarks/recbole-requirements.txt
+	touch $@
 
 # Refresh the lock file after changing dependencies in pyproject.toml.
 lock: setup

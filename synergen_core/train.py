@@ -353,7 +353,8 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
         """Validate, keep the best weights; True when early stopping says stop."""
         score, per_task = validate(kept, data, tcfg, exclude_consumed=tuple(cfg.evaluate.exclude_consumed))
         state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": per_task,
-                                 tcfg.valid_metric: score, "loss": state.get("epoch_loss")})
+                                 tcfg.valid_metric: score, "loss": state.get("epoch_loss"),
+                                 "train_seconds": round(state["train_seconds"], 2)})  # so far: per-epoch speed
         if not math.isfinite(score) or score > state["best"]:  # no validation targets: keep the latest
             state["best"] = score if math.isfinite(score) else state["best"]
             state["best_epoch"], state["bad_epochs"] = state["epoch"], 0

@@ -178,6 +178,8 @@ def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negative
     cfg = small_config(negatives=negatives, n_negatives=16, lr_schedule=schedule, warmup_steps=2, ema_decay=ema)
     straight = train_mod.train(cfg, data, feats, tmp_path / "straight")
     assert straight["steps"] > 5
+    elapsed = [h["train_seconds"] for h in straight["history"]]  # the optimizer time so far, epoch by epoch
+    assert 0 < elapsed[0] and elapsed == sorted(elapsed) and elapsed[-1] == straight["train_seconds"]
 
     def kill_at_5(step):
         if step == 5:  # mid-epoch, two steps after the checkpoint of step 3
