@@ -9,7 +9,7 @@ items with consumed items ranked too (RecBole's protocol), so a faster epoch is 
 
 What an epoch is differs, and is the reason for the gap: RecBole trains on every prefix of every sequence
 as its own sample (one target each); the in-project models train on each user's window once with a target
-at every position (one window per user here), the same targets in fewer, longer forward passes.
+at every position (about one window per user here), the same targets in fewer, longer forward passes.
 
 RecBole runs in its own environment (``make recbole-venv``: its pins need numpy 1) through
 ``benchmarks/recbole_sasrec.py``, which imports nothing from the project.
