@@ -109,6 +109,7 @@ def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
         summary = trained["loo"]["models"].get(name)
         out[name] = {
             "catalog": metrics["catalog"], "ranking": metrics["ranking"],
+            "ranking_retrieval": metrics.get("ranking_retrieval"),  # the same lists by retrieval scores
             "catalog_consumed_kept": kept[name]["catalog"] if name in kept else None,
             "train_seconds": None if summary is None else summary["train_seconds"] + (prepare_s if name == "synergen" else 0),
             "epochs_run": None if summary is None else summary["epochs_run"],
@@ -202,6 +203,9 @@ def aggregate(runs: list[dict]) -> dict:
             if "auc" in rows[0]["ranking"].get(task, {}):
                 vals = [r["ranking"][task]["auc"] for r in rows]
                 agg[f"{task}.rank_auc"] = (float(np.mean(vals)), float(np.std(vals)))
+            if all(task in (r.get("ranking_retrieval") or {}) for r in rows):  # runs before it was recorded lack it
+                vals = [r["ranking_retrieval"][task]["auc"] for r in rows]
+                agg[f"{task}.retrieval_auc"] = (float(np.mean(vals)), float(np.std(vals)))
         if rows[0]["train_seconds"] is not None:
             vals = [r["train_seconds"] for r in rows]
             agg["train_seconds"] = (float(np.mean(vals)), float(np.std(vals)))
@@ -254,28 +258,32 @@ def table(name: str, fig: dict) -> str:
     """The dataset's markdown table, headed by the command that produced it."""
     agg, tasks, n_seeds = fig["mean_std"], DATASETS[name]["tasks"], len(fig["seeds"])
     cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
-    head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})", "train s"]
+    head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})",
+            f"retrieval-score AUC ({' / '.join(tasks)})", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
              *[f"Added with `--add` ({', '.join(a['variants'])}): `{a['command']}` — {a['date']}, revision "
                f"{a['git_revision']}\n" for a in fig.get("additions", [])],
              DATASETS[name]["about"] + " Test targets: "
              + ", ".join(f"{t} {fig['test_targets'][t]:,}" for t in tasks) + ". rank AUC: the ranking head on 1 engaged + "
-             "99 popularity-sampled items per request. train s: optimizer steps, plus text vectors and RQ-VAE "
+             "99 popularity-sampled items per request; retrieval-score AUC: the same lists ordered by the "
+             "model's retrieval scores, so the two columns show what the ranking stage adds. train s: optimizer steps, plus text vectors and RQ-VAE "
              "for synergen's run." + _exclusion_note(fig, tasks), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scorer, a in agg.items():
         auc = " / ".join(_cell(a, f"{t}.rank_auc", 3) for t in tasks if f"{t}.rank_auc" in a) or "—"
-        lines.append("| " + " | ".join([scorer, *[_cell(a, c) for c in cols], auc, _cell(a, "train_seconds", 0)]) + " |")
+        by_retrieval = " / ".join(_cell(a, f"{t}.retrieval_auc", 3) for t in tasks if f"{t}.retrieval_auc" in a) or "—"
+        lines.append("| " + " | ".join([scorer, *[_cell(a, c) for c in cols], auc, by_retrieval,
+                                        _cell(a, "train_seconds", 0)]) + " |")
     for scorer, a in agg.items():
         if any(k.startswith("kept.") for k in a) and scorer != "popularity":
             lines.append("| " + " | ".join([f"{scorer}, consumed items ranked too", *[_cell(a, f"kept.{c}") for c in cols],
-                                            "—", "—"]) + " |")
+                                            "—", "—", "—"]) + " |")
     if name == "beauty":
         for ref, (r5, n5, r10, n10) in PUBLISHED_BEAUTY.items():
             vals = {"rec.recall@5": r5, "rec.ndcg@5": n5, "rec.recall@10": r10, "rec.ndcg@10": n10}
             lines.append("| " + " | ".join([f"{ref} (published)", *[f"{vals[c]:.4f}" if c in vals else "—" for c in cols],
-                                            "—", "—"]) + " |")
+                                            "—", "—", "—"]) + " |")
     pairs = paired_table(paired(fig["runs"]), n_seeds)
     return "\n".join(lines) + (f"\n\n{pairs}" if pairs else "")
 

@@ -118,6 +118,13 @@ class ModelConfig(_Section):
     # index, stays one for both tasks), so a small search share does not have to share the query
     # space and the softmax sharpness that recommendation settles on.
     task_towers: bool = False
+    # "joint" (SynerGen's): the ranking head scores each candidate's hidden state and the ranking loss
+    # trains the shared backbone along with retrieval. "on_retrieval": a ranking stage on top of the
+    # trained encoder: the head adds a learned multiple of the candidate's retrieval logit to its own
+    # score, and both enter without gradient, so the ranking loss trains only the head. On MovieLens,
+    # where ranking sees one request per window, "joint" ranked below the retrieval scores themselves
+    # (BENCHMARKS.md, quality: rank AUC against retrieval-score AUC).
+    ranking: Literal["joint", "on_retrieval"] = "joint"
     w_retrieval: float = Field(1.0, ge=0)
     w_ranking: float = Field(1.0, ge=0)
     w_semantic: float = Field(1.0, ge=0)

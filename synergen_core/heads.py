@@ -6,7 +6,9 @@
   exhaustively or with a vector index. With ``task_towers`` search positions get a query Linear of
   their own (one item side, one index, for both tasks).
 * ``RankingHead``: a score per appended candidate from its hidden state, which has seen the history
-  (and the query, for search) and the candidate itself.
+  (and the query, for search) and the candidate itself. With ``retrieval_prior`` it is a stage on top of
+  the encoder: plus a learned multiple of the candidate's retrieval logit for the same request, so it
+  refines the retrieval order rather than relearning it from the few requests ranking is trained on.
 * ``SemanticIdHead`` (GenSAR): logits for level l of the next item's semantic ID given the hidden state
   and embeddings of the codes chosen at levels < l, for teacher-forced training and code-by-code decoding.
 """
@@ -42,13 +44,26 @@ class RetrievalHead(nn.Module):
 
 
 class RankingHead(nn.Module):
-    def __init__(self, d: int):
+    def __init__(self, d: int, retrieval_prior: bool = False):
         super().__init__()
         self.fc = nn.Linear(d, d)
         self.out = nn.Linear(d, 1)
+        self.prior_scale = nn.Parameter(torch.ones(())) if retrieval_prior else None
 
-    def forward(self, cand_hidden: Tensor) -> Tensor:
-        """[B, C, d] candidate hidden states -> [B, C] logits (probability of engagement after sigmoid)."""
+    def forward(self, cand_hidden: Tensor, retrieval_logits: Tensor | None = None) -> Tensor:
+        """[B, C, d] candidate hidden states -> [B, C] logits (probability of engagement after sigmoid).
+
+        retrieval_logits: [B, C] the candidates' retrieval logits (needed with ``retrieval_prior``). With
+        the prior both inputs enter without gradient: the ranking loss then trains this head only, and
+        the encoder and the retrieval space stay as the retrieval loss shapes them.
+        """
+        if self.prior_scale is None:
+            return self._own(cand_hidden)
+        if retrieval_logits is None:
+            raise ValueError("RankingHead with retrieval_prior needs the candidates' retrieval logits")
+        return self._own(cand_hidden.detach()) + self.prior_scale * retrieval_logits.detach()
+
+    def _own(self, cand_hidden: Tensor) -> Tensor:
         return self.out(F.gelu(self.fc(cand_hidden))).squeeze(-1)
 
 

@@ -122,7 +122,7 @@ class SynerGen(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.backbone = Backbone(cfg)
         self.retrieval = RetrievalHead(d, cfg.task_towers)
-        self.ranking = RankingHead(d)
+        self.ranking = RankingHead(d, retrieval_prior=cfg.ranking == "on_retrieval")
         views = self.embed.views
         self.semantic = (
             nn.ModuleDict({v: SemanticIdHead(d, self.embed.codes(v).shape[1], codebook_size) for v in views})
@@ -174,14 +174,17 @@ class SynerGen(nn.Module):
         cos, sin = self.rope(pos, ts, torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1), dtype=x.dtype)
         L, kv = tt.shape[1], []
         hidden = self.backbone(x, cos[:, :, :L], sin[:, :, :L], attention_mask(valid), kv)
-        return hidden, {"kv": kv, "valid": valid, "cos": cos[:, :, L:], "sin": sin[:, :, L:]}
+        cache = {"kv": kv, "valid": valid, "cos": cos[:, :, L:], "sin": sin[:, :, L:]}
+        if self.ranking.prior_scale is not None:
+            cache["query"] = self.request_query(batch, hidden)
+        return hidden, cache
 
     @torch.no_grad()
     def rank_cached(self, cache: dict, cand: Tensor) -> Tensor:
         """Inference. cache: from ``encode``; cand: [B, C] items (0 = padding) -> [B, C] ranking logits,
         equal to ``ranking_scores`` of the masked pass with these candidates."""
         h = self.backbone.candidates(self.embed.candidates(cand), cache["cos"], cache["sin"], cache["kv"], cache["valid"])
-        return self.ranking(h)
+        return self.ranking(h, self._candidate_logits(cache.get("query"), cand))
 
     def _embed_history(self, batch: dict[str, Tensor]) -> Tensor:
         """-> [B, L, d] input vectors of the history tokens."""
@@ -240,6 +243,10 @@ class SynerGen(nn.Module):
         """-> [B, n_items] retrieval logits of each row's request (its last valid history token)."""
         return self.retrieval_logits(self.last_hidden(batch, hidden), items, self.request_is_search(batch))
 
+    def request_query(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """-> [B, d] each row's request as a scaled query vector (``scaled_query``)."""
+        return self.scaled_query(self.last_hidden(batch, hidden), self.request_is_search(batch))
+
     def retrieval_loss(
         self, batch: dict[str, Tensor], hidden: Tensor, neg_idx: Tensor | None = None, log_q: Tensor | None = None
     ) -> Tensor:
@@ -268,7 +275,15 @@ class SynerGen(nn.Module):
 
     def ranking_scores(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
         """-> [B, C] logits of the candidates (meaningless where candidates == 0)."""
-        return self.ranking(hidden[:, batch["token_type"].shape[1]:])
+        L = batch["token_type"].shape[1]
+        query = self.request_query(batch, hidden[:, :L]) if self.ranking.prior_scale is not None else None
+        return self.ranking(hidden[:, L:], self._candidate_logits(query, batch["candidates"]))
+
+    def _candidate_logits(self, query: Tensor | None, cand: Tensor) -> Tensor | None:
+        """query: [B, d] from ``request_query`` (None: no prior); cand: [B, C] -> [B, C] retrieval logits."""
+        if query is None:
+            return None
+        return torch.einsum("bd,bcd->bc", query, self.item_vectors(cand))
 
     def ranking_loss(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
         valid = batch["candidates"] > 0

@@ -129,12 +129,61 @@ def test_candidate_order_does_not_matter():
     torch.testing.assert_close(model.ranking_scores(swapped, model(swapped)), scores[:, perm], atol=1e-6, rtol=0)
 
 
+
+@pytest.mark.parametrize("task_towers", [False, True])
+def test_ranking_prior_is_the_requests_own_retrieval_logit(task_towers):
+    """With its own part silenced, the on_retrieval ranking head returns prior_scale x each candidate's
+    retrieval logit for the same request (its task's tower with task towers: row 0 is a search request)."""
+    model = _model(task_towers=task_towers, ranking="on_retrieval").eval()
+    with torch.no_grad():
+        model.ranking.out.weight.zero_()
+        model.ranking.out.bias.zero_()
+        model.ranking.prior_scale.fill_(0.5)
+        batch = _batch()
+        hidden = model(batch)
+        scores = model.ranking_scores(batch, hidden)
+        retrieval = model.request_logits(batch, hidden[:, :L]).gather(1, batch["candidates"])
+    valid = batch["candidates"] > 0
+    torch.testing.assert_close(scores[valid], 0.5 * retrieval[valid], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranking", ["joint", "on_retrieval"])
+def test_which_parameters_the_ranking_loss_trains(ranking):
+    """joint: the ranking loss trains the shared backbone too; on_retrieval: only the ranking head (its
+    inputs enter without gradient). The retrieval projections get no gradient from it either way."""
+    model = _model(task_towers=True, ranking=ranking)
+    batch = _batch()
+    model.ranking_loss(batch, model(batch)).backward()
+    assert all(p.grad is not None for p in model.ranking.parameters())
+    for proj in (model.retrieval.query_proj, model.retrieval.search_query_proj, model.retrieval.item_proj):
+        assert proj.weight.grad is None
+    trunk = [p.grad for p in [*model.backbone.parameters(), *model.embed.parameters()] if p.requires_grad]
+    if ranking == "joint":
+        assert any(g is not None and bool(g.abs().sum() > 0) for g in trunk)
+    else:
+        assert all(g is None for g in trunk)
+
+
+def test_model_saved_before_the_ranking_option_loads_as_joint():
+    from synergen_core import checkpoint
+
+    old = _model()
+    record = checkpoint.model_record(old, {"n_items": N_ITEMS, "n_queries": N_QUERIES, "n_actions": N_ACTIONS,
+                                           "n_surfaces": N_SURFACES, "codebook_size": K})
+    del record["model_config"]["ranking"]  # as written before the option existed
+    loaded = checkpoint.build_from_record(record)
+    assert loaded.ranking.prior_scale is None
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ranking_scores(batch, loaded(batch)), old.eval().ranking_scores(batch, old(batch)))
+
 @pytest.mark.parametrize("rope", ["time", "position"])
 @pytest.mark.parametrize("request_ts", [False, True])
-def test_cached_ranking_equals_the_masked_pass(rope, request_ts):
+@pytest.mark.parametrize("ranking", ["joint", "on_retrieval"])
+def test_cached_ranking_equals_the_masked_pass(rope, request_ts, ranking):
     """Inference ranks candidates against the history's cached keys and values (one history pass): the
     same history states and candidate scores as the masked pass over [history | candidates]."""
-    model = _model(rope=rope).eval()
+    model = _model(rope=rope, ranking=ranking).eval()
     batch = _batch()
     if request_ts:
         batch["request_ts"] = batch["ts"].amax(1) + 3600.0

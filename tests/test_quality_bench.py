@@ -33,6 +33,21 @@ def test_add_keeps_the_old_rows_and_lists_the_addition():
     assert text.index("| synergen |") < text.index("| no_text |") < text.index("| popularity |")
 
 
+
+def test_retrieval_score_auc_is_shown_only_where_every_seed_recorded_it():
+    old = figure(["synergen", "sasrec"], [0.08, 0.09], ["train.output=a"], "first")  # recorded before the column
+    new = figure(["sasrec"], [0.07, 0.07], ["train.output=b"], "second")
+    for i, run in enumerate(new["runs"]):
+        run["scorers"]["sasrec"]["ranking_retrieval"] = {"rec": {"auc": 0.8 + 0.02 * i}}
+    fig = added(old, new, "beauty")
+    assert fig["mean_std"]["sasrec"]["rec.retrieval_auc"] == pytest.approx((0.81, 0.01))
+    assert "rec.retrieval_auc" not in fig["mean_std"]["synergen"]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in table("beauty", fig).splitlines() if line.startswith("| ")}
+    header = rows["| model"]
+    col = header.index("retrieval-score AUC (rec)")
+    assert rows["| sasrec"][col] == "0.810 ± 0.010" and rows["| synergen"][col] == "—"
+    assert all(len(r) == len(header) for r in rows.values())
+
 def test_add_refuses_other_settings_or_no_table():
     old = figure(["synergen"], [0.08, 0.09], ["model.dropout=0.3"], "first")
     with pytest.raises(SystemExit, match="model.dropout=0.2"):
