@@ -74,9 +74,11 @@ def auc(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> np.ndarray
     scores, labels, valid = np.asarray(scores, np.float64), np.asarray(labels), np.asarray(valid, bool)
     pos = valid & (labels > 0)
     neg = valid & (labels <= 0)
-    diff = scores[:, :, None] - scores[:, None, :]  # [N, i, j] = s_i - s_j
+    # compared, not subtracted: -inf - -inf is NaN (a RuntimeWarning on padding), yet two -inf
+    # scores are a tie
+    s_i, s_j = scores[:, :, None], scores[:, None, :]  # [N, i, j]
     pair = pos[:, :, None] & neg[:, None, :]
-    wins = ((diff > 0) + 0.5 * (diff == 0)) * pair
+    wins = ((s_i > s_j) + 0.5 * (s_i == s_j)) * pair
     n_pairs = pair.sum((1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n_pairs > 0, wins.sum((1, 2)) / n_pairs, np.nan)

@@ -81,6 +81,15 @@ def test_auc_counts_tied_pairs_as_half_and_skips_one_class_lists():
     assert out[2] == 1.0
 
 
+def test_auc_counts_two_minus_infinite_scores_as_a_tie(recwarn):
+    # -inf is what padding gets (e.g. Popularity's item 0); a scorer may give it to real items too
+    scores = np.array([[INF, INF, 0.0, INF]])
+    labels = np.array([[1, 0, 0, 0]])
+    valid = np.array([[True, True, True, False]])  # the last -inf is padding
+    assert auc(scores, labels, valid)[0] == pytest.approx(0.5 / 2)  # tie with item 1, loss to item 2
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_list_ndcg_averages_discounts_over_a_tie_group():
     scores = np.array([[3.0, 2.0, 2.0, 1.0]])
     labels = np.array([[0.0, 1.0, 0.0, 1.0]])
