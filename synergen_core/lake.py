@@ -21,12 +21,21 @@ def partition(root: Path, table: str, ds: str | dt.date) -> Path:
     return Path(root) / table / f"ds={ds}"
 
 
+# Layers written by others (upstream log shippers, ``ingest``, the generator): their folders are input,
+# complete by contract, and need no ``_SUCCESS`` marker. Every other layer is written by this pipeline.
+EXTERNAL_LAYERS = ("raw",)
+PARQUET_SUFFIXES = (".parquet", ".parq")
+
+
 def partitions(root: Path, table: str) -> list[str]:
-    """Days present (published) for a table, sorted."""
+    """Days published for a table, sorted: folders ``ds=D`` holding ``_SUCCESS`` (a half-written or
+    abandoned folder is not a partition). Under an external layer (``raw/``) every ``ds=D`` folder counts."""
     base = Path(root) / table
     if not base.is_dir():
         return []
-    return sorted(p.name[3:] for p in base.iterdir() if p.is_dir() and p.name.startswith("ds="))
+    external = Path(table).parts[0] in EXTERNAL_LAYERS
+    return sorted(p.name[3:] for p in base.iterdir()
+                  if p.is_dir() and p.name.startswith("ds=") and (external or (p / SUCCESS).is_file()))
 
 
 def staging_dir(final: Path) -> Path:
@@ -69,5 +78,14 @@ def write_partition(
 
 
 def data_files(part_dir: Path) -> list[Path]:
-    """The Parquet files of a partition, in a stable order (side files start with ``_`` or ``.``)."""
-    return sorted(p for p in Path(part_dir).glob("*.parquet") if not p.name.startswith(("_", ".")))
+    """The Parquet files of a partition (``.parquet`` or ``.parq``, any case), in a stable order; side
+    files start with ``_`` or ``.``."""
+    return sorted(p for p in Path(part_dir).iterdir()
+                  if p.is_file() and not p.name.startswith(("_", ".")) and p.suffix.lower() in PARQUET_SUFFIXES)
+
+
+def other_files(part_dir: Path) -> list[Path]:
+    """Files of a partition that are neither data (``data_files``) nor side files: input to refuse by name."""
+    data = set(data_files(part_dir))
+    return sorted(p for p in Path(part_dir).iterdir()
+                  if p.is_file() and not p.name.startswith(("_", ".")) and p not in data)
