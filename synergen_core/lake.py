@@ -77,6 +77,44 @@ def write_partition(
         raise
 
 
+DAYS = "_days"
+
+
+def day_marker(root: Path, layer: str, ds: str | dt.date) -> Path:
+    """``<root>/<layer>/_days/ds=D``: the folder that says every table of ``layer`` for day D is published."""
+    return partition(root, f"{layer}/{DAYS}", ds)
+
+
+def mark_day_complete(root: Path, layer: str, ds: str | dt.date, side_files: dict[str, str] | None = None) -> Path:
+    """Publish the day marker of ``layer`` (with ``_SUCCESS`` and small side files, e.g. a report) once
+    every table of day D is published: a downstream stage runs over D only if the marker is there."""
+    final = day_marker(root, layer, ds)
+    tmp = staging_dir(final)
+    try:
+        for name, text in (side_files or {}).items():
+            (tmp / name).write_text(text)
+        return publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def unmark_day(root: Path, layer: str, ds: str | dt.date) -> None:
+    """Withdraw the day marker before republishing any table of day D. Renamed aside first: the marker
+    disappears in one step, never leaving a folder that still holds ``_SUCCESS`` but lost its side files."""
+    final = day_marker(root, layer, ds)
+    if not final.exists():
+        return
+    gone = final.parent / f".{final.name}.gone-{uuid.uuid4().hex[:8]}"
+    final.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def completed_days(root: Path, layer: str) -> list[str]:
+    """Days of ``layer`` whose tables were all published (``mark_day_complete``), sorted."""
+    return partitions(root, f"{layer}/{DAYS}")
+
+
 def data_files(part_dir: Path) -> list[Path]:
     """The Parquet files of a partition (``.parquet`` or ``.parq``, any case), in a stable order; side
     files start with ``_`` or ``.``."""
