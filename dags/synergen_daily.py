@@ -13,7 +13,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
-from jobs.stages import airflow_task
+from jobs.stages import airflow_task, airflow_task_failed
 
 GPU_POOL = os.environ.get("SYNERGEN_GPU_POOL", "default_pool")
 GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
@@ -32,6 +32,7 @@ GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=20),
         "execution_timeout": timedelta(hours=1),
+        "on_failure_callback": airflow_task_failed,  # closes the run's MLflow parent run as FAILED
     },
     params={
         "config": Param(os.environ.get("SYNERGEN_CONFIG", ""), type="string",

@@ -20,6 +20,7 @@ import yaml
 
 from jobs import generate, stages
 from synergen_core.config import Config, parse_ds
+from synergen_core.tracking import close_parent
 
 DAG_ID = "synergen_daily"
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +84,7 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
     all_days = days(cfg)
     group = f"synergen-history-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     history = {ds: _counts(stages.validate_raw(cfg, ds, group=group)) for ds in all_days[:-1]}
+    close_parent(cfg, group)
     config_file = var / "synergen-run.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from synergen_core.config import Config
-from synergen_core.tracking import stage_run
+from synergen_core.tracking import close_parent, stage_run
 
 
 def validate_raw(cfg: Config, ds: str, group: str | None = None, last_ds: str | None = None) -> dict:
@@ -257,10 +257,26 @@ def airflow_task(stage: str, ds: str, params: dict | None, run_id: str) -> None:
 
     A failed data check fails the task at once (no retries: the reason is in the log and in MLflow);
     anything else (a lost executor, a full disk) goes through the DAG's retries. Nothing is returned:
-    stages hand data to each other through the lake and the registry, not XCom."""
+    stages hand data to each other through the lake and the registry, not XCom. The last stage of the
+    DAG closes the run's MLflow parent run as FINISHED (``airflow_task_failed`` closes it as FAILED)."""
+    cfg = config_for_run(params)
     try:
-        STAGES[stage](config_for_run(params), ds, group=run_id)
+        STAGES[stage](cfg, ds, group=run_id)
     except _data_errors() as e:
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(f"{stage} {ds}: {e}") from e
+    if stage == LAST_STAGE:
+        close_parent(cfg, run_id)
+
+
+LAST_STAGE = list(STAGES)[-1]
+
+
+def airflow_task_failed(context) -> None:
+    """Every task's ``on_failure_callback``: Airflow calls it once a task has failed for good (a failed
+    data check, or its retries spent, not on a retry), which fails the DAG run, so the run's MLflow parent
+    run is closed as FAILED with the task and the reason. Clearing the task later reopens it."""
+    ti, error = context["ti"], context.get("exception")
+    reason = f"{ti.task_id} {context['ds']}: {type(error).__name__ if error else 'failed'}: {error or ''}".rstrip(": ")
+    close_parent(config_for_run(context.get("params")), context["run_id"], reason)

@@ -67,23 +67,50 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return out
 
 
-def parent_run(cfg: Config, group: str, ds: str) -> str:
-    """The parent run of pipeline run ``group``: found by tag, created on first use."""
-    mlflow = _mlflow(cfg)
-    exp = experiment_id(cfg)
-    found = mlflow.MlflowClient().search_runs(
+def _find_parent(client, exp: str, group: str):
+    found = client.search_runs(
         [exp], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`synergen.stage` = 'pipeline'", max_results=1
     )
+    return found[0] if found else None
+
+
+def parent_run(cfg: Config, group: str, ds: str) -> str:
+    """The parent run of pipeline run ``group``: found by tag, created on first use.
+
+    A closed parent is reopened (RUNNING): a stage that runs again under it is a cleared task or a rerun
+    of the same DAG run, and ``close_parent`` closes it once more when that run ends."""
+    mlflow = _mlflow(cfg)
+    client = mlflow.MlflowClient()
+    exp = experiment_id(cfg)
+    found = _find_parent(client, exp, group)
     if found:
-        return found[0].info.run_id
-    run = mlflow.MlflowClient().create_run(
+        if found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    run = client.create_run(
         exp, run_name=f"pipeline {ds}",
         tags={GROUP_TAG: group, "synergen.stage": "pipeline", "synergen.ds": ds, "synergen.code_version": code_version()},
     )
-    mlflow.MlflowClient().log_batch(run.info.run_id, params=[
-        mlflow.entities.Param(k, v) for k, v in flat_params(cfg).items()
-    ])
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flat_params(cfg).items()])
     return run.info.run_id
+
+
+def close_parent(cfg: Config, group: str, failure: str | None = None) -> str | None:
+    """End pipeline run ``group``'s parent run: FINISHED, or FAILED with ``failure`` as its reason (tag
+    ``synergen.failure`` and ``failure.txt``). Returns its run id, None when no stage ever opened it."""
+    mlflow = _mlflow(cfg)
+    client = mlflow.MlflowClient()
+    found = _find_parent(client, experiment_id(cfg), group)
+    if found is None:
+        return None
+    run_id = found.info.run_id
+    if failure is not None:
+        client.set_tag(run_id, "synergen.failure", failure[:5000])
+        client.log_text(run_id, failure + "\n", "failure.txt")
+    elif "synergen.failure" in found.data.tags:  # an earlier attempt failed; the cleared run then completed
+        client.delete_tag(run_id, "synergen.failure")
+    client.set_terminated(run_id, "FAILED" if failure is not None else "FINISHED")
+    return run_id
 
 
 class StageRun:
