@@ -12,11 +12,39 @@ from synergen_core import lake
 from synergen_core.config import ConfigError, load_config, with_overrides
 
 
+COMMANDS = {"generate", "ingest", "validate", "sessionize", "embed", "semantic-ids", "train", "evaluate",
+            "register", "promote", "registry", "score", "run", "config"}
+# The subcommand that runs each tracked stage of the daily DAG (jobs.stages.STAGES). build_training_data has
+# none of its own: ``train`` prepares the windows and side inputs it is missing; ``score`` validates and
+# publishes the lists it writes (unless --no-publish).
+STAGE_COMMAND = {"validate_raw": "validate", "sessionize": "sessionize", "item_embeddings": "embed",
+                 "semantic_ids": "semantic-ids", "build_training_data": "train", "train": "train",
+                 "evaluate": "evaluate", "register": "register", "promote": "promote", "score": "score",
+                 "validate_candidates": "score", "publish": "score"}
+
+
+def help_commands(text: str) -> set[str]:
+    """The subcommand names of ``synergen --help``: the first word of each line of the COMMAND list."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "COMMAND") + 1
+    names = set()
+    for line in lines[start:]:
+        if not line.startswith("    "):  # the list ends at the next section (options:)
+            break
+        if not line.startswith("      "):  # deeper indents continue a wrapped help text
+            names.add(line.split()[0])
+    return names
+
+
 def test_help_lists_one_subcommand_per_stage():
+    from jobs import stages
+
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("generate", "ingest", "validate", "sessionize", "embed", "semantic-ids", "train", "evaluate",
-                    "register", "promote", "registry", "score", "run", "config"):
-        assert command in out.stdout
+    # whole names, not substrings: "registry" in the text must not stand in for a missing "register"
+    assert help_commands(out.stdout) == COMMANDS
+    # every stage the DAG runs can be run by hand, by a command the help lists
+    assert set(STAGE_COMMAND) == set(stages.STAGES)
+    assert set(STAGE_COMMAND.values()) <= COMMANDS
 
 
 def test_config_file_and_environment_overrides(tmp_path):
@@ -61,6 +89,7 @@ def test_bad_ds_and_bad_config_exit_with_a_message(tmp_path, capsys):
     assert "lake.rot: unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the whole DAG under `airflow dags test`: minutes on 2 cores
 def test_main_job_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     """`synergen run` (what `make run` calls): generated logs, history validated, then the whole DAG for
     the last day under `airflow dags test`; every input row ends valid or quarantined; lists published."""

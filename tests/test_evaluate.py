@@ -126,7 +126,21 @@ def test_model_scorer_is_consistent_with_the_model():
     out = evaluate_scorer(scorer, req, cand, EvaluateConfig(ks=[1, 3]))
     assert set(out) == {"catalog", "ranking", "ranking_retrieval"}
     assert set(out["catalog"]) == {"search", "rec"} and out["catalog"]["rec"]["n"] == 2
-    assert 0.0 <= out["ranking"]["search"]["auc"] <= 1.0
+    # the ranking AUC is the ranking head's: per list, the share of its negatives the head scores below the
+    # target (a tie half), averaged over the lists of the task's rows only
+    def auc_by_hand(list_scores, rows):
+        s = np.asarray(list_scores, np.float64)[rows]
+        return float(((s[:, 1:] < s[:, :1]) + 0.5 * (s[:, 1:] == s[:, :1])).mean(1).mean())
+
+    search, rec = [1, 3], [0, 2]
+    retrieval = np.take_along_axis(scores.numpy(), cand, 1)
+    assert out["ranking"]["rec"]["auc"] == pytest.approx(auc_by_hand(head, rec))
+    assert out["ranking"]["search"]["auc"] == pytest.approx(auc_by_hand(head, search))
+    assert out["ranking_retrieval"]["rec"]["auc"] == pytest.approx(auc_by_hand(retrieval, rec))
+    # the rec figure tells the wrong computations apart: the retrieval scores, the search rows, the
+    # reversed order (1 - AUC) would each give another value
+    expected = auc_by_hand(head, rec)
+    assert expected not in (auc_by_hand(retrieval, rec), auc_by_hand(head, search), 1 - expected)
     no_head = evaluate_scorer(ModelScorer(model, use_ranking_head=False), req, cand, EvaluateConfig(ks=[1, 3]))
     assert "ranking_retrieval" not in no_head
     assert no_head["ranking"] == out["ranking_retrieval"]  # the retrieval order on the same lists

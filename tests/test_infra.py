@@ -279,9 +279,19 @@ def test_one_image_built_from_the_project_with_the_locked_install(spec):
     assert "constraints" in text and 'TORCH_SPEC="torch==2.13.0"' in text and "openjdk-17" in text
 
 
-def test_interpolation_follows_compose_rules():
-    env = {"SET": "v", "EMPTY": ""}
-    assert interpolate("${SET:-d} ${UNSET:-d} ${EMPTY:-d} ${EMPTY-d} $$HOME ${SET}", env) == "v d d  $HOME v"
-    with pytest.raises(Missing):
-        interpolate("${EMPTY:?needed}", env)
-    assert interpolate("${EMPTY?needed}", env) == ""
+def test_every_variable_reference_is_defaulted_or_required():
+    """Compose substitutes every ``$NAME`` / ``${NAME}`` from the host's environment when it loads the file,
+    and an unset one silently becomes "" (a warning at most). So each reference in the file has a default
+    (``:-``/``-``) or stops compose when unset (``:?``/``?``); a variable meant for the container's shell
+    (``$$HOSTNAME`` in a healthcheck) is escaped with ``$$``. Anything else left with a ``$`` is a reference
+    compose rejects (``${NAME:default}``) or one this file's checks would not see resolved."""
+    bare, malformed = [], []
+    for text in strings(raw()):
+        bare += [m.group(0) for m in _VAR.finditer(text) if m.group(0) != "$$" and m.group(2) is None]
+        if "$" in _VAR.sub("", text):
+            malformed.append(text)
+    assert not bare, f"references without a default that are not required (unescaped container variables?): {bare}"
+    assert not malformed, f"strings with a $ that is no compose reference: {malformed}"
+    # what the tests above read is the file as compose runs it: every $ left is an escaped $$
+    escaped = sum(text.count("$$") for text in strings(raw()))
+    assert escaped > 0 and sum(text.count("$") for text in strings(compose())) == escaped

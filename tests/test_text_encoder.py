@@ -44,8 +44,14 @@ def test_encoding_is_deterministic(encoder):
 
 
 def test_empty_text_embeds_to_zeros_not_nan(encoder):
-    x = encoder.encode([""])
-    assert np.isfinite(x).all()
+    # an empty text has no tokens: its raw embedding is the zero vector, which normalizing must leave at
+    # zero (0 / 0 would be NaN, and a NaN row poisons every dot product the index computes with it)
+    x = encoder.encode(["", "argan oil shampoo", ""])
+    assert x.shape == (3, encoder.dim) and x.dtype == np.float32
+    assert not np.isnan(x).any()
+    np.testing.assert_array_equal(x[[0, 2]], 0.0)
+    # the zero rows are the empty texts only: a text beside them still embeds to a unit row
+    assert np.linalg.norm(x[1]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_sentence_transformers_branch_names_package_and_path(monkeypatch, tmp_path):
