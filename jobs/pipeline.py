@@ -90,7 +90,7 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dags_test(config_file, all_days[-1], home)
     candidates = root / cfg.score.output
-    return {
+    result = {
         "lake": str(root),
         "generated": generated,
         "history_validated": history,
@@ -108,3 +108,74 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
         },
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    summary_file = var / "synergen-run.json"
+    summary_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    result["summary_file"] = str(summary_file)
+    return result
+
+
+def summary(cfg: Config, result: dict) -> str:
+    """What ``synergen run`` prints: the day's input, the model against the baselines on the day's
+    evaluation, the registry's decision, where the lists are and how to look; the JSON is in a file."""
+    cfg = absolute(cfg)
+    root, ds = Path(cfg.lake.root), result["dag_run"]["ds"]
+    lines = [f"synergen: the daily DAG ran for {ds} in {result['seconds']:.0f} s (lake {root})", "",
+             f"input of {ds} (rows in -> valid + quarantined):"]
+    for table in ("search_events", "browse_events", "catalog"):
+        counts = _validation_counts(root, table, ds)
+        if counts:
+            lines.append(f"  {table:<14} {counts['rows_in']:>8,} -> {counts['rows_valid']:,} + "
+                         f"{counts['rows_quarantined']:,}" + (f"  ({_top_reasons(counts)})" if counts["reasons"] else ""))
+    lines += ["", *_evaluation_lines(root / cfg.train.output / f"ds={ds}" / "evaluation.json")]
+    lines += ["", _registry_line(cfg), f"candidate lists: {result['outputs']['candidates']}",
+              f"quarantine:      {result['outputs']['quarantine']}", "",
+              "look at it:", *(f"  {v}" for v in result["next"].values()),
+              "", f"full summary (JSON): {result['summary_file']}"]
+    return "\n".join(lines)
+
+
+def _validation_counts(root: Path, table: str, ds: str) -> dict | None:
+    for layer in ("validated", "quarantine"):  # a failed day keeps its report with the quarantine
+        report = root / layer / table / f"ds={ds}" / "_validation.json"
+        if report.is_file():
+            return json.loads(report.read_text())
+    return None
+
+
+def _top_reasons(counts: dict, n: int = 3) -> str:
+    top = sorted(counts["reasons"].items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{reason} {k:,}" for reason, k in top)
+
+
+def _evaluation_lines(path: Path, k: int = 10) -> list[str]:
+    if not path.is_file():
+        return [f"no evaluation at {path}"]
+    evaluation = json.loads(path.read_text())
+    lines = []
+    for protocol, res in evaluation.items():
+        if not isinstance(res, dict) or not res.get("scorers"):
+            continue
+        tasks = [t for t in ("search", "rec") if res["test_targets"].get(t)]
+        lines.append(f"evaluation ({protocol} split, test targets "
+                     + ", ".join(f"{t} {res['test_targets'][t]:,}" for t in tasks) + f"): NDCG@{k} / Recall@{k}")
+        lines.append(f"  {'':<12}" + "".join(f"{t:>20}" for t in tasks))
+        for name, m in res["scorers"].items():
+            cells = []
+            for t in tasks:
+                c = m["catalog"].get(t, {})
+                cells.append(f"{c[f'ndcg@{k}']:.4f} / {c[f'recall@{k}']:.4f}" if f"ndcg@{k}" in c else "-")
+            lines.append(f"  {name:<12}" + "".join(f"{cell:>20}" for cell in cells))
+    return lines or [f"no scored protocol in {path}"]
+
+
+def _registry_line(cfg: Config) -> str:
+    from synergen_core import registry
+
+    st = registry.status(cfg)
+    line = f"registry {st['name']}: {st['versions']} version(s)"
+    for alias in ("champion", "challenger"):
+        v = st[alias]
+        if v:
+            line += f"; {alias} version {v['version']} (ds {v['ds']})"
+            line += f": {v['gate_reason']}" if alias == "challenger" and v.get("gate_reason") else ""
+    return line if st["champion"] else line + "; no champion"
