@@ -43,7 +43,6 @@ the same on any master: a rerun and a cluster run give the same lists.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
 import shutil
@@ -65,6 +64,7 @@ from schemas import candidates as K
 from schemas import sequences as S
 from synergen_core import checkpoint, lake
 from synergen_core.config import Config, ConfigError, parse_ds
+from synergen_core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ def resolve_model(cfg: Config, model_dir: str | Path | None = None) -> ModelRef:
 def _model_file(p: Path, ref: str) -> Path:
     f = p / checkpoint.MODEL if p.is_dir() else p
     if not f.is_file():
-        raise FileNotFoundError(f"{f}: no model file (model reference {ref!r})")
+        raise PipelineError(f"{f}: no model file (model reference {ref!r}); `synergen train --ds D` writes "
+                            f"<lake>/<train.output>/ds=D/<protocol>/<variant>/{checkpoint.MODEL}")
     return f
 
 
@@ -357,7 +358,8 @@ def build_scorer(payload: dict):
     s: Settings = payload["settings"]
     torch.set_num_threads(s.threads)  # Spark tasks already run in parallel: more threads only contend
     faiss.omp_set_num_threads(s.threads)
-    model = checkpoint.build_from_record(torch.load(io.BytesIO(payload["record"]), weights_only=False))
+    # weights only: the bytes are a model file's record, and a pickled object in it would run code here
+    model = checkpoint.build_from_record(checkpoint.from_bytes(payload["record"], payload.get("source", "the model record")))
     index = CandidateIndex.loads(payload["index"]) if payload["index"] is not None else None
     return Scorer(model, index, s)
 
@@ -568,7 +570,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
             "index": cand_index.report if cand_index is not None else {"kind": "generative"},
             "dropped": prep.dropped,
         }
-        payload = _broadcast(spark, prep.record, cand_index, settings)
+        payload = _broadcast(spark, prep.record, cand_index, settings, str(ref.path))
         try:
             t2 = time.perf_counter()
 
@@ -605,13 +607,10 @@ def _candidate_index(cfg: Config, reqs: DataFrame, record: dict, settings: Setti
     return cand_index
 
 
-def _broadcast(spark: SparkSession, record: dict, cand_index, settings: Settings):
-    """What every Python worker builds its ``Scorer`` from (``_scorer``): model record bytes, index, settings."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(record, buf)
-    return spark.sparkContext.broadcast({"key": uuid.uuid4().hex, "record": buf.getvalue(), "settings": settings,
+def _broadcast(spark: SparkSession, record: dict, cand_index, settings: Settings, source: str):
+    """What every Python worker builds its ``Scorer`` from (``_scorer``): model record bytes (``source``: the
+    model file they came from, named if they are refused), index, settings."""
+    return spark.sparkContext.broadcast({"key": uuid.uuid4().hex, "record": checkpoint.to_bytes(record), "source": source, "settings": settings,
                                          "index": cand_index.dumps() if cand_index is not None else None})
 
 

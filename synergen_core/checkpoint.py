@@ -10,17 +10,27 @@
 * ``train.json``: the run's summary (history, best epoch, timings).
 
 Every file is written to a hidden sibling and renamed into place, so a kill never leaves half a file.
+
+Every file is read with ``torch.load(weights_only=True)``: a model file is input that may come from
+elsewhere (the registry, a path on the command line), and a pickled object in it would run code when
+loaded. So files hold tensors and plain containers only (``plain`` converts numpy values on the way
+out); a file holding anything else is refused with a ``PipelineError`` naming it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from synergen_core.config import ModelConfig
+from synergen_core.errors import PipelineError
 from synergen_core.model import SynerGen
 
 CHECKPOINT, MODEL, SUMMARY = "checkpoint.pt", "model.pt", "train.json"
@@ -40,16 +50,67 @@ def _atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def plain(obj):
+    """``obj`` as what ``torch.load(weights_only=True)`` reads back: tensors, str/int/float/bool/None and
+    dicts, lists and tuples of them. numpy scalars become Python numbers and arrays become tensors;
+    anything else is a programming error, raised here rather than when the file is read."""
+    if obj is None or isinstance(obj, (str, bool, int, float, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)((plain(k), plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's module versions, read by load_state_dict
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    raise TypeError(f"cannot store a {type(obj).__name__} in a weights-only file: convert it to plain values")
+
+
 def save(obj, path: Path) -> None:
+    obj = plain(obj)
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def to_bytes(obj) -> bytes:
+    """``obj`` (see ``plain``) as the bytes of a torch file, e.g. to broadcast a model record."""
+    buf = io.BytesIO()
+    torch.save(plain(obj), buf)
+    return buf.getvalue()
 
 
 def save_json(obj, path: Path) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+def _load(source, name: str, device):
+    try:
+        return torch.load(source, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message says which global it met, e.g. "Trying to load unsupported GLOBAL posix.system"
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        raise PipelineError(
+            f"refusing to load {name}: it is not a plain tensor file (would run code{': ' + found if found else ''}). "
+            "Files written by synergen hold tensors only; one from an older version or elsewhere must be "
+            "rebuilt: retrain (synergen train --ds D --fresh) and register it again."
+        ) from None
+
+
 def load(path: Path, device="cpu") -> dict:
-    return torch.load(Path(path), map_location=device, weights_only=False)
+    """A file written by ``save``; a file that would unpickle code is refused (``PipelineError``)."""
+    path = Path(path)
+    if not path.is_file():
+        day = next((part[3:] for part in reversed(path.parts) if part.startswith("ds=")), "D")
+        raise PipelineError(f"{path}: no such file (training writes it: run `synergen train --ds {day}`)")
+    return _load(path, str(path), device)
+
+
+def from_bytes(data: bytes, name: str, device="cpu") -> dict:
+    """``to_bytes`` output back; ``name`` says where the bytes came from in a refusal."""
+    return _load(io.BytesIO(data), name, device)
 
 
 def model_record(model: SynerGen, dims: dict) -> dict:
@@ -80,4 +141,4 @@ def build_from_record(record: dict, device="cpu") -> SynerGen:
 def load_model(path: Path, device="cpu") -> SynerGen:
     """``model.pt`` (or its folder) -> the model in eval mode."""
     path = Path(path)
-    return build_from_record(load(path / MODEL if path.is_dir() else path), device)
+    return build_from_record(load(path if path.suffix == ".pt" else path / MODEL), device)

@@ -175,7 +175,7 @@ def load_features(
 ) -> Features:
     """Text vectors and semantic IDs for one training split, from ``cache`` when it holds them."""
     if cache is not None and cache.is_file():
-        saved = torch.load(cache, weights_only=False)
+        saved = checkpoint.load(cache)  # weights only: a crafted cache file must not run code
         if (saved["n_items"], saved["n_queries"]) == (n_items, n_queries) and \
                 (saved["item_text"] is not None or not need_text) and (saved["rec_codes"] is not None or not need_codes):
             return Features(**{k: saved[k] for k in ("item_text", "query_text", "rec_codes", "search_codes",

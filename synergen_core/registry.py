@@ -110,9 +110,7 @@ def semantic_ids_version(cfg: Config, ds: str, protocol: str) -> tuple[str, str]
     path = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, "") / "features.pt"
     if not path.is_file():
         return "none", "unknown (no features.pt)"
-    import torch
-
-    notes = (torch.load(path, weights_only=False).get("notes") or {}).get("semantic_ids")
+    notes = (checkpoint.load(path).get("notes") or {}).get("semantic_ids")
     if not notes:
         return "none", "not used"
     return str(notes.get("table_ds") or "none"), str(notes.get("source") or "in-process")
