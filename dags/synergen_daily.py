@@ -11,12 +11,30 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import Param, chain, dag
 
-from jobs.stages import airflow_task, airflow_task_failed
+from jobs.stages import STAGES
+from stage_tasks import stage_task, task_failed
 
 GPU_POOL = os.environ.get("SYNERGEN_GPU_POOL", "default_pool")
 GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
+
+# Per task: its time limit, and where it runs (the GPU pool and queue for train; Airflow's defaults else).
+TASKS = {
+    "validate_raw": {"execution_timeout": timedelta(minutes=30)},
+    "sessionize": {"execution_timeout": timedelta(hours=1)},
+    "item_embeddings": {"execution_timeout": timedelta(hours=1)},
+    "semantic_ids": {"execution_timeout": timedelta(hours=1)},
+    "build_training_data": {"execution_timeout": timedelta(hours=1)},
+    "train": {"execution_timeout": timedelta(hours=6), "pool": GPU_POOL, "queue": GPU_QUEUE},
+    "evaluate": {"execution_timeout": timedelta(hours=1)},
+    "register": {"execution_timeout": timedelta(minutes=30)},
+    "promote": {"execution_timeout": timedelta(hours=1)},
+    "score": {"execution_timeout": timedelta(hours=2)},
+    "validate_candidates": {"execution_timeout": timedelta(minutes=30)},
+    "publish": {"execution_timeout": timedelta(minutes=10)},
+}
+assert list(TASKS) == list(STAGES), "one task per stage, in pipeline order"
 
 
 @dag(
@@ -32,7 +50,7 @@ GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=20),
         "execution_timeout": timedelta(hours=1),
-        "on_failure_callback": airflow_task_failed,  # closes the run's MLflow parent run as FAILED
+        "on_failure_callback": task_failed,  # closes the run's MLflow parent run as FAILED
     },
     params={
         "config": Param(os.environ.get("SYNERGEN_CONFIG", ""), type="string",
@@ -46,56 +64,7 @@ GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
     doc_md=__doc__,
 )
 def synergen_daily():
-    @task(execution_timeout=timedelta(minutes=30))
-    def validate_raw(ds=None, params=None, run_id=None):
-        airflow_task("validate_raw", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
-    def sessionize(ds=None, params=None, run_id=None):
-        airflow_task("sessionize", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
-    def item_embeddings(ds=None, params=None, run_id=None):
-        airflow_task("item_embeddings", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
-    def semantic_ids(ds=None, params=None, run_id=None):
-        airflow_task("semantic_ids", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
-    def build_training_data(ds=None, params=None, run_id=None):
-        airflow_task("build_training_data", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=6), pool=GPU_POOL, queue=GPU_QUEUE)
-    def train(ds=None, params=None, run_id=None):
-        airflow_task("train", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
-    def evaluate(ds=None, params=None, run_id=None):
-        airflow_task("evaluate", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(minutes=30))
-    def register(ds=None, params=None, run_id=None):
-        airflow_task("register", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
-    def promote(ds=None, params=None, run_id=None):
-        airflow_task("promote", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(hours=2))
-    def score(ds=None, params=None, run_id=None):
-        airflow_task("score", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(minutes=30))
-    def validate_candidates(ds=None, params=None, run_id=None):
-        airflow_task("validate_candidates", ds, params, run_id)
-
-    @task(execution_timeout=timedelta(minutes=10))
-    def publish(ds=None, params=None, run_id=None):
-        airflow_task("publish", ds, params, run_id)
-
-    chain(validate_raw(), sessionize(), item_embeddings(), semantic_ids(), build_training_data(), train(),
-          evaluate(), register(), promote(), score(), validate_candidates(), publish())
+    chain(*[stage_task(name, **settings)() for name, settings in TASKS.items()])
 
 
 synergen_daily()

@@ -243,7 +243,9 @@ OVERRIDES = (  # DAG param -> config section, field
 )
 
 
-def _data_errors() -> tuple[type[Exception], ...]:
+
+
+def data_errors() -> tuple[type[Exception], ...]:
     """Failed data checks: the same input fails the same way, so a retry cannot help."""
     from jobs.score import CandidatesInvalid
     from jobs.semantic_ids import SemanticIdsInvalid
@@ -252,31 +254,18 @@ def _data_errors() -> tuple[type[Exception], ...]:
     return ValidationFailed, SemanticIdsInvalid, CandidatesInvalid
 
 
-def airflow_task(stage: str, ds: str, params: dict | None, run_id: str) -> None:
-    """What every task of the DAG calls: one stage for the run's ``ds``, nested under the run's MLflow run.
-
-    A failed data check fails the task at once (no retries: the reason is in the log and in MLflow);
-    anything else (a lost executor, a full disk) goes through the DAG's retries. Nothing is returned:
-    stages hand data to each other through the lake and the registry, not XCom. The last stage of the
-    DAG closes the run's MLflow parent run as FINISHED (``airflow_task_failed`` closes it as FAILED)."""
+def run_for_pipeline(stage: str, ds: str, params: dict | None, group: str) -> None:
+    """One stage of pipeline run ``group`` (a DAG run) with the run's config; the pipeline's last stage
+    closes the run's MLflow parent run as FINISHED (a failure closes it through ``pipeline_failed``)."""
     cfg = config_for_run(params)
-    try:
-        STAGES[stage](cfg, ds, group=run_id)
-    except _data_errors() as e:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException(f"{stage} {ds}: {e}") from e
+    STAGES[stage](cfg, ds, group=group)
     if stage == LAST_STAGE:
-        close_parent(cfg, run_id)
+        close_parent(cfg, group)
 
 
 LAST_STAGE = list(STAGES)[-1]
 
 
-def airflow_task_failed(context) -> None:
-    """Every task's ``on_failure_callback``: Airflow calls it once a task has failed for good (a failed
-    data check, or its retries spent, not on a retry), which fails the DAG run, so the run's MLflow parent
-    run is closed as FAILED with the task and the reason. Clearing the task later reopens it."""
-    ti, error = context["ti"], context.get("exception")
-    reason = f"{ti.task_id} {context['ds']}: {type(error).__name__ if error else 'failed'}: {error or ''}".rstrip(": ")
-    close_parent(config_for_run(context.get("params")), context["run_id"], reason)
+def pipeline_failed(params: dict | None, group: str, reason: str) -> None:
+    """Pipeline run ``group`` ended in a failure: its MLflow parent run is closed FAILED with ``reason``."""
+    close_parent(config_for_run(params), group, reason)

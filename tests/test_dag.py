@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json
-from airflow.dag_processing.dagbag import DagBag
-bag = DagBag("{dags}")
+from airflow.dag_processing.dagbag import BundleDagBag
+# as the DAG processor and the task runner load it: the bundle's folder on sys.path (dags/stage_tasks.py)
+bag = BundleDagBag("{dags}", bundle_path="{dags}", bundle_name="dags-folder")
 dag = bag.dags["synergen_daily"]
 print(json.dumps({{
     "errors": {{k: str(v) for k, v in bag.import_errors.items()}},
