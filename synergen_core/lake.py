@@ -2,10 +2,18 @@
 
 Every partition is written aside (a hidden sibling folder) and renamed into place, so a reader or a
 crash never sees half a day; rerunning a day replaces the whole partition.
+
+Replacing a partition takes two renames (``ds=D`` aside to ``.ds=D.old-*``, the new folder in), and
+a process killed between them leaves no ``ds=D``. The old folder is only deleted once the new one is
+in place, so it is never lost: ``recover`` renames it back, and both the next ``publish`` and every
+reader (``partitions``) call it, so nobody sees the day missing after such a kill. Staging folders of
+a killed run (``.ds=D.tmp-*``, Spark's ``.run-*``) are removed by ``remove_stale`` when the same stage
+runs again.
 """
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import shutil
 import uuid
 from pathlib import Path
@@ -25,6 +33,9 @@ def partition(root: Path, table: str, ds: str | dt.date) -> Path:
 # complete by contract, and need no ``_SUCCESS`` marker. Every other layer is written by this pipeline.
 EXTERNAL_LAYERS = ("raw",)
 PARQUET_SUFFIXES = (".parquet", ".parq")
+# Name parts of the hidden siblings of ``ds=D``: a partition being written, a replaced one (kept until
+# the new one is in place), a withdrawn day marker. Spark's staging folders are ``.run-*`` (jobs.spark).
+TMP, OLD, GONE, RUN = ".tmp-", ".old-", ".gone-", ".run-"
 
 
 def partitions(root: Path, table: str) -> list[str]:
@@ -34,6 +45,8 @@ def partitions(root: Path, table: str) -> list[str]:
     if not base.is_dir():
         return []
     external = Path(table).parts[0] in EXTERNAL_LAYERS
+    for aside in base.glob(f".ds=*{OLD}*"):
+        recover(base / aside.name[1:aside.name.index(OLD)])
     return sorted(p.name[3:] for p in base.iterdir()
                   if p.is_dir() and p.name.startswith("ds=") and (external or (p / SUCCESS).is_file()))
 
@@ -41,22 +54,70 @@ def partitions(root: Path, table: str) -> list[str]:
 def staging_dir(final: Path) -> Path:
     """A fresh hidden sibling of ``final`` (same filesystem, so the rename is atomic)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".{final.name}{TMP}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
 
 
 def publish(tmp: Path, final: Path) -> Path:
-    """Move a fully written ``tmp`` folder to ``final``, replacing what was there."""
+    """Move a fully written ``tmp`` folder to ``final``, replacing what was there.
+
+    The old folder is renamed aside, not deleted, until the new one is in place (see the module
+    docstring): a kill between the two renames loses nothing and ``recover`` undoes it.
+    """
     (tmp / SUCCESS).touch()
-    old = None
+    recover(final)
+    for _ in range(3):
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}{OLD}{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+        try:
+            tmp.rename(final)
+        except OSError as e:
+            # A reader's ``recover`` put the old folder back between our two renames: set it aside again.
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.exists():
+                raise
+            continue
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+    raise OSError(errno.EBUSY, f"could not replace {final}: something keeps putting a folder there")
+
+
+def recover(final: Path) -> bool:
+    """Put back a partition that a publish killed between its two renames left aside (``.ds=D.old-*``
+    with no ``ds=D``); True if it did. The newest complete one wins (normally there is one)."""
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        return False
+    aside = [p for p in final.parent.glob(f".{final.name}{OLD}*") if (p / SUCCESS).is_file()]
+    for old in sorted(aside, key=lambda p: (p / SUCCESS).stat().st_mtime, reverse=True):
+        try:
+            old.rename(final)
+            return True
+        except OSError:  # another process recovered it first, or it went away
+            if final.exists():
+                return False
+    return False
+
+
+def remove_stale(root: Path, table: str) -> list[Path]:
+    """Remove what killed runs left under ``<root>/<table>``: staging folders (``.ds=D.tmp-*``, Spark's
+    ``.run-*``), replaced partitions whose successor is in place, withdrawn markers; returns them.
+
+    Only the stage that writes ``table`` may call it, before it stages anything: a staging folder of
+    a run still in progress would be removed too. That is safe because runs of the DAG are serialized
+    (``max_active_runs=1``) and a stage's tasks never overlap, so no other writer of the table is active.
+    """
+    base = Path(root) / table
+    if not base.is_dir():
+        return []
+    partitions(root, table)  # recovers replaced partitions first: those are data, not leftovers
+    stale = [p for p in base.iterdir() if p.name.startswith(RUN)
+             or (p.name.startswith(".ds=") and any(m in p.name for m in (TMP, OLD, GONE)))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 def write_partition(
@@ -105,7 +166,7 @@ def unmark_day(root: Path, layer: str, ds: str | dt.date) -> None:
     final = day_marker(root, layer, ds)
     if not final.exists():
         return
-    gone = final.parent / f".{final.name}.gone-{uuid.uuid4().hex[:8]}"
+    gone = final.parent / f".{final.name}{GONE}{uuid.uuid4().hex[:8]}"
     final.rename(gone)
     shutil.rmtree(gone, ignore_errors=True)
 
