@@ -6,20 +6,36 @@ contract) + ``quarantine/<table>/ds=D`` (rows that fail, with ``_reason``, ``_so
 replaces the day. Beside the validated data: ``_validation.json`` (the day's counts) and, for a
 single-day run, the GE result (``_validation.ge.json``) and its data docs page (``_validation.html``).
 
-Table-level failures raise ``ValidationFailed`` naming the file, field and counts: a file that does
-not match the contract, an events partition that is empty, a day with no events partition in either
-events table (for a one-day run), or a bad-row share above
-``validate.max_bad_row_share`` (the quarantine and report are still written, the validated data not).
+A day is published whole or not at all. Every table's validated output is staged first; only when no
+table of day D failed are D's tables published, and then D is marked complete
+(``validated/_days/ds=D`` with a ``_validation.json`` of the day's counts per table), which is what
+sessionize reads. A run first withdraws the markers of the days it validates, so a day being replaced is
+never marked while its tables change. The quarantine is always published, and a day that is not
+published keeps its report with the quarantine, so nothing is lost. In a range, days are published in
+order up to the first day that failed; that day and every later one are not (the marker is the
+contract downstream, but later days' events are checked against the failed day's catalog, and history is
+built in day order, so publishing past a hole would invite a gap filled out of order). A run limited to
+some tables (``--table``) publishes those tables the same way but marks no day: only a run of every
+table knows the day is whole.
 
-The catalog is validated first: events are checked against the validated catalog as of their day.
-A range of days is validated as one batch (one GE run per table), which keeps long histories such as
-MovieLens (thousands of days) fast; every day still gets its own partitions and counts.
+Table-level failures raise ``ValidationFailed`` (a ``PipelineError``: a one- or two-line message naming
+the file, field and counts) before anything is published: a file that is not Parquet or cannot be read,
+a file that does not match the contract (a required field missing, a type that does not convert,
+numbers where a timestamp belongs), an events partition that is empty, a day with no events partition in
+either events table (for a one-day run; for a range, a range with none at all). A day over
+``validate.max_bad_row_share`` fails after its quarantine and report are written.
+
+The catalog is validated first: events are checked against the catalog as of their day (the published
+one, with this run's days replaced by their staged rows). A range of days is validated as one batch (one
+GE run per table), which keeps long histories such as MovieLens (thousands of days) fast; every day
+still gets its own partitions and counts.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +48,20 @@ import pyarrow.parquet as pq
 
 from schemas import C, RAW_TABLES, quarantine_schema
 from schemas import suites
+from schemas.raw import EVENT_CONTENT, OPTIONAL
 from synergen_core import lake
 from synergen_core.config import Config, parse_ds
+from synergen_core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 TABLES = ("catalog", "search_events", "browse_events")
 EVENT_TABLES = ("search_events", "browse_events")
 DAY_US = 86_400 * 1_000_000
+LAYER = "validated"
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(PipelineError):
     """A table-level failure: the stage stops, with the file, field and counts in the message.
     ``report_dirs`` lists the partitions whose reports this run wrote before it stopped."""
 
@@ -62,11 +81,26 @@ class Batch:
     source_row: np.ndarray  # row number within that file
     metadata: dict[bytes, bytes] = field(default_factory=dict)
     extra_fields: list[str] = field(default_factory=list)
+    missing_optional: list[str] = field(default_factory=list)  # optional fields some file left out
 
     def rows_of(self, day: str) -> np.ndarray:
         """Row numbers of one day (read_batch concatenates days in order, so they are contiguous)."""
         lo, hi = np.searchsorted(self.ds, [day, day + "~"])  # "~" sorts after any digit
         return np.arange(lo, hi)
+
+
+@dataclass
+class StagedDay:
+    """One table's day, written aside: its validated rows (unless the day failed on its own) and its
+    quarantine, published or dropped once every table of the day is known."""
+
+    table: str
+    day: str
+    summary: dict
+    report: "Report"
+    quarantine: Path
+    valid: Path | None  # None when the day failed its own checks
+    failure: str | None = None
 
 
 def run(cfg: Config, ds: str, tables: list[str] | None = None) -> dict:
@@ -75,25 +109,118 @@ def run(cfg: Config, ds: str, tables: list[str] | None = None) -> dict:
 
 
 def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None = None) -> dict:
-    """Validate every raw partition in ``[first_ds, last_ds]``: catalog first, then events."""
+    """Validate every raw partition in ``[first_ds, last_ds]``: catalog first, then events; publish the
+    days whose tables all passed (in order, up to the first that failed) and mark them complete."""
     root = Path(cfg.lake.root)
+    chosen = [t for t in TABLES if not tables or t in tables]
+    if last_ds < first_ds:
+        raise ValidationFailed(f"validate: last day {last_ds} is before first day {first_ds}; give the first day first")
+    days = _days(first_ds, last_ds)
+    for table in chosen:  # what a killed run left aside; runs are serialized, so nothing live is removed
+        for area in (LAYER, "quarantine"):
+            lake.remove_stale(root, f"{area}/{table}")
+    # The days' contents are about to change: their markers go first, so downstream never sees a marked
+    # day half replaced (a crash leaves them unmarked, and the rerun marks them again).
+    for day in days:
+        lake.unmark_day(root, LAYER, day)
     days_without_events = _check_days_have_events(root, first_ds, last_ds)
-    result, report_dirs = {"days_without_events": len(days_without_events)}, []
-    for table in [t for t in TABLES if not tables or t in tables]:
-        t0 = time.perf_counter()
-        present = [d for d in lake.partitions(root, f"raw/{table}") if first_ds <= d <= last_ds]
-        if not present:  # e.g. the catalog on a day nothing changed, or a source with no search logs
-            result[table] = {"days": 0, "rows_in": 0, "rows_valid": 0, "rows_quarantined": 0, "reasons": {},
-                             "report_dirs": []}
-            continue
-        try:
-            batch = read_batch(root, table, present)
-            result[table] = validate_batch(cfg, batch, present)
-        except ValidationFailed as e:
-            raise ValidationFailed(str(e), report_dirs + e.report_dirs) from None
-        report_dirs += result[table]["report_dirs"]
-        result[table]["seconds"] = round(time.perf_counter() - t0, 3)
+    present = {t: [d for d in lake.partitions(root, f"raw/{t}") if first_ds <= d <= last_ds] for t in chosen}
+    # Every file is read before any GE run: unreadable or off-contract input fails in seconds, and
+    # before anything is staged.
+    batches = {t: read_batch(root, t, present[t]) for t in chosen if present[t]}
+
+    result: dict = {"days_without_events": len(days_without_events)}
+    staged: list[StagedDay] = []
+    try:
+        staged_catalog = None
+        for table in chosen:
+            t0 = time.perf_counter()
+            if table not in batches:  # e.g. the catalog on a day nothing changed, or a source with no search logs
+                result[table] = {"days": 0, "rows_in": 0, "rows_valid": 0, "rows_quarantined": 0, "reasons": {}}
+                continue
+            batch = batches.pop(table)  # staged on disk once validated: free it
+            counts, table_days, valid_ids = validate_batch(cfg, batch, present[table], staged_catalog)
+            if table == "catalog":
+                staged_catalog = valid_ids
+            staged += table_days
+            result[table] = {**counts, "seconds": round(time.perf_counter() - t0, 3)}
+        failures, report_dirs = _publish(root, chosen, days, staged)
+    finally:
+        for s in staged:  # whatever was not published
+            for tmp in (s.quarantine, s.valid):
+                if tmp is not None and tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    for table in chosen:
+        result[table]["report_dirs"] = [d for d in report_dirs if d.parent.name == table]
+    if failures:
+        raise ValidationFailed(_failure_message(failures, days), report_dirs)
     return result
+
+
+def _publish(root: Path, chosen: list[str], days: list[str], staged: list[StagedDay]
+             ) -> tuple[list[StagedDay], list[Path]]:
+    """Publish day by day up to the first day any table failed; mark those days complete when every
+    table was validated. Returns the failed table-days and where each table-day's report is."""
+    failures = sorted((s for s in staged if s.failure), key=lambda s: (s.day, TABLES.index(s.table)))
+    first_failed = min((s.day for s in failures), default=None)
+    by_day: dict[str, list[StagedDay]] = {}
+    for s in staged:
+        by_day.setdefault(s.day, []).append(s)
+    report_dirs = []
+    for day in days:
+        publish = first_failed is None or day < first_failed
+        for s in by_day.get(day, []):
+            if publish:
+                s.summary["published"] = True
+                lake.publish(s.quarantine, lake.partition(root, f"quarantine/{s.table}", day))
+                report_dirs.append(_publish_with(s.valid, lake.partition(root, f"{LAYER}/{s.table}", day),
+                                                 s.report.side_files(s.summary)))
+            else:
+                # Not published: the report goes with the quarantine, and the previous validated
+                # partition (if any) stays as it was, unmarked.
+                s.summary["published"] = False
+                s.summary["not_published_because"] = (
+                    s.failure or _blocker(failures, day, first_failed))
+                report_dirs.append(_publish_with(s.quarantine, lake.partition(root, f"quarantine/{s.table}", day),
+                                                 s.report.side_files(s.summary)))
+        if publish and len(chosen) == len(TABLES):
+            counts = {t: _day_counts(by_day.get(day, []), t) for t in TABLES}
+            lake.mark_day_complete(root, LAYER, day, {"_validation.json": json.dumps(
+                {"ds": day, "tables": counts}, indent=1)})
+    return failures, report_dirs
+
+
+def _publish_with(tmp: Path, final: Path, side_files: dict[str, str]) -> Path:
+    for name, text in side_files.items():
+        (tmp / name).write_text(text)
+    return lake.publish(tmp, final)
+
+
+def _day_counts(day_tables: list[StagedDay], table: str) -> dict | None:
+    """A table's counts for the day marker; None when the day had no raw partition of that table."""
+    for s in day_tables:
+        if s.table == table:
+            return {k: s.summary[k] for k in ("rows_in", "rows_valid", "rows_quarantined", "reasons")}
+    return None
+
+
+def _blocker(failures: list[StagedDay], day: str, first_failed: str) -> str:
+    same_day = [f"{f.table} {f.day}" for f in failures if f.day == day]
+    if same_day:
+        return f"{', '.join(same_day)} failed validation: a day is published with all its tables or none"
+    return f"an earlier day of the range ({first_failed}) failed: days are published in order"
+
+
+def _failure_message(failures: list[StagedDay], days: list[str]) -> str:
+    """The first failure in full; the others, if any, named on a second line."""
+    first, last = failures[0], days[-1]
+    unpublished = (f"nothing of {first.day} was published" if first.day == last
+                   else f"nothing from {first.day} to {last} was published")
+    others = [f"{f.table} {f.day}" for f in failures[1:]]
+    if not others:
+        return f"{first.failure} ({unpublished})"
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return f"{first.failure}\nAlso failed: {shown} (reports with their quarantine); {unpublished}."
 
 
 def _check_days_have_events(root: Path, first_ds: str, last_ds: str) -> list[str]:
@@ -101,12 +228,18 @@ def _check_days_have_events(root: Path, first_ds: str, last_ds: str) -> list[str
 
     A daily run (one day) with none fails: upstream did not deliver, and training on a gap is worse than
     stopping. A range (a backfill over history, e.g. MovieLens) reports such days and goes on: real
-    histories have days without events. One events table may be absent on a day (sources without
-    search logs, days without tags)."""
+    histories have days without events; a range without a single one fails (nothing to validate is a
+    wrong lake root or wrong dates, not a quiet success). One events table may be absent on a day
+    (sources without search logs, days without tags)."""
     present = set().union(*(lake.partitions(root, f"raw/{t}") for t in EVENT_TABLES))
-    missing = [d for d in _days(first_ds, last_ds) if d not in present]
+    days = _days(first_ds, last_ds)
+    missing = [d for d in days if d not in present]
+    hint = "write raw/<table>/ds=YYYY-MM-DD/*.parquet there first, or check lake.root and the dates"
     if missing and first_ds == last_ds:
-        raise ValidationFailed(f"{root / 'raw'}: no search_events or browse_events partition for {first_ds}")
+        raise ValidationFailed(f"{root / 'raw'}: no search_events or browse_events partition for {first_ds}; {hint}")
+    if len(missing) == len(days):
+        raise ValidationFailed(f"{root / 'raw'}: no search_events or browse_events partition from {first_ds} to "
+                               f"{last_ds}; {hint}")
     return missing
 
 
@@ -115,59 +248,108 @@ def _days(first_ds: str, last_ds: str) -> list[str]:
     return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
-def _span(days: list[str]) -> str:
-    return days[0] if len(days) == 1 else f"{len(days)} days ({days[0]} .. {days[-1]})"
+def _one_line(e: Exception, path: Path | None = None, limit: int = 160) -> str:
+    """An Arrow error's first line without the path it repeats, cut short: the message names the file
+    already, Arrow's detail is a hint."""
+    text = str(e).replace(f" '{path}'", "") if path is not None else str(e)
+    text = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- reading
 
 def read_batch(root: Path, table: str, days: list[str]) -> Batch:
     contract = RAW_TABLES[table]
-    parts, ds_col, files, rows, meta, extra = [], [], [], [], {}, set()
+    parts, ds_col, files, rows, meta, extra, missing = [], [], [], [], {}, set(), set()
     for day in days:
         part_dir = lake.partition(root, f"raw/{table}", day)
+        others = lake.other_files(part_dir)
+        if others:  # a .csv or .json dropped beside the data would otherwise be skipped silently
+            more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+            raise ValidationFailed(
+                f"{others[0]}: not a Parquet file{more}; a raw partition holds only .parquet/.parq files "
+                f"(names starting with _ or . are ignored): convert it or move it out of the partition")
         day_files = lake.data_files(part_dir)
         if table in EVENT_TABLES and not day_files:
-            raise ValidationFailed(f"{part_dir}: empty partition (no Parquet files)")
+            raise ValidationFailed(f"{part_dir}: empty partition (no Parquet files); re-deliver the day's events "
+                                   f"(a day without events of this table needs no folder)")
         day_rows = 0
         for path in day_files:
-            t = pq.read_table(path)
+            t = read_parquet(path)
             extra |= set(t.column_names) - set(contract.names)
+            missing |= set(OPTIONAL[table]) - set(t.column_names)
             meta.update({k: v for k, v in (t.schema.metadata or {}).items() if k.startswith(b"synergen.")})
-            parts.append(conform(t, contract, path))
+            parts.append(conform(t, contract, path, OPTIONAL[table]))
             rel = str(path.relative_to(root))
             ds_col.append(np.full(t.num_rows, day, dtype=object))
             files.append(np.full(t.num_rows, rel, dtype=object))
             rows.append(np.arange(t.num_rows, dtype=np.int64))
             day_rows += t.num_rows
         if table in EVENT_TABLES and day_rows == 0:
-            raise ValidationFailed(f"{part_dir}: empty partition (0 rows in {len(day_files)} file(s))")
+            raise ValidationFailed(f"{part_dir}: empty partition (0 rows in {len(day_files)} file(s)); re-deliver the "
+                                   f"day's events (a day without events of this table needs no folder)")
     # one chunk, not one per file: per-day takes over thousands of chunks are quadratic
     data = pa.concat_tables(parts).combine_chunks() if parts else contract.empty_table()
     cat = lambda xs, dtype: np.concatenate(xs) if xs else np.array([], dtype=dtype)  # noqa: E731
-    return Batch(table, data, cat(ds_col, "U10"), cat(files, object), cat(rows, np.int64), meta, sorted(extra))
+    return Batch(table, data, cat(ds_col, "U10"), cat(files, object), cat(rows, np.int64), meta, sorted(extra),
+                 sorted(missing))
 
 
-def conform(t: pa.Table, contract: pa.Schema, path: Path) -> pa.Table:
-    """Select and cast the contract's fields, or fail naming the file and field."""
+def read_parquet(path: Path) -> pa.Table:
+    """The file's table, or a one-line failure naming it (a truncated or corrupt file, or not Parquet)."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValidationFailed(
+            f"{path}: not a readable Parquet file ({_one_line(e, path)}); re-deliver it or move it out of the partition"
+        ) from None
+
+
+def conform(t: pa.Table, contract: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> pa.Table:
+    """Select and cast the contract's fields, or fail naming the file and field. An ``optional`` field
+    the file leaves out is filled with nulls."""
     columns = []
     for f in contract:
         if f.name not in t.column_names:
+            if f.name in optional:
+                columns.append(pa.nulls(t.num_rows, f.type))
+                continue
             raise ValidationFailed(
                 f"{path}: missing field {f.name!r} ({f.type}) required by the raw contract (schemas/raw.py); "
                 f"the file has {t.column_names}"
             )
         col = t.column(f.name)
+        if pa.types.is_timestamp(f.type) and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            # Arrow would cast integers as microseconds: epoch seconds would become January 1970 and every
+            # row quarantined as out of its day. The unit is not in the data, so ask for real timestamps.
+            raise ValidationFailed(_numeric_timestamp_message(path, f, col))
         if col.type != f.type:
             try:
                 col = col.cast(f.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise ValidationFailed(
                     f"{path}: field {f.name!r} has type {col.type}, which does not convert to the contract's "
-                    f"{f.type}: {e}"
+                    f"{f.type}: {_one_line(e)}"
                 ) from None
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=contract)
+
+
+# magnitude of "now" since the epoch in each unit, about 1.7e9 s: the nearest one names the unit
+EPOCH_UNITS = (("seconds", "s", 1e9), ("milliseconds", "ms", 1e12), ("microseconds", "us", 1e15),
+               ("nanoseconds", "ns", 1e18))
+
+
+def _numeric_timestamp_message(path: Path, f: pa.Field, col: pa.ChunkedArray) -> str:
+    values = col.drop_null().to_numpy()
+    values = values[np.isfinite(values)] if len(values) else values
+    head = f"{path}: field {f.name!r} holds numbers ({col.type}), not timestamps"
+    if not len(values):
+        return f"{head}; write it as {f.type}"
+    typical = float(np.median(np.abs(values)))
+    name, unit, _ = min(EPOCH_UNITS, key=lambda u: abs(np.log10(max(typical, 1.0)) - np.log10(u[2])))
+    return (f"{head}; e.g. {values[0].item()!r}, which looks like {name} since the epoch: convert it to {f.type} "
+            f"(e.g. pandas.to_datetime({f.name}, unit={unit!r}, utc=True)) and write the file again")
 
 
 # ---------------------------------------------------------------- checks
@@ -187,9 +369,33 @@ def check_frame(cfg: Config, batch: Batch, catalog_first_ds: pd.Series | None) -
     else:
         frame[suites.TS_IN_WINDOW] = _ts_in_window(t, batch.ds, cfg.validate_.late_days)
         frame[suites.ITEM_IN_CATALOG] = _item_in_catalog(t, batch.ds, catalog_first_ds)
+        frame[suites.EVENT_ID_CONSISTENT] = _event_id_consistent(t, batch.ds, EVENT_CONTENT[batch.table])
         if batch.table == "browse_events":
             frame[suites.VALUE_IN_RANGE] = _value_in_range(t, cfg.validate_.max_value)
     return pd.DataFrame(frame)
+
+
+def _event_id_consistent(t: pa.Table, ds: np.ndarray, content: tuple[str, ...]) -> np.ndarray:
+    """False for every row of an event id that has rows of different content in its partition.
+
+    All rows of such an id fail, not all but one: nothing says which is right. Exact copies pass (they
+    are re-deliveries; sessionize keeps one). The check is per partition, like duplicate catalog ids,
+    so its outcome does not depend on how days are grouped into runs; a conflict across days (with an
+    already published day) is not seen here: that row is out already, and quarantining only the newcomer
+    would keep an arbitrary one of the two."""
+    ids = t.column(C.EVENT_ID).to_pandas()
+    ok = np.ones(len(ids), dtype=bool)
+    shared = pd.DataFrame({"ds": ds, "id": ids}).duplicated(keep=False).to_numpy() & ids.notna().to_numpy()
+    if shared.any():  # usually a handful of re-deliveries: compare content on those rows only
+        rows = np.flatnonzero(shared)
+        idx = pa.array(rows)
+        sub = pd.DataFrame({"ds": ds[rows], "id": ids.to_numpy()[rows],
+                            **{c: t.column(c).take(idx).to_pandas() for c in content}})
+        distinct = sub.drop_duplicates()  # pandas compares nulls (None, NaN, NaT) as equal here
+        conflicting = distinct.loc[distinct.duplicated(["ds", "id"], keep=False), ["ds", "id"]].drop_duplicates()
+        hit = sub[["ds", "id"]].merge(conflicting.assign(_hit=True), how="left", on=["ds", "id"])["_hit"]
+        ok[rows[hit.notna().to_numpy()]] = False
+    return _with_nulls(ok, t.column(C.EVENT_ID).is_null())
 
 
 def _ts_in_window(t: pa.Table, ds: np.ndarray, late_days: int) -> np.ndarray:
@@ -219,16 +425,22 @@ def _with_nulls(ok: np.ndarray, is_null: pa.ChunkedArray) -> np.ndarray:
     return out
 
 
-def catalog_first_ds(root: Path, last_ds: str) -> pd.Series | None:
-    """item_id -> first day it is in the validated catalog, over partitions up to ``last_ds``."""
-    days = [d for d in lake.partitions(root, "validated/catalog") if d <= last_ds]
-    if not days:
-        return None
+def catalog_first_ds(root: Path, last_ds: str, staged: pd.DataFrame | None = None) -> pd.Series | None:
+    """item_id -> first day it is in the validated catalog, over partitions up to ``last_ds``.
+
+    ``staged``: this run's valid catalog rows (columns ``id``, ``ds``), not published yet; they stand
+    for the published partitions of their days (a rerun replaces those)."""
+    replaced = set(staged["ds"]) if staged is not None else set()
+    days = [d for d in lake.partitions(root, "validated/catalog") if d <= last_ds and d not in replaced]
     ids = [
         pd.DataFrame({"id": pq.read_table(f, columns=[C.ITEM_ID]).column(0).to_pandas(), "ds": d})
         for d in days
         for f in lake.data_files(lake.partition(root, "validated/catalog", d))
     ]
+    if staged is not None:
+        ids.append(staged[staged["ds"] <= last_ds])
+    if not ids:
+        return None
     both = pd.concat(ids, ignore_index=True)
     return both.groupby("id")["ds"].min()
 
@@ -267,9 +479,14 @@ def row_reasons(result, n_rows: int) -> np.ndarray:
     return reasons
 
 
-def validate_batch(cfg: Config, batch: Batch, days: list[str]) -> dict:
+def validate_batch(cfg: Config, batch: Batch, days: list[str], staged_catalog: pd.DataFrame | None = None
+                   ) -> tuple[dict, list[StagedDay], pd.DataFrame]:
+    """Run the table's suite over the batch and stage each day's validated rows and quarantine.
+
+    Returns the table's counts, its staged days (``failure`` set on days over the bad-row share) and
+    the batch's valid ``item_id`` per day (what events of this run are checked against, for the catalog)."""
     root = Path(cfg.lake.root)
-    first_ds = catalog_first_ds(root, days[-1]) if batch.table in EVENT_TABLES else None
+    first_ds = catalog_first_ds(root, days[-1], staged_catalog) if batch.table in EVENT_TABLES else None
     frame = check_frame(cfg, batch, first_ds)
     result = run_suite(batch.table, frame)
     reasons = row_reasons(result, batch.data.num_rows)
@@ -277,26 +494,36 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str]) -> dict:
     _slim(result)
     report = Report(root, batch.table, days, result)
 
-    failures, report_dirs = [], []
-    for day in days:
-        rows = batch.rows_of(day)
-        summary = _day_summary(batch, day, rows, bad, reasons, cfg)
-        failed = summary["bad_share"] > cfg.validate_.max_bad_row_share
-        if failed:
-            failures.append(_too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg))
-        report_dirs.append(_write_day(root, batch, day, rows, bad, reasons, summary, report, not failed))
-    report.write_range()
-    if failures:
-        raise ValidationFailed("\n".join(failures), report_dirs)
-    return {
+    staged = []
+    try:
+        for day in days:
+            rows = batch.rows_of(day)
+            summary = _day_summary(batch, day, rows, bad, reasons, cfg)
+            failed = summary["bad_share"] > cfg.validate_.max_bad_row_share
+            failure = _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) if failed else None
+            staged.append(_stage_day(root, batch, day, rows, bad, reasons, summary, report, failure))
+        report.write_range()
+    except BaseException:
+        for s in staged:
+            for tmp in (s.quarantine, s.valid):
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    valid_ids = None
+    if batch.table == "catalog":
+        ok = ~bad
+        valid_ids = pd.DataFrame({"id": batch.data.column(C.ITEM_ID).to_pandas()[ok].to_numpy(),
+                                  "ds": batch.ds[ok]})
+    counts = {
         "days": len(days),
         "rows_in": int(batch.data.num_rows),
         "rows_valid": int((~bad).sum()),
         "rows_quarantined": int(bad.sum()),
         "reasons": _count_reasons(reasons[bad]),
         "extra_fields_ignored": batch.extra_fields,
-        "report_dirs": report_dirs,
+        "optional_fields_missing": batch.missing_optional,
     }
+    return counts, staged, valid_ids
 
 
 class Report:
@@ -338,6 +565,7 @@ def _day_summary(batch: Batch, day: str, rows: np.ndarray, bad, reasons, cfg: Co
         "reasons": _count_reasons(reasons[bad_rows]),
         "source_files": sorted(set(batch.source_file[rows])),
         "extra_fields_ignored": batch.extra_fields,
+        "optional_fields_missing": batch.missing_optional,
     }
 
 
@@ -353,25 +581,29 @@ def _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) -> str:
     )
 
 
-def _write_day(root, batch, day, rows, bad, reasons, summary, report, publish_valid: bool) -> Path:
-    """Publish the day's quarantine and (unless it failed) validated rows; returns where its report is."""
+def _stage_day(root, batch, day, rows, bad, reasons, summary, report, failure: str | None) -> StagedDay:
+    """Write the day's quarantine and (unless it failed) validated rows aside; ``run_range`` publishes them
+    once every table of the day is known."""
     idx_bad = rows[bad[rows]]
     quarantined = batch.data.take(idx_bad)
     quarantined = quarantined.append_column(C.REASON, pa.array(reasons[idx_bad], pa.string()))
     quarantined = quarantined.append_column(C.SOURCE_FILE, pa.array(batch.source_file[idx_bad], pa.string()))
     quarantined = quarantined.append_column(C.SOURCE_ROW, pa.array(batch.source_row[idx_bad], pa.int64()))
-    # When the day fails, its report goes with the quarantine: the validated day is not published and
-    # the previous one (if any) stays as it was.
-    quarantine_dir = lake.write_partition(
-        quarantined.cast(quarantine_schema(batch.table)), lake.partition(root, f"quarantine/{batch.table}", day),
-        metadata=batch.metadata, extra_files=None if publish_valid else report.side_files(summary),
-    )
-    if not publish_valid:
-        return quarantine_dir
-    return lake.write_partition(
-        batch.data.take(rows[~bad[rows]]), lake.partition(root, f"validated/{batch.table}", day),
-        metadata=batch.metadata, extra_files=report.side_files(summary),
-    )
+    q_tmp = _stage(quarantined.cast(quarantine_schema(batch.table)),
+                   lake.partition(root, f"quarantine/{batch.table}", day), batch.metadata)
+    valid_tmp = None
+    if failure is None:
+        valid_tmp = _stage(batch.data.take(rows[~bad[rows]]), lake.partition(root, f"{LAYER}/{batch.table}", day),
+                           batch.metadata)
+    return StagedDay(batch.table, day, summary, report, q_tmp, valid_tmp, failure)
+
+
+def _stage(table: pa.Table, final: Path, metadata: dict[bytes, bytes]) -> Path:
+    tmp = lake.staging_dir(final)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    pq.write_table(table, tmp / "part-00000.parquet", compression="zstd")
+    return tmp
 
 
 def _count_reasons(reasons: np.ndarray) -> dict[str, int]:

@@ -1,6 +1,8 @@
 """The raw contract: what users (or the ingest adapters, or the generator) write into the lake.
 
-Layout: ``<lake>/raw/<table>/ds=YYYY-MM-DD/*.parquet``, one folder per day of event time.
+Layout: ``<lake>/raw/<table>/ds=YYYY-MM-DD/*.parquet``, one folder per day of event time. Data files end
+in ``.parquet`` or ``.parq`` (any case); names starting with ``_`` or ``.`` are side files, and any other
+file in a partition fails validation by name rather than being skipped.
 
 * ``search_events``: a typed query, and the item engaged from its results if any.
 * ``browse_events``: an item engaged outside search (feed, detail page, ratings...).
@@ -9,7 +11,9 @@ Layout: ``<lake>/raw/<table>/ds=YYYY-MM-DD/*.parquet``, one folder per day of ev
 
 Every field is nullable at the Arrow level on purpose: rows with missing keys must still be readable
 so validation can quarantine them with a reason. Which fields are required is part of the contract
-(``REQUIRED``) and is enforced by the expectation suites in ``schemas.suites``.
+(``REQUIRED``) and is enforced by the expectation suites in ``schemas.suites``; the other fields
+(``OPTIONAL``) may also be left out of a file. Timestamps are Arrow timestamps: numbers (epoch seconds,
+milliseconds...) are refused, not guessed, since their unit is not in the data.
 """
 import pyarrow as pa
 
@@ -70,6 +74,18 @@ REQUIRED = {
     "catalog": (C.ITEM_ID, C.TITLE),
     "search_events": (C.EVENT_ID, C.USER_ID, C.TS, C.QUERY, C.ACTION),
     "browse_events": (C.EVENT_ID, C.USER_ID, C.TS, C.ITEM_ID, C.ACTION),
+}
+# Every other field is optional: a row may hold null there, and a file may leave the column out
+# altogether (validation fills it with nulls and lists it in the day's report).
+OPTIONAL = {table: tuple(f.name for f in schema if f.name not in REQUIRED[table]) for table, schema in RAW_TABLES.items()}
+
+# What an event is, beside its id. Rows of one partition that share an event_id and agree on these fields
+# are copies of one event (re-deliveries: valid, sessionize keeps one); rows that share an id but differ
+# on any of them conflict and are all quarantined (reasons.CONFLICTING_EVENT_ID). Surface and impressions
+# say how the event was shown and logged, not what happened, so copies may differ there.
+EVENT_CONTENT = {
+    "search_events": (C.USER_ID, C.TS, C.QUERY, C.ITEM_ID, C.ACTION),
+    "browse_events": (C.USER_ID, C.TS, C.ITEM_ID, C.ACTION, C.VALUE),
 }
 
 

@@ -2,7 +2,7 @@
 
 Every row-level expectation carries ``meta["reason"]``, the quarantine code (schemas/reasons.py) a
 failing row gets. Checks that need context GE cannot express per row (the partition's day, the catalog
-as of that day, duplicates keeping the first) are computed by validation into boolean check columns
+as of that day, duplicates keeping the first, conflicting event ids) are computed by validation into boolean check columns
 named below, and the suite expects them to be true, so every rule is reported by GE the same way.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ TS_IN_WINDOW = "check_ts_in_partition_window"
 ITEM_IN_CATALOG = "check_item_in_catalog"
 VALUE_IN_RANGE = "check_value_in_range"
 FIRST_OF_ID = "check_first_of_item_id"
+EVENT_ID_CONSISTENT = "check_event_id_consistent"
 
 ROW_ID = "_row"  # the batch's row number, used to map GE's unexpected rows back
 
@@ -36,6 +37,8 @@ def _events(table: str, actions: tuple[str, ...]) -> list[gxe.Expectation]:
         gxe.ExpectColumnValuesToBeInSet(column=C.ACTION, value_set=list(actions), meta={"reason": R.UNKNOWN_ACTION}),
         _true(TS_IN_WINDOW, R.TS_OUTSIDE_DAY, "ts within [ds - validate.late_days, ds + 1 day)"),
         _true(ITEM_IN_CATALOG, R.UNKNOWN_ITEM, "item_id present in the validated catalog as of ds"),
+        _true(EVENT_ID_CONSISTENT, R.CONFLICTING_EVENT_ID,
+              "rows sharing an event_id within a partition have the same content (exact copies pass)"),
     ]
 
 
