@@ -116,9 +116,9 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
     if last_ds < first_ds:
         raise ValidationFailed(f"validate: last day {last_ds} is before first day {first_ds}; give the first day first")
     days = _days(first_ds, last_ds)
-    for table in chosen:  # what a killed run left aside; runs are serialized, so nothing live is removed
-        for area in (LAYER, "quarantine"):
-            lake.remove_stale(root, f"{area}/{table}")
+    # what a killed run left aside; runs are serialized, so nothing live is removed
+    for table in [*(f"{area}/{t}" for t in chosen for area in (LAYER, "quarantine")), f"{LAYER}/{lake.DAYS}"]:
+        lake.remove_stale(root, table)
     # The days' contents are about to change: their markers go first, so downstream never sees a marked
     # day half replaced (a crash leaves them unmarked, and the rerun marks them again).
     for day in days:

@@ -301,7 +301,9 @@ def test_a_failing_table_holds_back_the_whole_day_until_fixed(tmp_path):
     assert lake.completed_days(root, "validated") == []
 
     write_file(cfg, "browse_events", [browse("b1"), browse("b2")])  # the fixed delivery
+    killed = lake.staging_dir(lake.day_marker(root, "validated", DS))  # a marker a killed run left half written
     validate.run(cfg, DS)
+    assert not killed.exists()
     for table in validate.TABLES:
         assert lake.partitions(root, f"validated/{table}") == [DS], table
     assert pq.read_table(lake.partition(root, "validated/browse_events", DS)).num_rows == 2
