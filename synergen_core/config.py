@@ -7,18 +7,30 @@ the key and where it came from.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from synergen_core.errors import PipelineError
+
 ENV_PREFIX = "SYNERGEN__"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(PipelineError, ValueError):
+    """A bad configuration value, file or environment variable. A ``PipelineError`` so the CLI prints it as
+    one line; still a ``ValueError`` so that pydantic turns one raised inside a validator into a field error."""
+
+
+# JVM memory sizes as Spark reads them (JavaUtils.byteStringAsMb): digits, then an optional unit
+# b, k, m, g, t or p (optionally followed by b), any case; no unit means MiB.
+_JVM_MEMORY = re.compile(r"[0-9]+([kmgtp]b?|b)?", re.IGNORECASE)
+# The master URLs SparkContext accepts; anything else fails only once the JVM is up, with a Java trace.
+_SPARK_MASTER = re.compile(r"local(\[([0-9]+|\*)(,\s*[0-9]+)?\])?|local-cluster\[.+\]|(spark|k8s|mesos)://.+|yarn")
 
 
 class _Section(BaseModel):
@@ -33,9 +45,26 @@ class SparkConfig(_Section):
     master: str = "local[*]"
     app_name: str = "synergen"
     shuffle_partitions: int = Field(8, ge=1)
-    driver_memory: str = "4g"
+    driver_memory: str = "4g"  # a JVM memory size: 512m, 4g, 2G, 1024k
     local_ip: str | None = "127.0.0.1"  # SPARK_LOCAL_IP for local runs; null on a cluster
     conf: dict[str, str] = {}  # any other spark.* setting, passed through
+
+    @field_validator("master")
+    @classmethod
+    def _master_url(cls, v: str) -> str:
+        if not _SPARK_MASTER.fullmatch(v.strip()):
+            raise ValueError("expected a Spark master URL: local[*], local[4], spark://HOST:7077, yarn or k8s://URL")
+        return v.strip()
+
+    @field_validator("driver_memory", mode="before")
+    @classmethod
+    def _jvm_memory(cls, v: Any) -> Any:
+        # A bare number (driver_memory: 4096, or an environment value parsed as YAML) is MiB to Spark.
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and _JVM_MEMORY.fullmatch(v.strip()) and int(re.match(r"[0-9]+", v.strip()).group()) > 0:
+            return v.strip()
+        raise ValueError("expected a positive JVM memory size such as 512m, 4g, 2G or 1024k")
 
 
 class MlflowConfig(_Section):
@@ -206,7 +235,14 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """``synergen evaluate`` (synergen_core.evaluate, jobs.evaluate)."""
 
-    ks: list[int] = [5, 10, 20, 50]
+    ks: list[int] = Field([5, 10, 20, 50], min_length=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("every K must be a positive integer, e.g. [5, 10, 20]")
+        return v
     baselines: list[Literal["popularity", "bm25"]] = ["popularity", "bm25"]  # untrained, scored in-process
     rank_negatives: int = Field(99, ge=1)  # sampled negatives per candidate list (the same lists for all models)
     # How they are drawn: by training popularity (hard for a model that has learned popularity; on a
@@ -236,6 +272,13 @@ class SemanticIdConfig(_Section):
 
     latent_dim: int = Field(32, ge=2)  # per view; shared codebooks live in the concatenated 2x space
     hidden_dims: list[int] = [256, 128]
+
+    @field_validator("hidden_dims")
+    @classmethod
+    def _positive_dims(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError("every hidden layer width must be a positive integer, e.g. [256, 128]")
+        return v
     shared_levels: int = Field(2, ge=0)
     specific_levels: int = Field(1, ge=1)  # without one the two views' IDs would be the same ID
     codebook_size: int = Field(256, ge=2)  # every level, as in TIGER
@@ -362,20 +405,37 @@ def parse_ds(ds: str) -> dt.date:
     raise ConfigError(f"bad ds {ds!r}: expected a day as YYYY-MM-DD")
 
 
-def _tree(assignments: list[tuple[list[str], str]]) -> dict[str, Any]:
-    """(key path, raw value) pairs -> nested sections, values parsed as YAML scalars."""
+# An assignment from outside the file: (key path, raw text, what to call it in an error): the variable
+# SYNERGEN__MODEL__DROPOUT, or the override model.dropout=0.4. A bad value is reported by that name.
+Assignment = tuple[list[str], str, str]
+
+
+def _tree(assignments: list[Assignment]) -> dict[str, Any]:
+    """Assignments -> nested sections, values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
-    for path, raw in assignments:
+    for path, raw, origin in assignments:
+        if not all(path):
+            raise ConfigError(f"{origin}: empty key in {'.'.join(path)!r}: expected SECTION and KEY "
+                              f"(e.g. SYNERGEN__SPARK__MASTER or spark.master)")
         node = tree
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is also given a plain value elsewhere; "
+                                  f"set only its keys (e.g. {'.'.join(path)})")
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"{origin}: {'.'.join(path)} is a section whose keys are also set; set only its keys")
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              f"quote a string in YAML, e.g. '\"{raw}\"'") from None
     return tree
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    return _tree([([p.lower() for p in key[len(ENV_PREFIX):].split("__")], raw)
-                  for key, raw in environ.items() if key.startswith(ENV_PREFIX)])
+def _env_assignments(environ: Mapping[str, str]) -> list[Assignment]:
+    return [([p.lower() for p in key[len(ENV_PREFIX):].split("__")], raw, key)
+            for key, raw in sorted(environ.items()) if key.startswith(ENV_PREFIX)]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -388,26 +448,74 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def with_overrides(cfg: Config, assignments: list[str]) -> Config:
     """``cfg`` with ``section.key=value`` assignments applied (values parsed as YAML scalars): the
     benchmarks' ``--set``, so that a tuned run's settings stay in its recorded command line."""
-    pairs = []
+    parsed: list[Assignment] = []
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
             raise ConfigError(f"bad override {assignment!r}: expected section.key=value")
-        pairs.append((key.strip().split("."), raw))
-    return _validated(_merge(cfg.model_dump(by_alias=True), _tree(pairs)), "overrides " + " ".join(assignments))
+        parsed.append((key.strip().split("."), raw, f"override {assignment}"))
+    return _validated(_merge(cfg.model_dump(by_alias=True), _tree(parsed)), "overrides", parsed)
 
 
-def _validated(data: dict[str, Any], source: str) -> Config:
+def _known_keys(section: tuple[str, ...]) -> list[str] | None:
+    """The keys a config section accepts (its aliases where it has them), None when it is no section."""
+    model: type[BaseModel] = Config
+    for part in section:
+        field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _problem(err: dict[str, Any], source: str, assignments: list[Assignment]) -> str:
+    """One pydantic error as ``<where it came from>: <key>: <what is wrong>``."""
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    # The variable or override that set this key (or a section above or below it); else the file.
+    origin = next((o for path, _, o in reversed(assignments)
+                   if tuple(path[:len(loc)]) == loc or loc[:len(path)] == tuple(path)), source)
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1]) or []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(known)
+        return f"{origin}: {key}: unknown key ({hint})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{origin}: {key}: {msg} (got {err.get('input')!r})"
+
+
+def _validated(data: dict[str, Any], source: str, assignments: list[Assignment] = ()) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc'])}: "
-            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            + ("" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})")
-            for err in e.errors()
-        ]
-        raise ConfigError(f"invalid configuration from {source}:\n" + "\n".join(lines)) from None
+        # One line, every problem named by key and origin: the CLI prints it as it is.
+        raise ConfigError("invalid configuration: "
+                          + "; ".join(_problem(err, source, list(assignments)) for err in e.errors())) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {e.problem or e.context}; fix the syntax there") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
+    if loaded is None:  # an empty file: the defaults
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level (e.g. 'spark:' then "
+                          f"'  master: local[*]'), not a {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -416,14 +524,6 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data, source = loaded, str(path)
-    env = _env_overrides(environ)
-    if env:
-        source += " + SYNERGEN__* environment"
-    return _validated(_merge(data, env), source)
+        data, source = _read_yaml(Path(path)), str(path)
+    env = _env_assignments(environ)
+    return _validated(_merge(data, _tree(env)), source, env)
