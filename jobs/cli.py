@@ -2,19 +2,50 @@
 
 Imports of heavy stage modules (Spark, torch, Great Expectations) happen inside each command so that
 ``synergen --help`` stays instant.
+
+Known failures (``PipelineError``, and the few library errors they surface as when a stage does not
+wrap them: an unreadable Parquet file, a missing path) are printed as one ``synergen: ...`` line with
+exit status 2 and no traceback; ``--debug`` or ``SYNERGEN_DEBUG=1`` prints the traceback too. Anything
+else is a bug and keeps its traceback. Airflow calls the stage functions, not this module, so its task
+logs keep every traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import traceback
 
 from synergen_core.config import Config, ConfigError, load_config, parse_ds
+from synergen_core.errors import PipelineError
+
+EXIT_KNOWN_FAILURE = 2  # also argparse's status for a bad command line; 1 (Python's) is left to bugs
+
+EPILOG = """\
+exit status: 0 done; 2 a known failure (bad command line, configuration or input data, a missing upstream
+partition), explained in one "synergen: ..." line on stderr; 1 an unexpected error (a bug), with its
+traceback. --debug (or SYNERGEN_DEBUG=1) prints the traceback of known failures too.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``synergen: ...`` line (no usage block), like every other failure."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("synergen").strip()
+        self.exit(EXIT_KNOWN_FAILURE, f"synergen: {command + ': ' if command else ''}{message}; "
+                                      f"see `{self.prog} --help`\n")
 
 
 def _common(p: argparse.ArgumentParser, ds_required: bool = True, ds_help: str = "logical day (= Airflow ds)"):
     p.add_argument("--config", help="YAML config file (defaults + SYNERGEN__* environment otherwise)")
     p.add_argument("--ds", required=ds_required, type=_ds, help=ds_help + ", YYYY-MM-DD")
+    # Also accepted after the command; SUPPRESS keeps the subcommand from resetting a --debug given before it.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="print the traceback of a known failure too (or SYNERGEN_DEBUG=1)")
+    p.set_defaults(command_parser=p)  # for errors found after parsing, reported like argparse's own
 
 
 def _ds(text: str) -> str:
@@ -132,11 +163,21 @@ def cmd_run(cfg: Config, args) -> None:
     _print(pipeline.run_default(cfg))
 
 
+def _rollback_version(text: str) -> str:
+    if text == "previous" or re.fullmatch(r"[1-9][0-9]*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"bad version {text!r}: expected a registered version number "
+                                     f"(`synergen registry` lists them), or nothing for the previous champion")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="synergen",
         description="Batch pipeline for one generative model serving personalized search and recommendation.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a known failure too (or SYNERGEN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="write seeded synthetic raw logs (the embedded default input)")
@@ -213,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registry", help="champion and challenger with their metrics; roll the champion back")
     _common(p, ds_required=False, ds_help="unused")
-    p.add_argument("--rollback", nargs="?", const="previous", metavar="VERSION",
+    p.add_argument("--rollback", nargs="?", const="previous", metavar="VERSION", type=_rollback_version,
                    help="move the champion alias back: to VERSION, or to the previous champion")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=cmd_registry)
@@ -228,14 +269,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_day_order(args) -> None:
+    """A range given backwards is a usage error, not an empty range run silently."""
+    last_ds, from_ds = getattr(args, "last_ds", None), getattr(args, "from_ds", None)
+    if last_ds and args.ds and last_ds < args.ds:
+        args.command_parser.error(f"--last-ds {last_ds} is before --ds {args.ds}: give the first day as --ds "
+                                  f"and the last as --last-ds")
+    if from_ds and args.ds and from_ds > args.ds:
+        args.command_parser.error(f"--from-ds {from_ds} is after --ds {args.ds}: --from-ds is the first day to "
+                                  f"rebuild, --ds the last")
+
+
+_PARQUET_PATH = re.compile(r"""['"]?((?:file:)?/[^\s'"]+?\.parq(?:uet)?)\b""", re.IGNORECASE)
+
+
+def _parquet_file_in_traceback(e: BaseException) -> str | None:
+    """The Parquet file a frame was reading when ``e`` was raised (pyarrow's ParquetFile and read_schema
+    leave the path out of their message): the innermost local variable naming one."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and str(value).lower().endswith((".parquet", ".parq")):
+                return str(value)
+    return None
+
+
+def _clean_path(path: str) -> str:
+    return re.sub(r"^file:(//)?", "", path)
+
+
+def _arrow_failure(e: BaseException) -> str | None:
+    """pyarrow's error on a corrupt or truncated Parquet file (ArrowInvalid, ArrowIOError)."""
+    text = str(e)
+    if "parquet" not in text.lower():
+        return None  # another Arrow error: a bug until shown otherwise
+    quoted = _PARQUET_PATH.search(text)
+    path = quoted.group(1) if quoted else _parquet_file_in_traceback(e)
+    cause = text.rsplit("': ", 1)[-1].split(". ")[0].strip().rstrip(".")
+    where = _clean_path(path) if path else "a Parquet file (--debug shows which)"
+    return f"{where}: not a readable Parquet file ({cause}); replace it or move it out of its partition"
+
+
+def _spark_failure(e: BaseException) -> str | None:
+    """Spark's error (AnalysisException, SparkException, a Py4J error) on an unreadable or missing Parquet
+    path: the file and the one-line cause, out of a Java message that is mostly a stack trace."""
+    text = str(e)
+    condition = re.search(r"\[([A-Z_]+(?:\.[A-Z_]+)?)\]", text)
+    condition = condition.group(1) if condition else ""
+    if condition == "PATH_NOT_FOUND":
+        path = re.search(r"Path does not exist: (\S+?)\.?(?:\s|$)", text)
+        return (f"{_clean_path(path.group(1)) if path else 'an input path'}: does not exist; check --ds and lake.root, "
+                f"or run the stage that writes it first")
+    unreadable = (condition.startswith(("FAILED_READ_FILE", "CANNOT_READ_FILE_FOOTER"))
+                  or "is not a Parquet file" in text or "Could not read footer" in text)
+    if not unreadable:
+        return None  # another Spark error: a bug until shown otherwise
+    path = (re.search(r"(?:reading file|for file:?|file) ((?:file:)?/\S+?)\.?(?:\s|$)", text)
+            or _PARQUET_PATH.search(text))
+    if "Could not read footer" in text:
+        cause = "could not read its footer"
+    elif "is not a Parquet file" in text:
+        cause = "not a Parquet file"
+    else:
+        causes = re.findall(r"Caused by: [\w.$]+: (.+)", text)
+        cause = causes[-1].strip()[:200] if causes else condition
+    where = _clean_path(path.group(1)) if path else "a Parquet file (--debug shows which)"
+    return f"{where}: not a readable Parquet file ({cause}); replace it or move it out of its partition"
+
+
+def known_failure(e: BaseException) -> str | None:
+    """The one-line message for a known failure, or None for an unexpected error (a bug: keep its traceback).
+    Library errors are recognized by their defining module so that reading an error imports nothing heavy."""
+    if isinstance(e, PipelineError):
+        return str(e)
+    module = type(e).__module__ or ""
+    if module.startswith("pyarrow"):
+        return _arrow_failure(e)
+    if module.startswith(("pyspark", "py4j")):
+        return _spark_failure(e)
+    if isinstance(e, FileNotFoundError):
+        path = e.filename or str(e) or "a file"  # pyarrow raises FileNotFoundError(path)
+        return (f"{path}: no such file or directory; check --ds, --config and lake.root, or run the stage "
+                f"that writes it first")
+    return None
+
+
+def _debug_requested(args, environ) -> bool:
+    # The command line's entry point is the one place that reads SYNERGEN_DEBUG.
+    return bool(getattr(args, "debug", False)) or environ.get("SYNERGEN_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_day_order(args)
+    debug = _debug_requested(args, os.environ)
     try:
         cfg = load_config(args.config)
         args.func(cfg, args)
-    except ConfigError as e:
-        print(f"synergen: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        message = known_failure(e)
+        if message is None:
+            raise  # a bug: Python prints the traceback, exit status 1
+        if debug:
+            traceback.print_exc()
+        print(f"synergen: {message}", file=sys.stderr)
+        return EXIT_KNOWN_FAILURE
     return 0
 
 
