@@ -160,7 +160,7 @@ def cmd_registry(cfg: Config, args) -> None:
 def cmd_run(cfg: Config, args) -> None:
     from jobs import pipeline
 
-    _print(pipeline.run_default(cfg))
+    print(pipeline.summary(cfg, pipeline.run_default(cfg)))  # the whole result is in its summary_file
 
 
 def _rollback_version(text: str) -> str:
