@@ -9,8 +9,9 @@ single-day run, the GE result (``_validation.ge.json``) and its data docs page (
 A day is published whole or not at all. Every table's validated output is staged first; only when no
 table of day D failed are D's tables published, and then D is marked complete
 (``validated/_days/ds=D`` with a ``_validation.json`` of the day's counts per table), which is what
-sessionize reads. A run first withdraws the markers of the days it validates, so a day being replaced is
-never marked while its tables change. The quarantine is always published, and a day that is not
+sessionize reads (days without any raw partition have nothing to publish and get no marker). A run
+first withdraws the markers of the days it validates, so a day being replaced is never marked while its
+tables change. The quarantine is always published, and a day that is not
 published keeps its report with the quarantine, so nothing is lost. In a range, days are published in
 order up to the first day that failed; that day and every later one are not (the marker is the
 contract downstream, but later days' events are checked against the failed day's catalog, and history is
@@ -121,7 +122,7 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
         lake.remove_stale(root, table)
     # The days' contents are about to change: their markers go first, so downstream never sees a marked
     # day half replaced (a crash leaves them unmarked, and the rerun marks them again).
-    for day in days:
+    for day in [d for d in lake.completed_days(root, LAYER) if first_ds <= d <= last_ds]:
         lake.unmark_day(root, LAYER, day)
     days_without_events = _check_days_have_events(root, first_ds, last_ds)
     present = {t: [d for d in lake.partitions(root, f"raw/{t}") if first_ds <= d <= last_ds] for t in chosen}
@@ -183,7 +184,9 @@ def _publish(root: Path, chosen: list[str], days: list[str], staged: list[Staged
                     s.failure or _blocker(failures, day, first_failed))
                 report_dirs.append(_publish_with(s.quarantine, lake.partition(root, f"quarantine/{s.table}", day),
                                                  s.report.side_files(s.summary)))
-        if publish and len(chosen) == len(TABLES):
+        # Days without any raw partition have nothing to publish and get no marker (a backfill over a
+        # sparse history would otherwise write thousands): downstream asks for markers on days with input.
+        if publish and len(chosen) == len(TABLES) and day in by_day:
             counts = {t: _day_counts(by_day.get(day, []), t) for t in TABLES}
             lake.mark_day_complete(root, LAYER, day, {"_validation.json": json.dumps(
                 {"ds": day, "tables": counts}, indent=1)})

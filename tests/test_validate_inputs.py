@@ -334,3 +334,16 @@ def test_a_range_publishes_its_days_in_order_up_to_the_first_failure(tmp_path):
     for table in validate.TABLES:
         assert lake.partitions(root, f"validated/{table}") == [days[0]], table
     assert lake.partitions(root, "quarantine/browse_events") == days  # quarantine and reports of every day
+
+
+def test_a_range_marks_only_the_days_it_had_input_for(tmp_path):
+    # A backfill over a sparse history (MovieLens: 25 days with events over 12 years) must not write a
+    # marker per calendar day: sessionize asks for markers on days with input only.
+    cfg = cfg_for(tmp_path)
+    d1, d3 = "2026-01-01", "2026-01-03"
+    write_file(cfg, "catalog", BASE_CATALOG, ds=d1)
+    write_file(cfg, "browse_events", [browse("b1", ts=T0 - dt.timedelta(days=1))], ds=d1)
+    write_file(cfg, "browse_events", [browse("b3", ts=T0 + dt.timedelta(days=1))], ds=d3)
+    out = validate.run_range(cfg, d1, d3)
+    assert out["days_without_events"] == 1
+    assert lake.completed_days(cfg.lake.root, "validated") == [d1, d3]
