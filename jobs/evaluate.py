@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.train import require_tables
 from schemas import C
-from synergen_core import checkpoint, plots
+from synergen_core import checkpoint, lake, plots
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import item_counts, load_test, read_table, tokens_from_arrow, vocab_size
+from synergen_core.errors import PipelineError
 from synergen_core.evaluate import ModelScorer, evaluate_scorer, ranking_lists
 from synergen_core.features import catalog_texts
 from synergen_core.model import SEARCH
@@ -50,7 +52,17 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
     out: dict = {"ds": ds}
     texts = None
     for protocol in protocols or cfg.train.protocols:
+        require_tables(cfg, ds, ["item_vocab", f"split_{protocol}_train", f"split_{protocol}_eval"])
+        names = [v for v in (variants or VARIANTS) if (root / protocol / v / checkpoint.MODEL).is_file()]
+        if not names:
+            raise PipelineError(f"{root / protocol}: no trained model ({'/'.join(variants or VARIANTS)}/"
+                                f"{checkpoint.MODEL}) for ds={ds} (`synergen train --ds {ds}` writes them)")
         test, no_context = load_test(cfg, ds, protocol)
+        if len(test) == 0:  # no figure at all, rather than figures of nothing for the promotion gate to read
+            part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/split_{protocol}_eval", ds)
+            raise PipelineError(f"{part}: the {protocol} split of ds={ds} has no test targets with context "
+                                f"({no_context} without): nothing to evaluate; check that the day's logs "
+                                "reached validation and sessionize")
         train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
         n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
         counts = item_counts(train_tokens, n_items)
@@ -58,7 +70,6 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
         res = {"test_targets": {"search": int((test.task == SEARCH).sum()), "rec": int((test.task != SEARCH).sum())},
                "no_context": no_context, "candidates_per_list": int(cand.shape[1]),
                "exclude_consumed": list(cfg.evaluate.exclude_consumed), "scorers": {}}
-        names = [v for v in (variants or VARIANTS) if (root / protocol / v / checkpoint.MODEL).is_file()]
         for v in names:
             t0 = time.perf_counter()
             model = checkpoint.load_model(root / protocol / v, device)

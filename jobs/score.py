@@ -401,6 +401,17 @@ def _sessionized(cfg: Config, table: str) -> str:
     return f"{cfg.sessionize.output}/{table}"
 
 
+def require_inputs(cfg: Config, ds: str) -> None:
+    """The sessionized partitions of ``ds`` scoring reads are published, else a ``PipelineError`` naming the
+    missing one and the command that writes it (Spark's own error would be a bare path)."""
+    tables = ["sequences"] + (["query_vocab"] if K.SURFACE_SEARCH in cfg.score.surfaces else [])
+    for table in tables:
+        part = lake.partition(cfg.lake.root, _sessionized(cfg, table), ds)
+        if not (part / lake.SUCCESS).is_file():
+            raise PipelineError(f"{part}: no published partition of {table} for ds={ds} "
+                                f"(`synergen sessionize --ds {ds}` writes it)")
+
+
 def _day_before(ds: str) -> str:
     return (parse_ds(ds) - dt.timedelta(days=1)).isoformat()
 
@@ -553,6 +564,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
     t0 = time.perf_counter()
     ref = resolve_model(cfg, model_dir)
     record = checkpoint.load(ref.path)
+    require_inputs(cfg, ds)
     prep = prepare(spark, cfg, ds, record)
     settings = _settings(cfg, ds, prep.n_queries)
     reqs = prep.requests.cache()  # read by the recall sample, the scoring and the counts

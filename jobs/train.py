@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from synergen_core import checkpoint, distributed, plots
+from synergen_core import checkpoint, distributed, lake, plots
 from synergen_core.baselines import variant_config
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import load_split
 from synergen_core.embeddings import TokenType
+from synergen_core.errors import PipelineError
 from synergen_core.features import load_features
 from synergen_core.train import train
 
@@ -36,6 +37,38 @@ FEATURES = "features.pt"
 
 def protocol_dir(cfg: Config, ds: str, protocol: str) -> Path:
     return checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, "")
+
+
+def require_tables(cfg: Config, ds: str, tables: list[str]) -> None:
+    """Each sessionized table of ``tables`` has a published partition for ``ds`` holding data files, else a
+    ``PipelineError`` naming the partition and the command that writes it."""
+    for table in tables:
+        part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/{table}", ds)
+        if not (part / lake.SUCCESS).is_file():
+            raise PipelineError(f"{part}: no published partition of {table} for ds={ds} "
+                                f"(`synergen sessionize --ds {ds}` writes it)")
+        if not lake.data_files(part):
+            raise PipelineError(f"{part}: the partition of {table} for ds={ds} holds no data files (sessionize "
+                                f"saw no events up to ds={ds}: check the raw and validated logs of the day)")
+
+
+def split_tables(protocol: str) -> list[str]:
+    """The sessionized tables ``load_split`` reads for ``protocol``."""
+    return ["item_vocab", "query_vocab", f"split_{protocol}_train"] + (["split_loo_eval"] if protocol == "loo" else [])
+
+
+def load_training_split(cfg: Config, ds: str, protocol: str):
+    """``load_split`` of a day that must have something to train on: a missing partition or a split without
+    a single training window (an empty upstream day) is a ``PipelineError`` naming the split and the day,
+    not a run of 0 optimizer steps whose untrained model would go on to evaluation and promotion."""
+    require_tables(cfg, ds, split_tables(protocol))
+    data = load_split(cfg, ds, protocol)
+    if len(data.windows) == 0:
+        part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/split_{protocol}_train", ds)
+        raise PipelineError(f"{part}: the {protocol} training split of ds={ds} has no training windows "
+                            f"({len(data.train.lengths)} user sequences): nothing to train on; check that the "
+                            "day's logs reached validation and sessionize")
+    return data
 
 
 def _plan(cfg: Config, data, variants: list[str], protocol: str, notes: dict) -> list[tuple[str, Config]]:
@@ -65,7 +98,7 @@ def prepare(cfg: Config, ds: str, protocols: list[str] | None = None) -> dict:
     out: dict = {"ds": ds, "notes": {}}
     for protocol in protocols or cfg.train.protocols:
         t0 = time.perf_counter()
-        data = load_split(cfg, ds, protocol)
+        data = load_training_split(cfg, ds, protocol)
         todo = _plan(cfg, data, list(cfg.train.variants), protocol, out["notes"])
         feats = _features(cfg, ds, protocol, data, todo)
         out[protocol] = {"users": len(data.train.lengths), "windows": len(data.windows),
@@ -90,7 +123,7 @@ def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
     out: dict = {"ds": ds, "notes": {}}
     for protocol in protocols or cfg.train.protocols:
         t0 = time.perf_counter()
-        data = load_split(cfg, ds, protocol)
+        data = load_training_split(cfg, ds, protocol)
         todo = _plan(cfg, data, variants, protocol, out["notes"])
         if not todo:
             continue

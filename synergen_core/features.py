@@ -71,7 +71,10 @@ def catalog_texts(cfg: Config, ds: str, item_ids: list[str]) -> list[str]:
 
 def _lake_vectors(cfg: Config, table: str, ds: str, index: str, n: int) -> np.ndarray | None:
     """Stage 3's vectors of ``table`` on ``ds`` as [n, d] rows at their indices, or None if not there."""
-    files = lake.data_files(lake.partition(cfg.lake.root, f"{cfg.embeddings.output}/{table}", ds))
+    part = lake.partition(cfg.lake.root, f"{cfg.embeddings.output}/{table}", ds)
+    if not (part / lake.SUCCESS).is_file():  # stage 3 did not publish the day: embed in-process instead
+        return None
+    files = lake.data_files(part)
     if not files:
         return None
     t = pa.concat_tables([pq.read_table(f, columns=[index, C.VECTOR]) for f in files]).combine_chunks()

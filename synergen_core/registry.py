@@ -15,7 +15,9 @@ Plain functions over ``mlflow.MlflowClient`` (the registry lives in the tracking
   vocabularies); the new version becomes ``champion`` unless its ``registry.metric`` is below the
   champion's by more than ``registry.tolerance`` (relative) or a validation failed, in which case it
   becomes ``challenger`` and the reason is recorded (version tags, the stage run's tags and
-  ``promotion.json``). No champion yet: promoted.
+  ``promotion.json``). No champion yet: promoted only if it beats the popularity baseline on
+  ``registry.metric`` (the day's ``evaluation.json``; no baseline figure: challenger), so that a model
+  trained on an empty or broken day never becomes the first champion unopposed.
 * ``download_model(cfg, ref)``: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> a local
   folder holding ``model.pt`` (what scoring reads).
 * ``status(cfg)``, ``rollback(cfg, version=None)``: the champion's history is a stack kept in the registered
@@ -38,6 +40,7 @@ import numpy as np
 
 from synergen_core import checkpoint
 from synergen_core.config import Config, parse_ds
+from synergen_core.errors import PipelineError
 from synergen_core.tracking import GROUP_TAG, _mlflow, code_version, stage_run
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,8 @@ ARTIFACT = "model"  # the pyfunc artifact key (and file stem) of model.pt
 EVENT_TABLES = ("search_events", "browse_events")
 
 
-class RegistryError(RuntimeError):
-    pass
+class RegistryError(PipelineError):
+    """A registry failure the person running the pipeline can act on (bad version, nothing registered)."""
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -134,6 +137,17 @@ def _version_metrics(mv) -> dict[str, float]:
 
 def _versions(c, name: str) -> list:
     return sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def _get_version(c, name: str, version: str, doing: str):
+    """Model version ``version`` of ``name``, or a ``RegistryError`` naming it and the versions there are
+    (MLflow's own error for a missing or non-numeric version is a stack trace from its REST layer)."""
+    known = [str(v.version) for v in _versions(c, name)] if _registered(c, name) else []
+    if str(version) not in known:
+        shown = known if len(known) <= 15 else known[:3] + ["..."] + known[-10:]  # one line, even after years
+        there = f"registered versions: {', '.join(shown)}" if known else f"no version of {name} is registered yet"
+        raise RegistryError(f"cannot {doing} {name} version {version!r}: no such version ({there})")
+    return c.get_model_version(name, str(version))
 
 
 def _alias_version(c, name: str, alias: str):
@@ -356,15 +370,26 @@ class _SameData:
 
 def validations_status(cfg: Config, ds: str, group: str | None = None) -> tuple[bool, list[str]]:
     """Did every validation of ``ds`` pass? The raw event tables of the day that exist must have a
-    published validated partition, and no stage run of the pipeline run ``group`` may have failed."""
+    published validated partition, the day must have validated rows at all (an empty day passes nothing),
+    and no stage run of the pipeline run ``group`` may have failed."""
+    import pyarrow.parquet as pq
+
     from synergen_core import lake
 
     problems = []
+    rows = 0  # validated event rows of the day (raw rows when sessionize reads raw/ directly)
     for table in EVENT_TABLES:
         raw = lake.partition(cfg.lake.root, f"raw/{table}", ds)
-        ok = lake.partition(cfg.lake.root, f"{cfg.sessionize.source}/{table}", ds) / lake.SUCCESS
-        if raw.is_dir() and cfg.sessionize.source != "raw" and not ok.is_file():
+        source = lake.partition(cfg.lake.root, f"{cfg.sessionize.source}/{table}", ds)
+        if raw.is_dir() and cfg.sessionize.source != "raw" and not (source / lake.SUCCESS).is_file():
             problems.append(f"{table} ds={ds} has no validated partition (validation failed or did not run)")
+        elif source.is_dir() and (cfg.sessionize.source == "raw" or (source / lake.SUCCESS).is_file()):
+            rows += sum(pq.ParquetFile(f).metadata.num_rows for f in lake.data_files(source))
+    if not problems and rows == 0:
+        # an empty day is not a pass: a model trained and evaluated on nothing must not be promoted
+        problems.append(f"nothing validated for ds={ds}: no rows in {', '.join(EVENT_TABLES)} under "
+                        f"{Path(cfg.lake.root) / cfg.sessionize.source} (run `synergen validate --ds {ds}` "
+                        "on the day's raw logs)")
     if group:
         mlflow = _mlflow(cfg)
         exp = mlflow.MlflowClient().get_experiment_by_name(cfg.mlflow.experiment)
@@ -420,7 +445,7 @@ def promote(cfg: Config, ds: str, version: str | int | None = None, group: str |
     with stage_run(cfg, "promote", ds, group) as run:
         c = client(cfg)
         version = str(version) if version is not None else _default_version(c, name, ds)
-        mv = c.get_model_version(name, version)
+        mv = _get_version(c, name, version, "promote")
         protocol = mv.tags.get("synergen.protocol") or _resolve_protocol(cfg, ds)
         champion = _alias_version(c, name, CHAMPION)
         out = {"name": name, "version": version, "ds": ds, "protocol": protocol, "metric": metric,
@@ -436,13 +461,15 @@ def promote(cfg: Config, ds: str, version: str | int | None = None, group: str |
         if not passed:
             reasons.append("validations did not pass: " + "; ".join(problems))
         note = ""
-        if champion is None:
+        if champion is None and not skip:
+            note = _first_version_gate(cfg, ds, protocol, mv, out, reasons)
+        elif champion is None:
             note = "no champion yet"
         elif str(champion.version) == version:
             note = "already the champion"
         elif not skip:
             same = _SameData(cfg, ds, protocol)
-            new = _new_metrics(cfg, ds, protocol, mv, same, out)
+            new = _new_metrics(cfg, ds, protocol, mv, lambda: same, out)
             champ_model = download_model(cfg, f"models:/{name}/{champion.version}")[0]
             champ = same.evaluate(champ_model)
             out["new_value"], out["champion_value"] = new.get(metric), champ.get(metric)
@@ -485,9 +512,37 @@ def promote(cfg: Config, ds: str, version: str | int | None = None, group: str |
         return out
 
 
-def _new_metrics(cfg: Config, ds: str, protocol: str, mv, same: _SameData, out: dict) -> dict[str, float]:
+def _first_version_gate(cfg: Config, ds: str, protocol: str, mv, out: dict, reasons: list[str]) -> str:
+    """The gate of the first version (no champion to compare with): it must beat the popularity baseline
+    on ``registry.metric``, as ``synergen evaluate`` measured it on the day's test targets, else an empty
+    or untrained model would become champion unopposed. No baseline figure: not promoted.
+    -> the note when it passes; appends the reason to ``reasons`` when it does not."""
+    metric = cfg.registry.metric
+    evaluation = _evaluation(cfg, ds)
+    baseline = (evaluation or {}).get(protocol, {}).get("scorers", {}).get("popularity")
+    base = flat_metrics(baseline).get(metric) if baseline else None
+    out["baseline"], out["baseline_value"] = "popularity", base
+    if base is None or not math.isfinite(base):
+        path = Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / "evaluation.json"
+        reasons.append(f"first version: no popularity baseline {metric} for {protocol} in {path} to beat "
+                       f"(run `synergen evaluate --ds {ds}` with evaluate.baselines including popularity)")
+        return ""
+    new = _new_metrics(cfg, ds, protocol, mv, lambda: _SameData(cfg, ds, protocol), out).get(metric)
+    out["new_value"] = new
+    if new is None or not math.isfinite(new):
+        reasons.append(f"{metric} is not available for version {mv.version} on ds={ds}")
+    elif not new > base:
+        reasons.append(f"first version: {metric} {new:.6g} does not beat the popularity baseline's {base:.6g} "
+                       f"on the test targets of ds={ds}")
+    else:
+        return f"no champion yet; {metric} {new:.6g} beats the popularity baseline's {base:.6g} on ds={ds}"
+    return ""
+
+
+def _new_metrics(cfg: Config, ds: str, protocol: str, mv, same, out: dict) -> dict[str, float]:
     """The new version's figures on ``ds``: evaluation.json when it evaluated this very model on this day
-    (same code, same candidate lists), else evaluated here."""
+    (same code, same candidate lists), else evaluated here (``same()``: the day's ``_SameData``, built
+    only then)."""
     evaluation = _evaluation(cfg, ds)
     variant = mv.tags.get("synergen.variant", cfg.registry.variant)
     path = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, variant) / checkpoint.MODEL
@@ -497,7 +552,7 @@ def _new_metrics(cfg: Config, ds: str, protocol: str, mv, same: _SameData, out: 
         out["new_source"] = "evaluation.json"
         return flat_metrics(evaluation[protocol]["scorers"][variant])
     out["new_source"] = "evaluated"
-    return same.evaluate(download_model(cfg, f"models:/{mv.name}/{mv.version}")[0])
+    return same().evaluate(download_model(cfg, f"models:/{mv.name}/{mv.version}")[0])
 
 
 # ---- download -----------------------------------------------------------------------------------
@@ -532,9 +587,10 @@ def download_model(cfg: Config, ref: str) -> tuple[Path, str, str]:
     if alias is not None:
         mv = _alias_version(c, name, alias)
         if mv is None:
-            raise RegistryError(f"{ref}: model {name!r} has no version with alias {alias!r}")
+            raise RegistryError(f"{ref}: model {name!r} has no version with alias {alias!r} (`synergen register "
+                                f"--ds D` then `synergen promote --ds D` set the champion and challenger aliases)")
     else:
-        mv = c.get_model_version(name, version)
+        mv = _get_version(c, name, version, "download")
     key = (getattr(mv, "model_id", None) or mv.run_id or "x")[-12:]
     cache = Path(cfg.registry.cache_dir or Path(cfg.lake.root) / "_registry_cache") / name / f"v{mv.version}-{key}"
     found = list(cache.glob(f"**/{checkpoint.MODEL}")) if cache.is_dir() else []
@@ -592,8 +648,8 @@ def rollback(cfg: Config, version: str | int | None = None) -> dict:
             raise RegistryError(f"{name}: no previous champion to roll back to")
         target, how, history = stack[-1]["version"], "rollback", stack[:-1]
     else:
-        target, how = str(version), "rollback to a chosen version"
-        c.get_model_version(name, target)  # raises when there is no such version
+        target, how = str(version).strip(), "rollback to a chosen version"
+        _get_version(c, name, target, "roll back to")
     if current is not None and str(current.version) == target:
         return {"name": name, "champion": target, "previous": target, "history": history, "changed": False}
     ds = dt.date.today().isoformat()

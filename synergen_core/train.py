@@ -39,6 +39,7 @@ from torch import Tensor
 from synergen_core import checkpoint, distributed
 from synergen_core.config import Config, TrainConfig
 from synergen_core.data import N_ACTIONS, N_SURFACES, SplitData, Windows, to_batch
+from synergen_core.errors import PipelineError
 from synergen_core.evaluate import ModelScorer, evaluate_catalog
 from synergen_core.features import Features
 from synergen_core.model import RECOMMEND, SEARCH, SynerGen, prediction_task
@@ -297,6 +298,9 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
 
     tcfg = cfg.train
     out_dir = Path(out_dir)
+    if len(data.windows) == 0:  # 0 steps would still write an untrained model.pt for evaluation and promotion
+        raise PipelineError(f"nothing to train {out_dir} on: the {data.protocol} training split has no windows "
+                            f"({len(data.train.lengths)} user sequences); the day's upstream data is empty")
     device = distributed.device(pick_device(tcfg), ranks)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
