@@ -92,11 +92,25 @@ def _load(source, name: str, device):
     except pickle.UnpicklingError as e:
         # torch's message says which global it met, e.g. "Trying to load unsupported GLOBAL posix.system"
         found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        if not found:
+            raise _unreadable(name, e) from None
         raise PipelineError(
-            f"refusing to load {name}: it is not a plain tensor file (would run code{': ' + found if found else ''}). "
+            f"refusing to load {name}: it is not a plain tensor file (would run code: {found}). "
             "Files written by synergen hold tensors only; one from an older version or elsewhere must be "
             "rebuilt: retrain (synergen train --ds D --fresh) and register it again."
         ) from None
+    except EOFError as e:  # an empty file
+        raise _unreadable(name, e) from None
+    except RuntimeError as e:
+        if "zip archive" in str(e) or "PytorchStreamReader" in str(e):  # truncated or not a torch file
+            raise _unreadable(name, e) from None
+        raise
+
+
+def _unreadable(name: str, e: Exception) -> PipelineError:
+    cause = next((line.strip() for line in str(e).splitlines() if line.strip()), "empty file")
+    return PipelineError(f"cannot read {name}: not a complete torch file ({cause[:200]}); "
+                         "write it again (synergen train --ds D --fresh for a model or checkpoint)")
 
 
 def load(path: Path, device="cpu") -> dict:

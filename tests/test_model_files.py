@@ -113,3 +113,11 @@ def test_a_missing_model_file_names_the_path_and_the_command(tmp_path):
         checkpoint.load_model(missing)
     with pytest.raises(PipelineError, match=r"no model file .*synergen train --ds D"):
         score.resolve_model(Config(), missing)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"PK\x03\x04 truncated"])
+def test_an_empty_or_broken_model_file_is_a_clear_error(tmp_path, content):
+    f = tmp_path / checkpoint.MODEL
+    f.write_bytes(content)
+    with pytest.raises(PipelineError, match=rf"cannot read {f}: not a complete torch file"):
+        checkpoint.load_model(tmp_path)
