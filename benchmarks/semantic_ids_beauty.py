@@ -37,6 +37,7 @@ from synergen_core.rqvae import (  # noqa: E402
     SemanticIds, assign, assign_with_candidates, id_metrics, resolve_collisions, train_rqvae,
 )
 from synergen_core.text_encoder import item_text, load_text_encoder  # noqa: E402
+from synergen_core.vectors import unit_rows  # noqa: E402
 
 
 def load_sequences(path: Path) -> list[list[int]]:
@@ -64,7 +65,7 @@ def collab_vectors(seqs: list[list[int]], n_items: int, rank: int, seed: int) ->
     torch.manual_seed(seed)
     _, s, v = torch.svd_lowrank(a, q=rank, niter=4)  # v [items, rank]
     x = (v * s.sqrt()).numpy()
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return unit_rows(x)
 
 
 def align(prev: SemanticIds, prev_rows: np.ndarray, n: int) -> SemanticIds:

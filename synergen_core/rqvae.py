@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from synergen_core.config import SemanticIdConfig
+from synergen_core.vectors import unit_rows
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -423,12 +424,8 @@ def _prefix_similarity(
     a, b = order[start[g] + a_pos], order[start[g] + b_pos]
     ra, rb = rng.integers(0, len(first), pairs), rng.integers(0, len(first), pairs)
     ra, rb = ra[ra != rb], rb[ra != rb]
-    cos = lambda x, i, j: float((_unit(x[i]) * _unit(x[j])).sum(1).mean())  # noqa: E731
+    cos = lambda x, i, j: float((unit_rows(x[i], None) * unit_rows(x[j], None)).sum(1).mean())  # noqa: E731
     return {name: {"same_prefix": cos(x, a, b), "random": cos(x, ra, rb)} for name, x in vecs}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from synergen_core.config import TextEncoderConfig
+from synergen_core.vectors import unit_rows
 
 
 class TextEncoder(Protocol):
@@ -20,13 +21,6 @@ class TextEncoder(Protocol):
 
     def encode(self, texts: list[str]) -> np.ndarray:  # [n, dim] float32, rows L2-normalized
         ...
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    # an empty text embeds to zeros; it stays zero rather than becoming NaN
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
 class WordLlamaEncoder:
@@ -43,7 +37,7 @@ class WordLlamaEncoder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         emb = self._model.embed(list(texts), norm=False, batch_size=self.batch_size)  # [n, dim]
-        return _l2_normalize(emb)
+        return unit_rows(emb)  # an empty text embeds to zeros; it stays zero rather than becoming NaN
 
 
 class SentenceTransformerEncoder:
@@ -69,7 +63,7 @@ class SentenceTransformerEncoder:
             list(texts), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=False,
             show_progress_bar=False,
         )
-        return _l2_normalize(emb)
+        return unit_rows(emb)
 
 
 def load_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:

@@ -7,6 +7,7 @@ from synergen_core.rqvae import (
     SemanticIds, _reset_dead_codes, assign, assign_with_candidates, build_rqvae, id_metrics,
     resolve_collisions, semantic_ids, train_rqvae,
 )
+from synergen_core.vectors import unit_rows
 
 CFG = SemanticIdConfig(
     latent_dim=8, hidden_dims=[32], shared_levels=2, specific_levels=1, codebook_size=32, epochs=25,
@@ -23,8 +24,8 @@ def catalog(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     z = topics[rng.integers(0, 12, n)] + rng.normal(size=(n, 6))
     t = np.tanh(z @ to_text / 3) + 0.05 * rng.normal(size=(n, 32))
     c = z @ to_collab + 0.05 * rng.normal(size=(n, 16))
-    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-    return unit(t), unit(c)
+    # normalized in float64, then float32
+    return unit_rows(t, None).astype(np.float32), unit_rows(c, None).astype(np.float32)
 
 
 @pytest.fixture(scope="module", autouse=True)
