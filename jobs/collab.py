@@ -41,13 +41,14 @@ import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from jobs.embeddings import ITEMS, read_meta, read_partition, table, vectors_array, vectors_matrix
 from jobs.spark import read_days
+from jobs.text_vectors import ITEMS, read_meta, read_partition, table
 from schemas import C
-from schemas import semantic_ids as E
-from schemas import sequences as S
+from schemas.semantic_ids import COLLAB_EMBEDDINGS, SOURCE_ALS, SOURCE_CHAMPION, SOURCE_TEXT
+from schemas.sequences import EVENTS
 from synergen_core import lake
 from synergen_core.config import Config, parse_ds
+from synergen_core.vectors import unit_rows, vectors_array, vectors_matrix
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,6 @@ def champion_from_registry(cfg: Config, ds: str) -> ChampionVectors | None:
                            weights[idx[keep]].astype(np.float32))
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # the three sources and the fallback
 
@@ -128,7 +124,7 @@ def als_vectors(spark: SparkSession, cfg: Config, ds: str) -> tuple[np.ndarray, 
     from pyspark.ml.recommendation import ALS
 
     e = cfg.embeddings
-    events = read_days(spark, cfg.lake.root, f"{cfg.sessionize.output}/events", S.EVENTS, upto=ds)
+    events = read_days(spark, cfg.lake.root, f"{cfg.sessionize.output}/events", EVENTS, upto=ds)
     # an event with an item is an engagement (a search that engaged nothing has none); repeats add confidence
     eng = (events.where(F.col(C.ITEM_INDEX).isNotNull())
            .groupBy(C.USER_ID, C.ITEM_INDEX).agg(F.count("*").cast("float").alias("_weight")))
@@ -140,7 +136,7 @@ def als_vectors(spark: SparkSession, cfg: Config, ds: str) -> tuple[np.ndarray, 
               numUserBlocks=blocks, numItemBlocks=blocks)
     factors = als.fit(ratings).itemFactors.toArrow()  # id, features
     order = np.argsort(factors["id"].to_numpy())
-    return factors["id"].to_numpy()[order].astype(np.int64), unit(vectors_matrix(factors["features"])[order])
+    return factors["id"].to_numpy()[order].astype(np.int64), unit_rows(vectors_matrix(factors["features"])[order])
 
 
 def procrustes(new: np.ndarray, old: np.ndarray) -> np.ndarray:
@@ -158,18 +154,18 @@ def text_neighbour_vectors(anchor_text: np.ndarray, anchor_vecs: np.ndarray, tex
         raise ValueError("no item has a collaborative vector (no engagements and no champion vectors): "
                          "the fallback has nothing to average")
     index = faiss.IndexFlatIP(anchor_text.shape[1])
-    index.add(unit(anchor_text))
+    index.add(unit_rows(anchor_text))
     k = min(k, len(anchor_text))
     out = np.empty((len(text), anchor_vecs.shape[1]), np.float32)
     mean = anchor_vecs.mean(0)
     for i in range(0, len(text), FALLBACK_BATCH):
-        sims, nn = index.search(unit(text[i:i + FALLBACK_BATCH]), k)  # [b, k]
+        sims, nn = index.search(unit_rows(text[i:i + FALLBACK_BATCH]), k)  # [b, k]
         w = np.clip(sims, 0.0, None)
         v = (w[..., None] * anchor_vecs[nn]).sum(1)  # [b, dim]
         none = w.sum(1) <= 1e-6
         v[none] = mean
         out[i:i + FALLBACK_BATCH] = v
-    return unit(out)
+    return unit_rows(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +195,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
     champ = loader(cfg, ds) if loader is not None else None
 
     has = np.zeros(n, bool)
-    source = np.full(n, E.SOURCE_TEXT, object)
+    source = np.full(n, SOURCE_TEXT, object)
     computed = np.full(n, ds, object)
     stats: dict = {"ds": ds, "previous_ds": prev_ds}
     if champ is not None:
@@ -207,10 +203,10 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
         stats.update(mode="champion", basis=f"champion:{champ.version}", champion_items=int(len(champ.item_ids)))
         if prev is not None:
             stats.update(_align(vecs, has, prev))
-        source[has] = E.SOURCE_CHAMPION
+        source[has] = SOURCE_CHAMPION
     elif prev is not None:
         vecs = np.zeros((n, prev["dim"]), np.float32)
-        has = prev["found"] & (prev["source"] != E.SOURCE_TEXT)
+        has = prev["found"] & (prev["source"] != SOURCE_TEXT)
         vecs[has] = prev["vecs"][has]
         source[has] = prev["source"][has]
         stats.update(mode="carried", basis=prev_meta.get("basis") if prev_meta else None)
@@ -221,7 +217,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
         pos = np.searchsorted(index, als_index)
         ok = (pos < n) & (index[np.minimum(pos, n - 1)] == als_index)
         vecs[pos[ok]], has[pos[ok]] = als_vecs[ok], True
-        source[has] = E.SOURCE_ALS
+        source[has] = SOURCE_ALS
         stats.update(mode="als", basis=f"als:{ds}", als_items=int(len(als_index)),
                      als_seconds=round(time.perf_counter() - t_als, 3))
 
@@ -238,8 +234,8 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
         C.ITEM_INDEX: pa.array(index, pa.int32()), C.ITEM_ID: pa.array(item_ids.tolist(), pa.string()),
         C.VECTOR: vectors_array(vecs), C.VECTOR_SOURCE: pa.array(source.tolist(), pa.string()),
         C.COMPUTED_DS: pa.array(computed.tolist(), pa.string()),
-    }, schema=E.COLLAB_EMBEDDINGS)
-    counts = {s: int((source == s).sum()) for s in (E.SOURCE_ALS, E.SOURCE_CHAMPION, E.SOURCE_TEXT)}
+    }, schema=COLLAB_EMBEDDINGS)
+    counts = {s: int((source == s).sum()) for s in (SOURCE_ALS, SOURCE_CHAMPION, SOURCE_TEXT)}
     stats.update(rows=n, dim=int(vecs.shape[1]), sources=counts, computed_today=int((computed == ds).sum()),
                  seconds=round(time.perf_counter() - t0, 3))
     lake.write_partition(out, lake.partition(root, table(cfg, COLLAB), ds),
@@ -264,7 +260,7 @@ def _previous(root: Path, cfg: Config, prev_ds: str, item_ids: np.ndarray) -> di
 
 
 def _champion_rows(champ: ChampionVectors, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vecs_in = unit(np.asarray(champ.vectors, np.float32))
+    vecs_in = unit_rows(champ.vectors)
     where = {item: i for i, item in enumerate(champ.item_ids)}
     rows = np.array([where.get(i, -1) for i in item_ids], np.int64)
     has = rows >= 0
@@ -275,7 +271,7 @@ def _champion_rows(champ: ChampionVectors, item_ids: np.ndarray) -> tuple[np.nda
 
 def _align(vecs: np.ndarray, has: np.ndarray, prev: dict) -> dict:
     """Rotate the champion's space onto yesterday's (in place), over items with a real vector in both."""
-    both = has & prev["found"] & (prev["source"] != E.SOURCE_TEXT)
+    both = has & prev["found"] & (prev["source"] != SOURCE_TEXT)
     dim = vecs.shape[1]
     if prev["dim"] != dim or both.sum() < dim:
         # too few shared items (or another width) to pin a rotation: the RQ-VAE retrains on the new space

@@ -47,15 +47,13 @@ from pyspark.sql import functions as F
 
 from jobs.collab import COLLAB
 from jobs.collab import META_FILE as COLLAB_META
-from jobs.embeddings import (
-    ITEMS, META_FILE as ITEMS_META, read_meta, read_partition, spark_partition, table,
-    vectors_matrix,
-)
 from jobs.spark import session
+from jobs.text_vectors import ITEMS, META_FILE as ITEMS_META, read_meta, read_partition, spark_partition, table
 from schemas import C
-from schemas import semantic_ids as E
+from schemas import semantic_ids as sid_schema
 from synergen_core import lake
 from synergen_core.config import Config, SemanticIdConfig, parse_ds
+from synergen_core.vectors import combined, list_array, list_matrix, vectors_matrix
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +158,8 @@ def load_previous(cfg: Config, ds: str, inputs: Inputs) -> Previous | None:
 
 
 def _codes_matrix(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks() if values.num_chunks else pa.array([], E.CODES_TYPE)
-    flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), np.int64)
-    n = len(values)
-    return flat.reshape(n, len(flat) // n if n else 0)
+    """A code-list column (every list of one length) -> [n, width] int64."""
+    return list_matrix(values, np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,19 +253,13 @@ def _assigner(payload, width: int):
             if has.any():
                 prev[has] = _codes_matrix(prev_col.filter(pa.array(has)))
             raw, cands, dists = assign_with_candidates(model, text, collab, prev if has.any() else None)
-            arrays = [_list_array(c, pa.int32()) for c in (raw, cands[:, 0], cands[:, 1])]
-            arrays += [_list_array(dists[:, v], pa.float32()) for v in (0, 1)]
+            arrays = [list_array(c, pa.int32()) for c in (raw, cands[:, 0], cands[:, 1])]
+            arrays += [list_array(dists[:, v], pa.float32()) for v in (0, 1)]
             yield pa.RecordBatch.from_arrays([b.column(C.ITEM_INDEX), *arrays],
                                              names=[C.ITEM_INDEX, "raw", "cand_text", "cand_collab", "dist_text",
                                                     "dist_collab"])
 
     return assign_part
-
-
-def _list_array(x: np.ndarray, typ: pa.DataType) -> pa.Array:
-    n, d = x.shape
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if d else np.zeros(n + 1, np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x).reshape(-1), typ))
 
 
 def assign_spark(spark: SparkSession, cfg: Config, ds: str, model, prev_ds: str | None = None):
@@ -284,12 +273,12 @@ def assign_spark(spark: SparkSession, cfg: Config, ds: str, model, prev_ds: str 
 
     root = Path(cfg.lake.root)
     width = id_widths(model.cfg)[1]
-    df = (spark_partition(spark, root, table(cfg, ITEMS), ds, E.ITEM_EMBEDDINGS)
+    df = (spark_partition(spark, root, table(cfg, ITEMS), ds, sid_schema.ITEM_EMBEDDINGS)
           .select(C.ITEM_INDEX, F.col(C.VECTOR).alias("_text"))
-          .join(spark_partition(spark, root, table(cfg, COLLAB), ds, E.COLLAB_EMBEDDINGS)
+          .join(spark_partition(spark, root, table(cfg, COLLAB), ds, sid_schema.COLLAB_EMBEDDINGS)
                 .select(C.ITEM_INDEX, F.col(C.VECTOR).alias("_collab")), C.ITEM_INDEX))
     if prev_ds is not None:
-        prev = spark_partition(spark, root, TABLE, prev_ds, E.SEMANTIC_IDS)
+        prev = spark_partition(spark, root, TABLE, prev_ds, sid_schema.SEMANTIC_IDS)
         df = df.join(prev.select(C.ITEM_INDEX, F.col(C.RAW_CODES).alias("_prev")), C.ITEM_INDEX, "left")
     else:
         df = df.withColumn("_prev", F.lit(None).cast("array<int>"))
@@ -318,26 +307,25 @@ def ids_table(inputs: Inputs, ids, id_ds: np.ndarray) -> pa.Table:
     return pa.table({
         C.ITEM_INDEX: pa.array(inputs.index, pa.int32()),
         C.ITEM_ID: pa.array(inputs.item_ids.tolist(), pa.string()),
-        C.SEARCH_CODES: _list_array(ids.search, pa.int32()),
-        C.REC_CODES: _list_array(ids.rec, pa.int32()),
-        C.RAW_CODES: _list_array(ids.raw, pa.int32()),
+        C.SEARCH_CODES: list_array(ids.search, pa.int32()),
+        C.REC_CODES: list_array(ids.rec, pa.int32()),
+        C.RAW_CODES: list_array(ids.raw, pa.int32()),
         C.ID_DS: pa.array(id_ds.tolist(), pa.string()),
-    }, schema=E.SEMANTIC_IDS)
+    }, schema=sid_schema.SEMANTIC_IDS)
 
 
 def _code_columns(values: pa.ChunkedArray | pa.Array, view: str, width: int) -> dict[str, np.ndarray]:
     """A list column as one float column per position (NaN past a list's end) plus its lengths."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks() if values.num_chunks else pa.array([], E.CODES_TYPE)
+    values = combined(values)
     lengths = np.asarray(values.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), np.float64)
-    cols = {E.length_column(view): lengths.astype(np.float64)}
+    cols = {sid_schema.length_column(view): lengths.astype(np.float64)}
     for j in range(max(width, int(lengths.max()) if len(lengths) else 0)):
         inside = lengths > j
         col = np.full(len(values), np.nan)
         col[inside] = flat[starts[inside] + j]
-        cols[E.code_column(view, j)] = col
+        cols[sid_schema.code_column(view, j)] = col
     return cols
 
 
@@ -351,8 +339,8 @@ def check_frame(ids: pa.Table, vocab_index: np.ndarray, cfg: SemanticIdConfig) -
     frame = pd.DataFrame({C.ITEM_INDEX: np.asarray(vocab_index, np.int64), "_vocab": True}).merge(
         pd.DataFrame(cols), on=C.ITEM_INDEX, how="outer")
     in_vocab, in_ids = frame.pop("_vocab").notna().to_numpy(), frame.pop("_ids").notna().to_numpy()
-    frame[E.HAS_IDS] = pd.Series(np.where(in_vocab, in_ids, None), dtype=object)
-    frame[E.IN_VOCAB] = pd.Series(np.where(in_ids, in_vocab, None), dtype=object)
+    frame[sid_schema.HAS_IDS] = pd.Series(np.where(in_vocab, in_ids, None), dtype=object)
+    frame[sid_schema.IN_VOCAB] = pd.Series(np.where(in_ids, in_vocab, None), dtype=object)
     return frame
 
 
@@ -366,7 +354,7 @@ def validate_ids(ids: pa.Table, vocab_index: np.ndarray, cfg: SemanticIdConfig) 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_def = ctx.data_sources.add_pandas(TABLE).add_dataframe_asset(TABLE).add_batch_definition_whole_dataframe("b")
-    suite = ctx.suites.add(E.suite(id_len, raw_len, cfg.codebook_size, cfg.collision == "extra_code"))
+    suite = ctx.suites.add(sid_schema.suite(id_len, raw_len, cfg.codebook_size, cfg.collision == "extra_code"))
     result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
     failed = []
     for r in result.results:

@@ -78,14 +78,15 @@ def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def item_embeddings(cfg: Config, ds: str, group: str | None = None, champion=None) -> dict:
-    """Text vectors of items and queries, then collaborative item vectors (jobs.embeddings, jobs.collab).
+    """Text vectors of items and queries, then collaborative item vectors (``item_vectors``), in a Spark
+    session from ``cfg.spark`` (stopped at the end unless it was already active, a caller's).
 
     ``champion``: the hook for the champion model's item embeddings (``jobs.collab.ChampionLoader``);
     ``embeddings.champion_vectors`` is the config form of it; by default (``embeddings.from_champion``) the
     registry's champion supplies them once there is one.
     """
     from jobs import collab
-    from jobs import embeddings as job
+    from jobs.spark import session
 
     if champion is None and cfg.embeddings.champion_vectors is None and cfg.embeddings.from_champion:
         champion = collab.champion_from_registry
@@ -93,12 +94,31 @@ def item_embeddings(cfg: Config, ds: str, group: str | None = None, champion=Non
     with stage_run(cfg, "item_embeddings", ds, group) as run:
         run.tags({"synergen.inputs": f"{cfg.sessionize.output}/item_vocab/ds={ds},"
                                      f"{cfg.sessionize.output}/query_vocab/ds={ds},{cfg.sessionize.source}/catalog"})
-        out = job.stage(cfg, ds, champion=champion)
+        with session(cfg) as spark:
+            out = item_vectors(spark, cfg, ds, champion)
         run.tags({"synergen.collab.mode": out["collab"]["mode"], "synergen.collab.basis": out["collab"].get("basis"),
                   "synergen.items.mode": out["items"]["mode"]})
         run.metrics(_numbers(out))
         run.text(json.dumps(out, indent=1, default=str), "item_embeddings.json")
         return out
+
+
+def item_vectors(spark, cfg: Config, ds: str, champion=None) -> dict:
+    """The untracked body of ``item_embeddings`` in ``spark``: the text vectors of ``ds``
+    (``jobs.text_vectors.embed_texts``), then the collaborative vectors (``jobs.collab.run``, which reads
+    them; ``champion``: its loader hook). Returns {"ds", "fingerprint", "items", "queries", "collab", "seconds"}.
+    """
+    import time
+
+    from jobs import collab, text_vectors
+    from synergen_core.config import parse_ds
+
+    ds = parse_ds(ds).isoformat()
+    t0 = time.perf_counter()
+    out = {"ds": ds, **text_vectors.embed_texts(spark, cfg, ds)}
+    out["collab"] = collab.run(spark, cfg, ds, champion)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
 
 
 def semantic_ids(cfg: Config, ds: str, group: str | None = None) -> dict:

@@ -17,12 +17,13 @@ import pytest
 import torch
 from stage3_lake import D1, D2, copy_lake, sessionized_lake, stage3_config
 
-from jobs import embeddings, semantic_ids, stages
+from jobs import semantic_ids, stages
 from schemas import C
-from schemas import semantic_ids as E
+from schemas import semantic_ids as sid_schema
 from schemas import sequences as S
 from synergen_core import lake
 from synergen_core.rqvae import assign_with_candidates, build_rqvae
+from synergen_core.vectors import list_array
 
 
 def read(root, table, ds) -> pa.Table:
@@ -53,7 +54,7 @@ def sid(spark, tmp_path_factory):
     cfg.mlflow.tracking_uri = f"sqlite:///{root.parent}/mlflow.db"
     cfg.mlflow.artifact_root = root.parent / "art"
     for ds in (D1, D2):
-        embeddings.run(spark, cfg, ds)
+        stages.item_vectors(spark, cfg, ds)
     out = {D1: semantic_ids.run(spark, cfg, D1), D2: stages.semantic_ids(cfg, D2, group="test-run")}
     warm = stage3_config(copy_lake(root, tmp_path_factory.mktemp("sid_warm") / "lake"))
     warm.semantic_ids.retrain_drift_threshold = 0.0
@@ -84,7 +85,7 @@ def test_ids_unique_in_range_and_cover_the_catalog(sid, ds):
     ds = D2 if ds == "warm" else ds
     root, s = cfg.lake.root, cfg.semantic_ids
     t = read(root, semantic_ids.TABLE, ds)
-    assert S.conforms(t.schema.remove_metadata(), E.SEMANTIC_IDS)
+    assert S.conforms(t.schema.remove_metadata(), sid_schema.SEMANTIC_IDS)
     vocab = read(root, "sessionized/item_vocab", ds)
     assert t[C.ITEM_INDEX].to_pylist() == vocab[C.ITEM_INDEX].to_pylist()
     assert t[C.ITEM_ID].to_pylist() == vocab[C.ITEM_ID].to_pylist()
@@ -164,7 +165,7 @@ def _break(t: pa.Table, how: str) -> pa.Table:
         c[1] = c[0]
     else:
         c[3, -1] = 32  # = codebook_size
-    return t.set_column(t.schema.get_field_index(col), col, semantic_ids._list_array(c, pa.int32()))
+    return t.set_column(t.schema.get_field_index(col), col, list_array(c, pa.int32()))
 
 
 @pytest.mark.parametrize("how, check", [("duplicate ID", "unique_search_id"), ("code out of range", "code_in_range"),

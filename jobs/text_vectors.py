@@ -1,5 +1,5 @@
-"""Stage 3a: frozen text vectors of every item and every query of the day's vocabularies (Spark), then
-the collaborative item vectors (``jobs.collab``).
+"""Stage 3a: frozen text vectors of every item and every query of the day's vocabularies (Spark). The
+collaborative item vectors (``jobs.collab``) follow in the same stage (``jobs.stages.item_embeddings``).
 
 Inputs: ``<lake>/<sessionize.output>/{item_vocab,query_vocab}/ds=D`` and the catalog
 ``<lake>/<sessionize.source>/catalog`` (upserts per day: an item's text is its latest row up to D,
@@ -36,12 +36,13 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.spark import Staging, read_days, session, spark_schema
+from jobs.spark import Staging, read_days, spark_schema
 from schemas import CATALOG, C
-from schemas import semantic_ids as E
-from schemas import sequences as S
+from schemas.semantic_ids import ITEM_EMBEDDINGS, QUERY_EMBEDDINGS
+from schemas.sequences import ITEM_VOCAB, QUERY_VOCAB
 from synergen_core import lake
 from synergen_core.config import Config, TextEncoderConfig, parse_ds
+from synergen_core.vectors import vectors_array, vectors_matrix
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ TEXT_FIELDS = (C.TITLE, C.CATEGORIES, C.DESCRIPTION, C.BRAND)
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared with jobs.collab and jobs.semantic_ids
+# helpers shared with jobs.collab, jobs.semantic_ids and jobs.score
 
 
 def table(cfg: Config, name: str) -> str:
@@ -71,27 +72,6 @@ def encoder_fingerprint(cfg: TextEncoderConfig) -> str:
 def text_hash(fingerprint: str, text: str) -> str:
     """sha256 hex of ``fingerprint + "\\n" + text``; the same as Spark's ``sha2(concat(...), 256)``."""
     return hashlib.sha256(f"{fingerprint}\n{text}".encode()).hexdigest()
-
-
-def vectors_array(vecs: np.ndarray) -> pa.Array:
-    """[n, d] float32 -> an Arrow list<float> array of n lists of d values."""
-    n, d = vecs.shape
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if d else np.zeros(n + 1, np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(vecs, np.float32).reshape(-1)))
-
-
-def vectors_matrix(values: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
-    """An Arrow list<float> array without nulls, every list of one length -> [n, d] float32."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks() if values.num_chunks else pa.array([], E.VECTOR_TYPE)
-    n = len(values)
-    # a copy: Arrow's buffers are read-only, and torch warns on (and must not write into) those
-    flat = np.array(values.flatten().to_numpy(zero_copy_only=False), np.float32)
-    if dim is None:
-        dim = len(flat) // n if n else 0
-    if len(flat) != n * dim:
-        raise ValueError(f"vectors of unequal length: {len(flat)} values for {n} rows of {dim}")
-    return flat.reshape(n, dim)
 
 
 def read_partition(root: Path, table_path: str, ds: str, columns: list[str] | None = None) -> pa.Table:
@@ -201,13 +181,13 @@ def _out_schema(key: str, name: str) -> str:
 def item_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) -> DataFrame:
     """The day's item vectors (ITEM_EMBEDDINGS columns); texts embedded lazily when written."""
     root = cfg.lake.root
-    vocab = spark_partition(spark, root, f"{cfg.sessionize.output}/item_vocab", ds, S.ITEM_VOCAB)
+    vocab = spark_partition(spark, root, f"{cfg.sessionize.output}/item_vocab", ds, ITEM_VOCAB)
     catalog = read_days(spark, root, f"{cfg.sessionize.source}/catalog", CATALOG, after=prev, upto=ds)
     # the latest row per item: max_by needs no sort, and a validated partition holds an item once
     latest = (catalog.groupBy(C.ITEM_ID).agg(F.max_by(F.struct(*TEXT_FIELDS), C.DS).alias("_row"))
               .select(C.ITEM_ID, *[F.col(f"_row.{f}").alias(f) for f in TEXT_FIELDS], F.lit(True).alias(IN_CATALOG)))
     cand = (vocab.select(C.ITEM_INDEX, C.ITEM_ID).join(latest, C.ITEM_ID, "left")
-            .join(_previous(spark, cfg, ITEMS, prev, C.ITEM_ID, E.ITEM_EMBEDDINGS), C.ITEM_ID, "left"))
+            .join(_previous(spark, cfg, ITEMS, prev, C.ITEM_ID, ITEM_EMBEDDINGS), C.ITEM_ID, "left"))
     unchanged = F.col(IN_CATALOG).isNull() & F.col(PREV + C.TEXT_HASH).isNotNull()
     carry = cand.where(unchanged).select(
         C.ITEM_INDEX, C.ITEM_ID, *[F.col(PREV + c).alias(c) for c in (C.TEXT_HASH, C.VECTOR, C.EMBEDDED_DS)])
@@ -220,9 +200,9 @@ def item_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) 
 
 def query_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) -> DataFrame:
     """The day's query vectors (QUERY_EMBEDDINGS columns); only rows whose hash changed reach Python."""
-    vocab = spark_partition(spark, cfg.lake.root, f"{cfg.sessionize.output}/query_vocab", ds, S.QUERY_VOCAB)
+    vocab = spark_partition(spark, cfg.lake.root, f"{cfg.sessionize.output}/query_vocab", ds, QUERY_VOCAB)
     h = F.sha2(F.concat(F.lit(fingerprint + "\n"), F.coalesce(F.col(C.QUERY), F.lit(""))), 256)
-    prev_df = _previous(spark, cfg, QUERIES, prev, C.QUERY_INDEX, E.QUERY_EMBEDDINGS)
+    prev_df = _previous(spark, cfg, QUERIES, prev, C.QUERY_INDEX, QUERY_EMBEDDINGS)
     cand = vocab.select(C.QUERY_INDEX, C.QUERY, h.alias("_hash")).join(prev_df, C.QUERY_INDEX, "left")
     same = F.coalesce(F.col(PREV + C.TEXT_HASH) == F.col("_hash"), F.lit(False))
     carry = cand.where(same).select(
@@ -278,21 +258,3 @@ def embed_texts(spark: SparkSession, cfg: Config, ds: str) -> dict:
     log.info("embeddings %s: items %s, queries %s", ds, out[ITEMS], out[QUERIES])
     return out
 
-
-def run(spark: SparkSession, cfg: Config, ds: str, champion=None) -> dict:
-    """Text vectors, then collaborative vectors (``jobs.collab.run``; ``champion``: its loader hook)."""
-    from jobs import collab
-
-    ds = parse_ds(ds).isoformat()
-    t0 = time.perf_counter()
-    out = {"ds": ds, **embed_texts(spark, cfg, ds)}
-    out["collab"] = collab.run(spark, cfg, ds, champion)
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    return out
-
-
-def stage(cfg: Config, ds: str, champion=None) -> dict:
-    """The pipeline stage (CLI ``synergen embed``, Airflow ``item_embeddings``): ``run`` in a session from
-    ``cfg.spark``, stopped at the end unless it was already active (a caller's)."""
-    with session(cfg) as spark:
-        return run(spark, cfg, ds, champion)
