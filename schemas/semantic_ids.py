@@ -3,7 +3,7 @@
 Layout (``ds`` in the path, not in the files; every table a full snapshot per day):
 
 * ``<lake>/<embeddings.output>/items/ds=D``: one frozen text vector per item of the day's item
-  vocabulary (``jobs.embeddings``); ``text_hash`` decides which vectors the next day carries over.
+  vocabulary (``jobs.text_vectors``); ``text_hash`` decides which vectors the next day carries over.
   Side file ``_embeddings.json``: encoder fingerprint, dimension and counts.
 * ``<lake>/<embeddings.output>/queries/ds=D``: the same for every query of the query vocabulary.
 * ``<lake>/<embeddings.output>/collab/ds=D``: one collaborative vector per item (``jobs.collab``).

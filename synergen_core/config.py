@@ -305,7 +305,7 @@ class SemanticIdConfig(_Section):
 
 
 class EmbeddingsConfig(_Section):
-    """Inputs of the semantic IDs: text vectors (jobs.embeddings) and collaborative vectors (jobs.collab)."""
+    """Inputs of the semantic IDs: text vectors (jobs.text_vectors) and collaborative vectors (jobs.collab)."""
 
     output: str = "embeddings"  # lake layer: items/, queries/, collab/ under it
     # Implicit-feedback ALS (Spark MLlib) over user-item engagement counts: the collaborative vectors of the
