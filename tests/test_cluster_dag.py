@@ -48,9 +48,9 @@ from schemas.candidates import SURFACES
 from synergen_core import lake
 from synergen_core.config import Config
 from test_dag_run import TASKS, stage_runs, tiny_config
-from test_train_e2e import DATA, movielens_slice
+from conftest import MOVIELENS, movielens_slice, requires_shared_data
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, requires_shared_data(MOVIELENS)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
 """The whole daily DAG under a real Airflow (``airflow dags test``, SQLite metadata database) on tiny real data.
 
-A MovieLens slice (tests/test_train_e2e.py) is ingested; its days before the last two are validated as
+conftest's MovieLens slice is ingested into a lake of its own; its days before the last two are validated as
 history; then the DAG runs for the second-to-last and the last day, one after the other, as a scheduler
 would. Each run must leave candidates, MLflow runs (a parent per DAG run, a nested run per task) and a
 registered model version; the second builds on the first's state. A third run on a day whose raw file
@@ -17,13 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import spark_test_config
+from conftest import MOVIELENS, ingested_slice, requires_shared_data, spark_test_config
 from jobs import pipeline
 from synergen_core import lake
 from synergen_core.config import Config
-from test_train_e2e import DATA, ingested_slice
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")]
+pytestmark = [pytest.mark.slow, requires_shared_data(MOVIELENS)]
 
 TASKS = ["validate_raw", "sessionize", "item_embeddings", "semantic_ids", "build_training_data", "train",
          "evaluate", "register", "promote", "score", "validate_candidates", "publish"]
@@ -46,13 +45,13 @@ def tiny_config(root: Path) -> Config:
 
 
 @pytest.fixture(scope="module")
-def dag_lake(tmp_path_factory):
+def dag_lake(tmp_path_factory, movielens_slice_dir):
     """The slice ingested, history validated, the config file: (root, cfg, config file, [day1, day2])."""
     from jobs import stages
 
     root = tmp_path_factory.mktemp("dagrun")
     cfg = tiny_config(root)
-    days = ingested_slice(cfg, root)
+    days = ingested_slice(cfg, movielens_slice_dir)
     stages.validate_raw(cfg, days[0], last_ds=days[-3])
     config_file = root / "synergen.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))

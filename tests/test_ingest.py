@@ -14,15 +14,13 @@ from jobs import cli, ingest
 from schemas import C
 from schemas.raw import RAW_TABLES, TS_DERIVED_KEY
 from synergen_core.config import Config
+from conftest import BEAUTY, MOVIELENS, requires_shared_data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MOVIELENS = DATA / "movielens-small"
-BEAUTY = DATA / "amazon-beauty"
 AMAZON2014 = Path(__file__).parent / "fixtures" / "amazon2014"
 TABLES = ("catalog", "search_events", "browse_events")
 
-needs_movielens = pytest.mark.skipif(not MOVIELENS.is_dir(), reason=f"{MOVIELENS} not present")
-needs_beauty = pytest.mark.skipif(not BEAUTY.is_dir(), reason=f"{BEAUTY} not present")
+needs_movielens = requires_shared_data(MOVIELENS)
+needs_beauty = requires_shared_data(BEAUTY)
 
 
 def _cfg(root: Path) -> Config:
