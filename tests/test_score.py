@@ -1,5 +1,6 @@
-"""The scoring stage (jobs.score) on a real model: a MovieLens slice (tests/test_train_e2e.py) ingested,
-validated, sessionized and trained (tiny model, one epoch), then scored, validated and published.
+"""The scoring stage (jobs.score) on a real model: conftest's MovieLens slice, ingested, validated,
+sessionized and trained once for the session (``movielens_models``, shared with tests/test_train_e2e.py),
+then scored, validated and published.
 
 Covered: the output contract and its publication, the Great Expectations suite (lists broken in each way it
 checks, one request per check, each named), exclusion of consumed items, a rerun giving the same lists,
@@ -34,11 +35,9 @@ from schemas.sequences import conforms
 from synergen_core import index as cindex
 from synergen_core import lake
 from synergen_core.config import Config
-from test_train_e2e import DATA, ingested_slice, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K, RETRIEVE_N = 10, 20
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,31 +45,18 @@ def _one_thread(one_torch_thread_module):
     yield
 
 
-def tiny_config(root: Path) -> Config:
-    """test_train_e2e's small config, smaller still: one layer of 16, one epoch, loo only, K of N."""
-    cfg = small_config(root)
-    cfg.mlflow.tracking_uri = f"sqlite:///{root}/mlflow.db"
-    cfg.mlflow.artifact_root = root / "mlartifacts"
-    cfg.sessionize.splits = ["loo"]
-    cfg.model = cfg.model.model_copy(update={"d_model": 16, "n_layers": 1})
-    cfg.train = cfg.train.model_copy(update={"epochs": 1, "variants": ["synergen"], "protocols": ["loo"]})
+@pytest.fixture(scope="module")
+def trained(movielens_models):
+    """conftest's trained slice, set up for scoring: (config, ds, the loo synergen model's folder).
+
+    The lists are read from their own output layers of the shared lake, so the other users of the lake
+    (tests/test_train_e2e.py) see nothing of them. No sessionize/train settings change: those built the
+    lake and the models."""
+    cfg, ds, result = movielens_models
+    cfg = cfg.model_copy(deep=True)
     cfg.score = cfg.score.model_copy(update={"top_k": TOP_K, "retrieve_n": RETRIEVE_N, "lookback_days": None,
                                              "progress": False, "partitions": 2})
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def trained(spark, tmp_path_factory):
-    """The slice through ingest -> validate -> sessionize -> train: (config, ds, model folder)."""
-    from jobs import sessionize, train, validate
-
-    root = tmp_path_factory.mktemp("score")
-    cfg = tiny_config(root)
-    days = ingested_slice(cfg, root)
-    validate.run_range(cfg, days[0], days[-1])
-    sessionize.run(spark, cfg, days[-1], from_ds=days[0])
-    out = train.run(cfg, days[-1])
-    return cfg, days[-1], Path(out["loo"]["models"]["synergen"]["out_dir"])
+    return cfg, ds, Path(result["loo"]["models"]["synergen"]["out_dir"])
 
 
 def with_score(cfg: Config, **kw) -> Config:

@@ -1,84 +1,23 @@
 """End to end on real data: a MovieLens slice through ingest -> validate -> sessionize -> train -> evaluate.
 
-The slice: the users who typed tags (search events, the HyperSaR protocol) and whose ratings and tags
-fall on at most two days, so the lake holds few day partitions (19 users, ~2.4k events, ~1.2k movies).
+The slice, its lake and the trained models are conftest's (``movielens_lake``, ``movielens_models``),
+shared with tests/test_score.py so that the session trains them once.
 """
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pytest
-import torch
 
 from jobs import cli
-from synergen_core import checkpoint, lake
-from synergen_core.config import Config
-from conftest import spark_test_config
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-small"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")
+from synergen_core import checkpoint
+# small_config stays importable from here for tests/test_registry.py (which should import it from conftest)
+from conftest import small_config  # noqa: F401
 
 
-def movielens_slice(out: Path) -> None:
-    co = pacsv.ConvertOptions(column_types={"tag": pa.string(), "title": pa.string(), "genres": pa.string()})
-    tags, ratings, movies = (pacsv.read_csv(DATA / f, convert_options=co) for f in ("tags.csv", "ratings.csv", "movies.csv"))
-    users = np.concatenate([tags["userId"].to_numpy(), ratings["userId"].to_numpy()])
-    days = np.concatenate([tags["timestamp"].to_numpy(), ratings["timestamp"].to_numpy()]) // 86_400
-    pairs = np.unique(np.stack([users, days], 1), axis=0)
-    uniq, n_days = np.unique(pairs[:, 0], return_counts=True)
-    keep = pa.array(np.intersect1d(uniq[n_days <= 2], tags["userId"].to_numpy()))
-    r = ratings.filter(pc.is_in(ratings["userId"], keep))
-    t = tags.filter(pc.is_in(tags["userId"], keep))
-    m = movies.filter(pc.is_in(movies["movieId"], pa.array(np.union1d(r["movieId"].to_numpy(), t["movieId"].to_numpy()))))
-    out.mkdir(parents=True)
-    for name, table in (("ratings.csv", r), ("tags.csv", t), ("movies.csv", m)):
-        pacsv.write_csv(table, out / name)
-
-
-def ingested_slice(cfg: Config, root: Path) -> list[str]:
-    """The slice written under ``root/src`` and ingested into ``cfg``'s lake: its days with events."""
-    from jobs import ingest
-
-    movielens_slice(root / "src")
-    ingest.run(cfg, "movielens", root / "src")
-    return sorted(set(lake.partitions(cfg.lake.root, "raw/browse_events"))
-                  | set(lake.partitions(cfg.lake.root, "raw/search_events")))
-
-
-def small_config(root: Path) -> Config:
-    cfg = spark_test_config(Config())
-    cfg.lake.root = root / "lake"
-    cfg.model = cfg.model.model_copy(update={"d_model": 32, "max_seq_len": 20})
-    cfg.train = cfg.train.model_copy(update={"epochs": 2, "batch_size": 32, "progress": False, "threads": 1,
-                                             "variants": ["synergen", "sasrec"], "protocols": ["loo", "temporal"]})
-    cfg.semantic_ids = cfg.semantic_ids.model_copy(update={
-        "epochs": 3, "codebook_size": 32, "hidden_dims": [64], "batch_size": 512, "kmeans_iters": 5})
-    cfg.evaluate = cfg.evaluate.model_copy(update={"rank_negatives": 19})
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def sessionized(tmp_path_factory, spark):
-    """The slice ingested, validated and sessionized (on the test session's Spark): (config, ds)."""
-    from jobs import sessionize, validate
-
-    root = tmp_path_factory.mktemp("e2e")
-    cfg = small_config(root)
-    days = ingested_slice(cfg, root)
-    validate.run_range(cfg, days[0], days[-1])
-    sessionize.stage(cfg, days[-1], from_ds=days[0])
-    return cfg, days[-1]
-
-
-def test_train_and_evaluate_on_a_movielens_slice(sessionized):
+def test_train_and_evaluate_on_a_movielens_slice(movielens_models):
     from jobs import evaluate, train
 
-    torch.set_num_threads(2)
-    cfg, ds = sessionized
-    trained = train.run(cfg, ds)
+    cfg, ds, trained = movielens_models
     for protocol in ("loo", "temporal"):
         res = trained[protocol]
         assert res["n_queries"] > 100 and res["windows"] > 0
@@ -125,11 +64,11 @@ def test_train_and_evaluate_on_a_movielens_slice(sessionized):
     assert again["loo"]["models"]["sasrec"]["resumed"]
 
 
-def test_train_stage_runs_data_parallel_under_torchrun(sessionized, tmp_path):
+def test_train_stage_runs_data_parallel_under_torchrun(movielens_lake, tmp_path):
     """train.processes = 2: the stage starts itself under torchrun (2 gloo processes, one model)."""
     from jobs import stages
 
-    cfg, ds = sessionized
+    cfg, ds = movielens_lake
     cfg = cfg.model_copy(deep=True)
     cfg.train = cfg.train.model_copy(update={"processes": 2, "output": "models-ddp", "epochs": 1,
                                              "variants": ["synergen"], "protocols": ["temporal"]})
