@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from jobs.embeddings import spark_partition
+from jobs.text_vectors import spark_partition
 from jobs.spark import read_days, session, spark_schema
 from schemas import C
 from schemas import candidates as K
