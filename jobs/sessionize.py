@@ -58,6 +58,7 @@ from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
 from schemas import sequences as S
 from synergen_core import lake
 from synergen_core.config import Config, parse_ds
+from synergen_core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +266,45 @@ def state_day(cfg: Config, before: str) -> str | None:
 
 def input_days(cfg: Config, after: str | None, upto: str) -> list[str]:
     """Input days in ``(after, upto]`` that have a published partition of any input table."""
+    return _days_with(cfg.lake.root, cfg.sessionize.source, after, upto)
+
+
+def _days_with(root: Path, layer: str, after: str | None, upto: str) -> list[str]:
     days = set()
     for table in INPUTS:
-        days |= {d for d in lake.partitions(cfg.lake.root, f"{cfg.sessionize.source}/{table}")
-                 if (after is None or d > after) and d <= upto}
+        days |= {d for d in lake.partitions(root, f"{layer}/{table}") if (after is None or d > after) and d <= upto}
     return sorted(days)
+
+
+def check_inputs(cfg: Config, prev: str | None, start: str, ds: str, days: list[str]) -> None:
+    """Refuse a run whose input is incomplete, instead of sessionizing what happens to be there.
+
+    From ``validated``, every input day must carry validation's day marker (``lake.completed_days``):
+    without it a day may hold some of its tables only (validation failed or was killed halfway). A
+    raw day without the marker would be skipped silently, so it is refused too: every raw day after
+    the state, or, on a first run (no state), from ``start`` on (older raw days are history the caller
+    did not ask for). ``raw`` input (benchmarks) is complete by contract and needs no marker.
+    A run with no input event at all (missing or empty upstream) is refused rather than publishing
+    empty partitions as if the day were done.
+    """
+    root, src = Path(cfg.lake.root), cfg.sessionize.source
+    if src == "validated":
+        done = set(lake.completed_days(root, src))
+        raw = _days_with(root, "raw", prev if prev else _day_before(start), ds)
+        missing = sorted((set(days) | set(raw)) - done)
+        if missing:
+            more = f" (and {len(missing) - 1} more day(s) up to {missing[-1]})" if len(missing) > 1 else ""
+            raise PipelineError(
+                f"sessionize {ds}: day {missing[0]}{more} has input but its validation did not complete "
+                f"(no {src}/{lake.DAYS}/ds={missing[0]}): run `synergen validate --ds {missing[0]}` first")
+    rows = sum(n for t in ("search_events", "browse_events")
+               for n in count_rows(root, f"{src}/{t}", after=prev, upto=ds).values())
+    if rows == 0:
+        span = (f"the days up to ds={ds}" if prev is None else f"ds={ds}" if _next_day(prev) == ds
+                else f"ds={_next_day(prev)}..{ds}")
+        raise PipelineError(
+            f"sessionize {ds}: no input events in {src}/search_events or {src}/browse_events for {span} "
+            f"(under {root}): run the upstream stage for that day first, or check lake.root")
 
 
 def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -> dict:
@@ -287,6 +322,9 @@ def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -
     t0 = time.perf_counter()
     prev = state_day(cfg, start)
     days = input_days(cfg, prev, ds)
+    check_inputs(cfg, prev, start, ds, days)
+    for table in written_tables(cfg):
+        lake.remove_stale(cfg.lake.root, table)
     # A day published before in this range but without input now is replaced by an empty partition.
     stale = [d for d in lake.partitions(cfg.lake.root, _out(cfg, EVENTS)) if (prev is None or d > prev) and d <= ds]
     if len(days) > 1 or (days and days[0] != ds):
@@ -343,8 +381,10 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
     seqs = update_sequences(state["sequences"], events, cfg.sessionize.max_seq_len)
     staging.write_day(seqs, _out(cfg, SEQUENCES), ds)
 
-    history = lambda: (read_days(spark, root, _out(cfg, EVENTS), S.EVENTS, upto=prev)  # noqa: E731
-                       .unionByName(events))
+    # Published events up to the state only: a rerun must not read the partitions it is replacing
+    # (without a state, upto=None would read them all and count them twice).
+    history = lambda: (events if prev is None  # noqa: E731
+                       else read_days(spark, root, _out(cfg, EVENTS), S.EVENTS, upto=prev).unionByName(events))
     split_stats = splits.write(staging, cfg, ds, state["sequences"], events, history)
 
     rows_in = {kind: sum(count_rows(root, f"{src}/{t}", after=prev, upto=ds).values())
@@ -400,6 +440,15 @@ def _event_stats(events: DataFrame) -> dict:
 
 def _out(cfg: Config, table: str) -> str:
     return f"{cfg.sessionize.output}/{table}"
+
+
+def written_tables(cfg: Config) -> list[str]:
+    """Every table a run writes (its stale staging folders are this stage's to remove)."""
+    return [_out(cfg, t) for t in (EVENTS, ITEM_VOCAB, QUERY_VOCAB, SEQUENCES)] + splits.tables(cfg)
+
+
+def _next_day(ds: str) -> str:
+    return (parse_ds(ds) + dt.timedelta(days=1)).isoformat()
 
 
 def _day_before(ds: str) -> str:

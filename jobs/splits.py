@@ -127,6 +127,11 @@ def write(staging: Staging, cfg: Config, ds: str, state: DataFrame, events: Data
     return stats
 
 
+def tables(cfg: Config) -> list[str]:
+    """The split tables ``write`` stages for ``cfg.sessionize.splits``."""
+    return [f"{cfg.sessionize.output}/split_{name}_{part}" for name in cfg.sessionize.splits for part in ("train", "eval")]
+
+
 def _counts(train: Path, evals: Path) -> dict:
     """Training users and evaluation rows per task/split, read from the written files (no Spark job)."""
     users = sum(pq.ParquetFile(f).metadata.num_rows for f in lake.data_files(train))
@@ -149,6 +154,8 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
     else:
         state = read_days(spark, root, f"{out}/sequences", S.SEQUENCES, after=_before(prev), upto=prev).drop(C.DS)
     events = read_days(spark, root, f"{out}/events", S.EVENTS, after=prev, upto=ds)
+    for table in tables(cfg):
+        lake.remove_stale(root, table)
     staging = Staging(spark, root)
     try:
         stats = write(staging, cfg, ds, state, events,

@@ -163,6 +163,7 @@ def synth(spark, tmp_path_factory):
     for ds in (D1, D2, D3, D4):
         write_input(root, "validated", "search_events", ds, SYNTH_SEARCH[ds], SEARCH_EVENTS)
         write_input(root, "validated", "browse_events", ds, SYNTH_BROWSE[ds], BROWSE_EVENTS)
+        lake.mark_day_complete(root, "validated", ds)  # as validation does once a day's tables are all in
     daily = make_cfg(root, "daily", max_seq_len=MAX_LEN, splits=[])  # only D4's splits are checked
     stats = {ds: sessionize.run(spark, daily, ds) for ds in (D1, D2, D3)}
     daily.sessionize.splits = ["loo", "temporal"]
@@ -286,6 +287,39 @@ def test_rerun_is_idempotent(synth):
     assert leftovers == []
 
 
+def test_refuses_input_whose_validation_did_not_complete(spark, tmp_path):
+    """From ``validated``, a day with input but no validation marker (validation failed or was killed
+    halfway, or never ran over a raw day) is refused with the day and the command to run; ``raw``
+    input needs no marker."""
+    from synergen_core.errors import PipelineError
+
+    root = tmp_path / "lake"
+    write_input(root, "validated", "search_events", D1, SYNTH_SEARCH[D1], SEARCH_EVENTS)  # browse missing
+    with pytest.raises(PipelineError, match=f"day {D1} .*validation did not complete.*synergen validate --ds {D1}"):
+        sessionize.run(spark, make_cfg(root, "out"), D1)
+    write_input(root, "validated", "browse_events", D1, SYNTH_BROWSE[D1], BROWSE_EVENTS)
+    lake.mark_day_complete(root, "validated", D1)
+    write_input(root, "raw", "browse_events", D2, SYNTH_BROWSE[D2], BROWSE_EVENTS)  # never validated
+    with pytest.raises(PipelineError, match=f"day {D2} .*synergen validate --ds {D2}"):
+        sessionize.run(spark, make_cfg(root, "out"), D2)
+    assert not (root / "out").exists()  # nothing published, not even empty partitions
+    assert sessionize.run(spark, make_cfg(root, "out", source="raw", splits=[]), D2)["events"] == 1
+
+
+def test_refuses_a_run_without_input_events(spark, tmp_path):
+    """An empty (or wrong) lake is an error naming the layer and day, not empty partitions marked done."""
+    from synergen_core.errors import PipelineError
+
+    root = tmp_path / "lake"
+    with pytest.raises(PipelineError, match=f"no input events in validated/search_events .*ds={D1}"):
+        sessionize.run(spark, make_cfg(root, "out"), D1)
+    write_input(root, "validated", "catalog", D1, [{C.ITEM_ID: "i1", C.TITLE: "i1"}], CATALOG)  # no events
+    lake.mark_day_complete(root, "validated", D1)
+    with pytest.raises(PipelineError, match="no input events"):
+        sessionize.run(spark, make_cfg(root, "out"), D1)
+    assert not (root / "out").exists()
+
+
 def test_bulk_equals_daily(synth):
     assert synth["bulk"]["state_ds"] is None and synth["bulk"]["input_days"] == 4
     assert_same_tables(synth["root"], "daily", "bulk", D4)
@@ -347,7 +381,9 @@ def ml(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("movielens") / "lake"
     cfg = make_cfg(root, "daily", splits=[])
     got = ingest.run(cfg, "movielens", DATA / "movielens-small")
-    validate.run_range(cfg, got["catalog_ds"], got["catalog_ds"], tables=["catalog"])
+    # the catalog's day in full (not its catalog alone): sessionize takes a validated day only once
+    # validation marked it complete, which needs every table of the day
+    validate.run_range(cfg, got["catalog_ds"], got["catalog_ds"])
     validate.run_range(cfg, ML_FIRST, ML_D2)
     stats = {ML_X: sessionize.run(spark, cfg, ML_X, from_ds=ML_FIRST), ML_D1: sessionize.run(spark, cfg, ML_D1)}
     cfg.sessionize.splits = ["loo", "temporal"]
