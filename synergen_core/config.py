@@ -363,9 +363,10 @@ class RegistryConfig(_Section):
 
     protocol: Literal["loo", "temporal"] = "temporal"  # whose model is registered (the other one if it is missing)
     variant: VariantName = "synergen"
-    # The gate's figure, higher is better: "<task>.<name>" with task rec|search and name a catalog metric
-    # (recall@K, ndcg@K, mrr) or a candidate-list one (rank_auc, rank_ndcg@K).
-    metric: str = "rec.ndcg@10"
+    # The gate's figure, higher is better: "<task>.<name>" with task rec|search, or all (the geometric mean
+    # over the tasks evaluated: one model serves both surfaces), and name a catalog metric (recall@K, ndcg@K,
+    # mrr) or a candidate-list one (rank_auc, rank_ndcg@K). The first version must beat popularity on it.
+    metric: str = "all.ndcg@10"
     # A new version becomes champion unless its figure is below the champion's (re-evaluated on the same
     # day's test targets) by more than this share of the champion's figure.
     tolerance: float = Field(0.02, ge=0.0, lt=1.0)

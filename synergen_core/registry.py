@@ -93,6 +93,17 @@ def flat_metrics(scorer_result: dict) -> dict[str, float]:
     for task, m in scorer_result.get("ranking", {}).items():
         for k, v in m.items():
             out[f"{task}.rank_{'auc' if k == 'auc' else k}"] = float(v)
+    return {**out, **_both_tasks(out)}
+
+
+def _both_tasks(per_task: dict[str, float]) -> dict[str, float]:
+    """``all.<name>``: the geometric mean of ``<task>.<name>`` over the tasks that have it (one model
+    serves both surfaces, so the gate's default weighs both, as training's ``valid_metric`` does)."""
+    names = {key.split(".", 1)[1] for key in per_task if key.startswith(("rec.", "search."))}
+    out = {}
+    for name in names - {"n", "rank_lists"}:
+        values = [per_task[f"{t}.{name}"] for t in ("rec", "search") if f"{t}.{name}" in per_task]
+        out[f"all.{name}"] = float(np.prod(values) ** (1 / len(values))) if min(values) >= 0 else float("nan")
     return out
 
 
@@ -668,7 +679,7 @@ def rollback(cfg: Config, version: str | int | None = None) -> dict:
 # ---- the command line (``synergen registry [--rollback [VERSION]]``) ----------------------------
 
 
-def format_status(st: dict, metrics: tuple[str, ...] = ("rec.ndcg@10", "rec.recall@10", "search.ndcg@10",
+def format_status(st: dict, metrics: tuple[str, ...] = ("all.ndcg@10", "rec.ndcg@10", "rec.recall@10", "search.ndcg@10",
                                                          "search.recall@10", "rec.rank_auc")) -> str:
     lines = [f"registered model {st['name']}: {st['versions']} version(s)"]
     for alias in (CHAMPION, CHALLENGER):

@@ -283,3 +283,13 @@ def test_tolerance_boundary_then_rollback_and_status(trained, gate):
     assert "champion: version 2" in text and f"ds {d2}" in text and "rec.rank_auc" in text
     assert "champion: version 2 -> 1" in registry.cli(cfg, "previous")
     assert "champion: version 1 -> 2" in registry.cli(cfg, "2")
+
+
+def test_gate_figure_all_is_the_geometric_mean_over_the_evaluated_tasks():
+    both = registry.flat_metrics({"catalog": {"rec": {"ndcg@10": 0.04, "n": 10}, "search": {"ndcg@10": 0.36, "n": 5}},
+                                  "ranking": {"rec": {"auc": 0.81}}})
+    assert both["all.ndcg@10"] == pytest.approx(0.12)  # sqrt(0.04 * 0.36)
+    assert both["all.rank_auc"] == pytest.approx(0.81)  # only rec has it: the mean over that one task
+    assert "all.n" not in both  # counts are not figures to average
+    rec_only = registry.flat_metrics({"catalog": {"rec": {"ndcg@10": 0.05}}})
+    assert rec_only["all.ndcg@10"] == pytest.approx(0.05)  # a dataset without search (Beauty)
