@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test test-fast test-cluster lock clean airflow mlflow recbole-venv
+.PHONY: setup run test test-fast test-cluster test-production lock clean airflow mlflow recbole-venv
 
 setup: $(STAMP)
 
@@ -19,13 +19,22 @@ run: setup
 	$(BIN)/synergen run
 
 test: setup
-	$(BIN)/python -m pytest -m "not cluster"
+	$(BIN)/python -m pytest -m "not cluster and not production"
 
 # The whole DAG on a loopback Spark cluster (master + 2 workers) with an MLflow server on PostgreSQL
 # (installed from Debian's package when missing), compared with the local run: about 5 minutes more than
 # CI's budget allows, so it runs on its own (benchmarks/cluster_dag.py records its timings).
 test-cluster: setup
 	$(BIN)/python -m pytest -m cluster
+
+# The loopback production setup (tests/production.py): PostgreSQL and Redis (Debian's packages, installed
+# with apt-get when missing), Airflow's api-server, scheduler, dag-processor and triggerer, a default and
+# a gpu Celery worker, Spark standalone and an MLflow server, all on 127.0.0.1, driven through Airflow's
+# REST API: today's scheduled run, a three-day backfill, the same again with "reprocess completed", a
+# failed task cleared after its input is fixed (README, "Production setup on one machine"). About 45
+# minutes on 2 cores: not in CI. Writes its screenshots to benchmarks/results/production_*.png.
+test-production: setup
+	SYNERGEN_WRITE_SCREENSHOTS=1 $(BIN)/python -m pytest -m production -p no:cacheprovider -v
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
