@@ -238,6 +238,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
     counts = {s: int((source == s).sum()) for s in (SOURCE_ALS, SOURCE_CHAMPION, SOURCE_TEXT)}
     stats.update(rows=n, dim=int(vecs.shape[1]), sources=counts, computed_today=int((computed == ds).sum()),
                  seconds=round(time.perf_counter() - t0, 3))
+    lake.remove_stale(root, table(cfg, COLLAB))  # a killed run's staging folder
     lake.write_partition(out, lake.partition(root, table(cfg, COLLAB), ds),
                          extra_files={META_FILE: json.dumps(stats, indent=1)})
     log.info("collab %s: %s", ds, stats)

@@ -444,6 +444,8 @@ def _publish(cfg: Config, ds: str, model, meta: dict, ids: pa.Table, stats: dict
     import torch
 
     root = Path(cfg.lake.root)
+    for written in (MODEL_TABLE, TABLE):  # what a killed run left aside
+        lake.remove_stale(root, written)
     tmp = lake.staging_dir(lake.partition(root, MODEL_TABLE, ds))
     try:
         torch.save(model.state_dict(), tmp / MODEL_FILE)

@@ -139,6 +139,7 @@ class Staging:
         self.spark, self.root = spark, Path(root)
         self.pending: list[tuple[Path, Path]] = []
         self.scratch: list[Path] = []
+        self.cleaned: set[str] = set()
 
     def write_days(self, df, table: str, days: list[str], shuffle_by_day: bool) -> None:
         """``df`` (with ``ds``) as one partition per day of ``days``; a day without rows is written empty.
@@ -162,6 +163,9 @@ class Staging:
         return next(part for part, dest in self.pending if dest == final)
 
     def _run_dir(self, table: str) -> Path:
+        if table not in self.cleaned:  # what a killed run of this stage left: see lake.remove_stale
+            lake.remove_stale(self.root, table)
+            self.cleaned.add(table)
         # Hidden, so readers of the table skip it; the partitions inside are not (Spark would skip them).
         tmp = self.root / table / f".run-{uuid.uuid4().hex[:8]}"
         self.scratch.append(tmp)

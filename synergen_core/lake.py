@@ -3,7 +3,7 @@
 Every partition is written aside (a hidden sibling folder) and renamed into place, so a reader or a
 crash never sees half a day; rerunning a day replaces the whole partition.
 
-Replacing a partition takes two renames (``ds=D`` aside to ``.ds=D.old-*``, the new folder in), and
+Replacing a partition takes two renames (``ds=D`` aside to ``.ds=D.old-swap``, the new folder in), and
 a process killed between them leaves no ``ds=D``. The old folder is only deleted once the new one is
 in place, so it is never lost: ``recover`` renames it back, and both the next ``publish`` and every
 reader (``partitions``) call it, so nobody sees the day missing after such a kill. Staging folders of
@@ -46,7 +46,7 @@ def partitions(root: Path, table: str) -> list[str]:
         return []
     external = Path(table).parts[0] in EXTERNAL_LAYERS
     for aside in base.glob(f".ds=*{OLD}*"):
-        recover(base / aside.name[1:aside.name.index(OLD)])
+        recover(base / aside.name[1:aside.name.index(OLD)], aside)
     return sorted(p.name[3:] for p in base.iterdir()
                   if p.is_dir() and p.name.startswith("ds=") and (external or (p / SUCCESS).is_file()))
 
@@ -62,15 +62,18 @@ def staging_dir(final: Path) -> Path:
 def publish(tmp: Path, final: Path) -> Path:
     """Move a fully written ``tmp`` folder to ``final``, replacing what was there.
 
-    The old folder is renamed aside, not deleted, until the new one is in place (see the module
-    docstring): a kill between the two renames loses nothing and ``recover`` undoes it.
+    The old folder is renamed aside (``set_aside(final)``, one fixed name per partition), not deleted,
+    until the new one is in place (see the module docstring): a kill between the two renames loses
+    nothing and ``recover`` undoes it. The fixed name keeps ``recover`` one lookup, not a listing of
+    the table's folder per publish (thousands of days published in one run would make that quadratic).
     """
     (tmp / SUCCESS).touch()
+    old = set_aside(final)
     recover(final)
+    if final.exists() and old.exists():  # a kill after the last swap's new folder was in place
+        shutil.rmtree(old)
     for _ in range(3):
-        old = None
         if final.exists():
-            old = final.parent / f".{final.name}{OLD}{uuid.uuid4().hex[:8]}"
             final.rename(old)
         try:
             tmp.rename(final)
@@ -79,26 +82,27 @@ def publish(tmp: Path, final: Path) -> Path:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.exists():
                 raise
             continue
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         return final
     raise OSError(errno.EBUSY, f"could not replace {final}: something keeps putting a folder there")
 
 
-def recover(final: Path) -> bool:
-    """Put back a partition that a publish killed between its two renames left aside (``.ds=D.old-*``
-    with no ``ds=D``); True if it did. The newest complete one wins (normally there is one)."""
-    if final.exists():
+def set_aside(final: Path) -> Path:
+    """Where ``publish`` keeps the partition it replaces until the new one is in place."""
+    return final.parent / f".{final.name}{OLD}swap"
+
+
+def recover(final: Path, aside: Path | None = None) -> bool:
+    """Put back a partition that a publish killed between its two renames left aside (``aside``, by
+    default ``set_aside(final)``) with no ``ds=D``; True if it did."""
+    aside = aside or set_aside(final)
+    if final.exists() or not (aside / SUCCESS).is_file():
         return False
-    aside = [p for p in final.parent.glob(f".{final.name}{OLD}*") if (p / SUCCESS).is_file()]
-    for old in sorted(aside, key=lambda p: (p / SUCCESS).stat().st_mtime, reverse=True):
-        try:
-            old.rename(final)
-            return True
-        except OSError:  # another process recovered it first, or it went away
-            if final.exists():
-                return False
-    return False
+    try:
+        aside.rename(final)
+        return True
+    except OSError:  # another process recovered it first, or it went away
+        return False
 
 
 def remove_stale(root: Path, table: str) -> list[Path]:

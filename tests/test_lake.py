@@ -67,7 +67,7 @@ def test_next_publish_recovers_a_day_left_aside(tmp_path):
     before replacing it, so the replaced folder is never the only copy and no ``.old-`` is left."""
     final = lake.partition(tmp_path, "sessionized/sequences", "2026-01-03")
     _publish_day(final, "old")
-    final.rename(final.parent / ".ds=2026-01-03.old-deadbeef")
+    final.rename(lake.set_aside(final))
     tmp = lake.staging_dir(final)
     (tmp / "part-00000.parquet").write_text("new")
     lake.publish(tmp, final)
@@ -94,3 +94,18 @@ def test_remove_stale_keeps_data_and_removes_leftovers(tmp_path):
     assert sorted(p.name for p in base.iterdir()) == ["ds=2026-01-01", "ds=2026-01-02"]
     assert (base / "ds=2026-01-02" / "part-00000.parquet").read_text() == "day 2"
     assert lake.remove_stale(tmp_path, "sessionized/nothing_here") == []
+
+
+def test_a_spark_stage_removes_what_its_killed_run_left(spark, tmp_path):
+    """Any stage writing through ``jobs.spark.Staging`` clears a killed run's ``.run-*`` and
+    ``.ds=D.tmp-*`` folders of the tables it writes, before staging its own."""
+    from jobs.spark import Staging
+
+    base = tmp_path / "embeddings" / "items"
+    (base / ".run-0badc0de" / "ds=2026-01-01").mkdir(parents=True)
+    (base / ".ds=2026-01-01.tmp-0badc0de").mkdir()
+    staging = Staging(spark, tmp_path)
+    staging.write_day(spark.range(3), "embeddings/items", "2026-01-01")
+    staging.publish()
+    assert sorted(p.name for p in base.iterdir()) == ["ds=2026-01-01"]
+    assert lake.partitions(tmp_path, "embeddings/items") == ["2026-01-01"]
