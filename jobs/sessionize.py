@@ -33,7 +33,10 @@ Duplicates. Exact duplicates (same user, event id, ts and content) are one event
 arrived first is kept and later copies are dropped, also when the first is already in the history.
 A copy has the first's ts, which validation admits at most ``validate.late_days`` days late, so a
 run looks for earlier copies in that many days of history before its first input day, not in all of
-it (input that skipped validation could hide older copies from a daily run). Rows that share an event id but differ in content are not duplicates and are both kept. The count of
+it (input that skipped validation could hide older copies from a daily run). Validation quarantines
+every row of a partition that shares its event id with a row of different content
+(``schemas.raw.EVENT_CONTENT``); such rows in different day partitions still reach here, are not
+duplicates and are both kept. The count of
 dropped rows is in the stats.
 
 Vocabularies. Items of the catalog and of events, and normalized query texts (lower case, inner
