@@ -102,7 +102,9 @@ def test_main_job_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SYNERGEN__SPARK__SHUFFLE_PARTITIONS", "2")
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
     assert cli.main(["run"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    out = json.loads((tmp_path / "synergen-run.json").read_text())  # the whole result, beside the lake
+    assert printed.startswith("synergen: the daily DAG ran for 2026-01-02") and "candidate lists:" in printed
     generated = out["generated"]["tables"]
     assert set(out["history_validated"]) == {"2026-01-01"} and out["dag_run"]["ds"] == "2026-01-02"
     for ds in ("2026-01-01", "2026-01-02"):
