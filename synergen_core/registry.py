@@ -4,12 +4,13 @@ Plain functions over ``mlflow.MlflowClient`` (the registry lives in the tracking
 
 * ``register(cfg, ds)``: the ``registry.variant`` model of ``registry.protocol`` trained for ``ds``
   (``<lake>/<train.output>/ds=D/<protocol>/<variant>/model.pt``) is logged as an ``mlflow.pyfunc`` model
-  (``SynerGenPyfunc``: token sequences in, top-k item indices and scores out; signature and input example
-  from the day's test requests) and registered as a new version of ``mlflow.registered_model``, with
-  version tags: ``synergen.ds``, the semantic-ID table it was trained with (``synergen.semantic_ids_ds``:
-  the day of the ``semantic_ids`` partition, or "none" for in-process IDs), the code version and its
-  evaluation figures (``synergen.metric.<task>.<name>``, from ``evaluation.json``). Registering the same
-  model file again returns the existing version (reruns and retries are idempotent).
+  (``synergen_core.serving.SynerGenPyfunc``: token sequences in, top-k item indices and scores out;
+  signature and input example from the day's test requests) and registered as a new version of
+  ``mlflow.registered_model``, with version tags: ``synergen.ds``, the semantic-ID table it was trained
+  with (``synergen.semantic_ids_ds``: the day of the ``semantic_ids`` partition, or "none" for in-process
+  IDs), the code version and its evaluation figures (``synergen.metric.<task>.<name>``, from
+  ``evaluation.json``). Registering the same model file again returns the existing version (reruns and
+  retries are idempotent).
 * ``promote(cfg, ds, version)``: the gate. The current champion is re-evaluated on the same day's test
   targets with the same code and candidate lists (``OlderVocabScorer`` adapts a model trained on smaller
   vocabularies); the new version becomes ``champion`` unless its ``registry.metric`` is below the
@@ -41,6 +42,8 @@ import numpy as np
 from synergen_core import checkpoint
 from synergen_core.config import Config, parse_ds
 from synergen_core.errors import PipelineError
+# SynerGenPyfunc stays importable from here: versions registered before it moved pickled this module path
+from synergen_core.serving import ARTIFACT, SynerGenPyfunc, input_example, pyfunc_requirements, pyfunc_signature
 from synergen_core.tracking import GROUP_TAG, _mlflow, code_version, stage_run
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "synergen.champion_history"  # registered-model tag: JSON stack of champions, latest last
 HISTORY_MAX = 100
 METRIC_TAG = "synergen.metric."  # version tag prefix: synergen.metric.<task>.<name> (@ -> _at_)
-ARTIFACT = "model"  # the pyfunc artifact key (and file stem) of model.pt
 EVENT_TABLES = ("search_events", "browse_events")
 
 
@@ -168,123 +170,6 @@ def _alias_version(c, name: str, alias: str):
         return None
 
 
-# ---- the pyfunc model ---------------------------------------------------------------------------
-
-try:
-    from mlflow.pyfunc import PythonModel as _PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency
-    _PythonModel = object
-
-
-INPUT_COLUMNS = ("token_type", "item_idx", "query_idx", "action", "surface", "position", "ts")
-
-
-class SynerGenPyfunc(_PythonModel):
-    """``model.pt`` as an MLflow pyfunc: next-item retrieval for a batch of token sequences.
-
-    Input: a DataFrame, one row per request, list columns of equal length per row, oldest token first:
-    ``item_idx`` (required), ``token_type`` (1 item, 2 query; default: 1 where item_idx > 0 else 2 where
-    query_idx > 0), ``query_idx``, ``action``, ``surface``, ``position`` (default 0..n-1), ``ts`` (epoch
-    seconds, default 0). A request whose last token is a query asks for search, else recommendation.
-    Indices the model does not know are read as unknown. Params: ``k`` (default 10).
-    Output: DataFrame ``items`` (top-k item indices, best first) and ``scores`` (retrieval logits).
-    """
-
-    def load_context(self, context) -> None:
-        from synergen_core.checkpoint import load_model
-
-        self.model = load_model(context.artifacts[ARTIFACT], "cpu")
-
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-        import torch
-
-        from synergen_core.data import to_batch
-        from synergen_core.embeddings import TokenType
-        from synergen_core.evaluate import fit_history, model_vocab
-
-        model = self.model
-        k = int((params or {}).get("k", 10))
-        df = pd.DataFrame(model_input)
-        L, R = model.cfg.max_seq_len, len(df)
-        hist = {c: np.zeros((R, L), np.float64 if c == "ts" else np.int64) for c in INPUT_COLUMNS}
-        lengths = np.zeros(R, np.int64)
-
-        def cell(col: str, r: int, n: int, default):
-            v = df[col].iloc[r] if col in df.columns else None
-            if v is None or (np.isscalar(v) and pd.isna(v)):
-                return default
-            return np.asarray(v)[-n:] if n else np.asarray(v)[:0]
-
-        for r in range(R):
-            items = np.asarray(df["item_idx"].iloc[r], np.int64)
-            n = min(len(items), L)
-            items = items[len(items) - n:]
-            queries = cell("query_idx", r, n, np.zeros(n, np.int64)).astype(np.int64)
-            default_tt = np.where(items > 0, int(TokenType.ITEM), np.where(queries > 0, int(TokenType.QUERY), 0))
-            cols = {"item_idx": items, "query_idx": queries,
-                    "token_type": cell("token_type", r, n, default_tt), "action": cell("action", r, n, np.zeros(n)),
-                    "surface": cell("surface", r, n, np.zeros(n)), "position": cell("position", r, n, np.arange(n)),
-                    "ts": cell("ts", r, n, np.zeros(n))}
-            for c, v in cols.items():
-                hist[c][r, L - n:] = v
-            lengths[r] = n
-        hist = fit_history(hist, *model_vocab(model))
-        out_items, out_scores = [[] for _ in range(R)], [[] for _ in range(R)]
-        rows = np.nonzero(lengths > 0)[0]
-        if len(rows):
-            with torch.no_grad():
-                batch = to_batch(hist, rows, lengths, "cpu")
-                hidden = model(batch)
-                logits = model.request_logits(batch, hidden).float()
-                top = logits.topk(min(k, logits.shape[1] - 1), dim=1)
-            for j, r in enumerate(rows):
-                out_items[r] = top.indices[j].tolist()
-                out_scores[r] = [float(s) for s in top.values[j].tolist()]
-        return pd.DataFrame({"items": out_items, "scores": out_scores})
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-    long_, double = DataType.long, DataType.double
-    inputs = Schema([ColSpec(Array(long_), "item_idx")]
-                    + [ColSpec(Array(double if c == "ts" else long_), c, required=False)
-                       for c in INPUT_COLUMNS if c != "item_idx"])
-    outputs = Schema([ColSpec(Array(long_), "items"), ColSpec(Array(double), "scores")])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("k", long_, 10)]))
-
-
-def input_example(cfg: Config, ds: str, protocol: str, rows: int = 3):
-    """A few of the day's test requests (real token sequences) as the pyfunc's input DataFrame."""
-    import pandas as pd
-
-    from synergen_core.data import load_test
-
-    req, _ = load_test(cfg, ds, protocol)
-    data: dict[str, list] = {c: [] for c in INPUT_COLUMNS}
-    for r in range(min(rows, len(req))):
-        n = int(req.lengths[r])
-        for c in INPUT_COLUMNS:
-            v = req.history[c][r, len(req.history[c][r]) - n:]
-            data[c].append([float(x) for x in v] if c == "ts" else [int(x) for x in v])
-    if not data["item_idx"]:
-        data = {"item_idx": [[1, 2]], "token_type": [[1, 1]], "ts": [[0.0, 60.0]]}
-    return pd.DataFrame(data)
-
-
-def _requirements() -> list[str]:
-    import mlflow
-    import pandas
-    import torch
-
-    # The serving environment also needs this project's package (synergen) at the version tagged
-    # synergen.code_version: the model class and its loader live there.
-    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-            f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"]
-
-
 # ---- register -----------------------------------------------------------------------------------
 
 
@@ -317,8 +202,8 @@ def register(cfg: Config, ds: str, group: str | None = None) -> dict:
             return _register_result(name, str(mv.version), ds, protocol, sid_ds, _version_metrics(mv), True)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=SynerGenPyfunc(), artifacts={ARTIFACT: str(model_file)},
-            signature=_signature(), input_example=input_example(cfg, ds, protocol),
-            pip_requirements=_requirements(),
+            signature=pyfunc_signature(), input_example=input_example(cfg, ds, protocol),
+            pip_requirements=pyfunc_requirements(),
         )
         tags = {"synergen.ds": ds, "synergen.protocol": protocol, "synergen.variant": variant,
                 "synergen.semantic_ids_ds": sid_ds, "synergen.semantic_ids_source": sid_source,
