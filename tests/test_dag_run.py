@@ -81,6 +81,7 @@ def test_two_consecutive_days_then_a_broken_day(dag_lake):
         parent = runs["pipeline"].info.run_id
         assert all(runs[t].data.tags["mlflow.parentRunId"] == parent for t in TASKS)
         assert all(runs[t].info.status == "FINISHED" for t in TASKS)
+        assert runs["pipeline"].info.status == "FINISHED"  # closed by the last task, not left RUNNING
         client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
         for task, plot in (("train", "plots/training_temporal.synergen.png"),
                            ("evaluate", "plots/recall_at_k_temporal.png"),
@@ -113,3 +114,6 @@ def test_two_consecutive_days_then_a_broken_day(dag_lake):
     assert runs["validate_raw"].info.status == "FAILED"
     assert "part-0.parquet" in runs["validate_raw"].data.tags["synergen.failure"]
     assert "train" not in runs and "build_training_data" not in runs
+    # the failed DAG run's MLflow run is closed FAILED with the task and the reason (on_failure_callback)
+    assert runs["pipeline"].info.status == "FAILED"
+    assert runs["pipeline"].data.tags["synergen.failure"].startswith(f"validate_raw {day3}:")
