@@ -182,13 +182,17 @@ def completed_days(root: Path, layer: str) -> list[str]:
 
 def data_files(part_dir: Path) -> list[Path]:
     """The Parquet files of a partition (``.parquet`` or ``.parq``, any case), in a stable order; side
-    files start with ``_`` or ``.``."""
+    files start with ``_`` or ``.``; none when the folder does not exist."""
+    if not Path(part_dir).is_dir():
+        return []
     return sorted(p for p in Path(part_dir).iterdir()
                   if p.is_file() and not p.name.startswith(("_", ".")) and p.suffix.lower() in PARQUET_SUFFIXES)
 
 
 def other_files(part_dir: Path) -> list[Path]:
     """Files of a partition that are neither data (``data_files``) nor side files: input to refuse by name."""
+    if not Path(part_dir).is_dir():
+        return []
     data = set(data_files(part_dir))
     return sorted(p for p in Path(part_dir).iterdir()
                   if p.is_file() and not p.name.startswith(("_", ".")) and p not in data)

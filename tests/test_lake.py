@@ -109,3 +109,9 @@ def test_a_spark_stage_removes_what_its_killed_run_left(spark, tmp_path):
     staging.publish()
     assert sorted(p.name for p in base.iterdir()) == ["ds=2026-01-01"]
     assert lake.partitions(tmp_path, "embeddings/items") == ["2026-01-01"]
+
+
+def test_a_missing_partition_folder_has_no_data_files(tmp_path):
+    """As before data files matched .parq too: readers ask for a day that may not exist yet."""
+    assert lake.data_files(tmp_path / "nope" / "ds=2026-01-01") == []
+    assert lake.other_files(tmp_path / "nope" / "ds=2026-01-01") == []
