@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import shared_data
 from jobs import ingest, sessionize, validate
 from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
 from schemas import sequences as S
@@ -380,7 +381,7 @@ ML_FIRST, ML_X, ML_D1, ML_D2 = "2018-01-01", "2018-05-04", "2018-05-05", "2018-0
 def ml(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("movielens") / "lake"
     cfg = make_cfg(root, "daily", splits=[])
-    got = ingest.run(cfg, "movielens", DATA / "movielens-small")
+    got = ingest.run(cfg, "movielens", shared_data(DATA / "movielens-small"))
     # the catalog's day in full (not its catalog alone): sessionize takes a validated day only once
     # validation marked it complete, which needs every table of the day
     validate.run_range(cfg, got["catalog_ds"], got["catalog_ds"])
@@ -506,7 +507,7 @@ def test_ml_splits_do_not_leak(ml):
 def beauty(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("beauty") / "lake"
     cfg = make_cfg(root, "sessionized", source="raw", max_seq_len=50, splits=["loo"])
-    ingest.run(cfg, "amazon-seq", DATA / "amazon-beauty")
+    ingest.run(cfg, "amazon-seq", shared_data(DATA / "amazon-beauty"))
     days = lake.partitions(root, "raw/browse_events")
     stats = sessionize.run(spark, cfg, days[-1], from_ds=days[0])
     return {"root": root, "stats": stats, "ds": days[-1]}
