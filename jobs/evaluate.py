@@ -7,11 +7,17 @@ variant found under ``<lake>/<train.output>/ds=D/<protocol>/`` and every baselin
 ``evaluate.baselines``. Full-catalog figures of the tasks in ``evaluate.exclude_consumed`` (default:
 recommendation) rank the catalog without the items the user already engaged with, as the served lists
 do; the result records which tasks those were. The result is returned and written to ``<lake>/<train.output>/ds=D/evaluation.json``.
+
+``evaluation_set`` (the test targets and candidate lists) is shared with the promotion gate
+(``jobs.promote``), which re-evaluates the champion on exactly what ``run`` measured the new model on;
+``flat_metrics`` names one scorer's figures as the registry and the gate read them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +27,7 @@ from schemas import C
 from synergen_core import checkpoint, lake, plots
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
-from synergen_core.data import item_counts, load_test, read_table, tokens_from_arrow, vocab_size
+from synergen_core.data import Requests, item_counts, load_test, read_table, tokens_from_arrow, vocab_size
 from synergen_core.errors import PipelineError
 from synergen_core.evaluate import ModelScorer, evaluate_scorer, ranking_lists
 from synergen_core.features import catalog_texts
@@ -44,6 +50,59 @@ def _texts(cfg: Config, ds: str) -> tuple[list[str], list[str]]:
     return item_texts, query_texts
 
 
+@dataclass(frozen=True)
+class EvaluationSet:
+    """What every scorer of one day and protocol is measured on. The candidate lists are drawn once, so
+    every scorer (and the gate's champion) ranks the very same lists."""
+
+    test: Requests  # the test targets with context
+    no_context: int  # test targets left out: no sequence model can score them
+    item_counts: np.ndarray  # [n_items] item tokens per item in the protocol's training split (popularity)
+    n_items: int  # the day's item vocabulary size
+    candidates: np.ndarray  # [len(test), 1 + negatives] target first, popularity-sampled negatives
+
+
+def evaluation_set(cfg: Config, ds: str, protocol: str) -> EvaluationSet:
+    test, no_context = load_test(cfg, ds, protocol)
+    train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
+    n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
+    counts = item_counts(train_tokens, n_items)
+    return EvaluationSet(test, no_context, counts, n_items, ranking_lists(test, counts, cfg.evaluate))
+
+
+def result_path(cfg: Config, ds: str) -> Path:
+    return Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / RESULT
+
+
+def read_result(cfg: Config, ds: str) -> dict | None:
+    """The day's saved ``run`` result, None when the day was not evaluated."""
+    path = result_path(cfg, ds)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def flat_metrics(scorer_result: dict) -> dict[str, float]:
+    """One scorer's ``evaluate_scorer`` output -> {"<task>.<name>": value}: catalog metrics as they are
+    (recall@K, ndcg@K, mrr, n), candidate-list ones as rank_auc, rank_ndcg@K, rank_lists."""
+    out: dict[str, float] = {}
+    for task, m in scorer_result.get("catalog", {}).items():
+        out.update({f"{task}.{k}": float(v) for k, v in m.items()})
+    for task, m in scorer_result.get("ranking", {}).items():
+        for k, v in m.items():
+            out[f"{task}.rank_{'auc' if k == 'auc' else k}"] = float(v)
+    return {**out, **_both_tasks(out)}
+
+
+def _both_tasks(per_task: dict[str, float]) -> dict[str, float]:
+    """``all.<name>``: the geometric mean of ``<task>.<name>`` over the tasks that have it (one model
+    serves both surfaces, so the gate's default weighs both, as training's ``valid_metric`` does)."""
+    names = {key.split(".", 1)[1] for key in per_task if key.startswith(("rec.", "search."))}
+    out = {}
+    for name in names - {"n", "rank_lists"}:
+        values = [per_task[f"{t}.{name}"] for t in ("rec", "search") if f"{t}.{name}" in per_task]
+        out[f"all.{name}"] = float(np.prod(values) ** (1 / len(values))) if min(values) >= 0 else float("nan")
+    return out
+
+
 def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list[str] | None = None) -> dict:
     """{protocol: {"test_targets", "no_context", "scorers": {name: metrics}}}; see the module doc."""
     ds = parse_ds(ds).isoformat()
@@ -57,16 +116,13 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
         if not names:
             raise PipelineError(f"{root / protocol}: no trained model ({'/'.join(variants or VARIANTS)}/"
                                 f"{checkpoint.MODEL}) for ds={ds} (`synergen train --ds {ds}` writes them)")
-        test, no_context = load_test(cfg, ds, protocol)
+        data = evaluation_set(cfg, ds, protocol)
+        test, no_context, counts, cand = data.test, data.no_context, data.item_counts, data.candidates
         if len(test) == 0:  # no figure at all, rather than figures of nothing for the promotion gate to read
             part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/split_{protocol}_eval", ds)
             raise PipelineError(f"{part}: the {protocol} split of ds={ds} has no test targets with context "
                                 f"({no_context} without): nothing to evaluate; check that the day's logs "
                                 "reached validation and sessionize")
-        train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
-        n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
-        counts = item_counts(train_tokens, n_items)
-        cand = ranking_lists(test, counts, cfg.evaluate)
         res = {"test_targets": {"search": int((test.task == SEARCH).sum()), "rec": int((test.task != SEARCH).sum())},
                "no_context": no_context, "candidates_per_list": int(cand.shape[1]),
                "exclude_consumed": list(cfg.evaluate.exclude_consumed), "scorers": {}}
@@ -89,7 +145,7 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
                                  "seconds": round(time.perf_counter() - t0, 2)}
         out[protocol] = res
         log.info("evaluate %s %s: %s", ds, protocol, sorted(res["scorers"]))
-    checkpoint.save_json(out, root / RESULT)
+    checkpoint.save_json(out, result_path(cfg, ds))
     return out
 
 
@@ -117,7 +173,7 @@ def stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
     with stage_run(cfg, "evaluate", ds, group) as tracked:
         out = run(cfg, ds, **kwargs)
         tracked.metrics({k.replace("@", "_at_"): v for k, v in headline(out).items() if np.isfinite(v)})
-        tracked.artifact(Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / RESULT, "evaluate")
+        tracked.artifact(result_path(cfg, ds), "evaluate")
         for protocol, res in out.items():
             if isinstance(res, dict) and res.get("scorers"):
                 tracked.figure(plots.recall_at_k(res["scorers"], cfg.evaluate.ks, protocol),
