@@ -151,10 +151,46 @@ def cmd_score(cfg: Config, args) -> None:
     _print(out)
 
 
-def cmd_registry(cfg: Config, args) -> None:
+def format_status(st: dict, metrics: tuple[str, ...] = ("all.ndcg@10", "rec.ndcg@10", "rec.recall@10", "search.ndcg@10",
+                                                         "search.recall@10", "rec.rank_auc")) -> str:
+    """``synergen_core.registry.status`` as the lines ``synergen registry`` prints."""
+    from synergen_core.registry import CHALLENGER, CHAMPION
+
+    lines = [f"registered model {st['name']}: {st['versions']} version(s)"]
+    for alias in (CHAMPION, CHALLENGER):
+        d = st.get(alias)
+        if d is None:
+            lines.append(f"  {alias}: none")
+            continue
+        figures = ", ".join(f"{m} {d['metrics'][m]:.4f}" for m in metrics if m in d["metrics"])
+        when = f", promoted {d['promoted_at']}" if alias == CHAMPION and d["promoted_at"] else ""
+        lines.append(f"  {alias}: version {d['version']} (ds {d['ds']}, {d['protocol']}, "
+                     f"semantic IDs {d['semantic_ids_ds']}{when})")
+        if figures:
+            lines.append(f"    {figures}")
+        if alias == CHALLENGER and d.get("gate_reason"):
+            lines.append(f"    not promoted: {d['gate_reason']}")
+    if st.get("history"):
+        lines.append("  champions: " + " -> ".join(f"v{h['version']}" for h in st["history"]))
+    return "\n".join(lines)
+
+
+def registry_report(cfg: Config, rollback_to: str | None = None, as_json: bool = False) -> str:
+    """What ``synergen registry`` prints: the status, after a rollback when ``rollback_to`` is given
+    ("previous" = the champion before the current one)."""
     from synergen_core import registry
 
-    print(registry.cli(cfg, args.rollback, args.json))
+    lines = []
+    if rollback_to is not None:
+        done = registry.rollback(cfg, None if rollback_to in ("", "previous") else rollback_to)
+        lines.append(f"champion: version {done['previous']} -> {done['champion']}")
+    st = registry.status(cfg)
+    lines.append(json.dumps(st, indent=2, default=str) if as_json else format_status(st))
+    return "\n".join(lines)
+
+
+def cmd_registry(cfg: Config, args) -> None:
+    print(registry_report(cfg, args.rollback, args.json))
 
 
 def cmd_run(cfg: Config, args) -> None:

@@ -189,18 +189,18 @@ def evaluate(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
 
 
 def register(cfg: Config, ds: str, group: str | None = None) -> dict:
-    """The day's model as a new version of the registered model (synergen_core.registry)."""
-    from synergen_core import registry
+    """The day's model as a new version of the registered model (jobs.register)."""
+    from jobs import register as job
 
-    return registry.register(cfg, ds, group)
+    return job.register(cfg, ds, group)
 
 
 def promote(cfg: Config, ds: str, group: str | None = None) -> dict:
     """The promotion gate: champion if not worse than the current one on the same data and every
-    validation of the run passed; challenger otherwise, with the reason (synergen_core.registry)."""
-    from synergen_core import registry
+    validation of the run passed; challenger otherwise, with the reason (jobs.promote)."""
+    from jobs import promote as job
 
-    return registry.promote(cfg, ds, None, group, skip=cfg.registry.skip_promotion)
+    return job.promote(cfg, ds, None, group, skip=cfg.registry.skip_promotion)
 
 
 def score(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:

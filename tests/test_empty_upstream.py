@@ -13,7 +13,10 @@ import mlflow
 import pyarrow as pa
 import pytest
 
+from jobs import cli
 from jobs import evaluate as evaluate_job
+from jobs import promote as promote_job
+from jobs import register as register_job
 from jobs import train as train_job
 from schemas import sequences as S
 from synergen_core import checkpoint, lake, registry
@@ -107,18 +110,18 @@ def test_first_version_must_beat_the_popularity_baseline(tmp_path):
     put_model(cfg)
     c = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     _evaluation(cfg, 0.55, popularity=None)  # no baseline figure to beat: not promoted
-    version = registry.register(cfg, DS)["version"]
-    out = registry.promote(cfg, DS, version, validations_passed=True)
+    version = register_job.register(cfg, DS)["version"]
+    out = promote_job.promote(cfg, DS, version, validations_passed=True)
     assert out["decision"] == "challenger" and "no popularity baseline" in out["why"] and "evaluation.json" in out["why"]
     _evaluation(cfg, 0.55, popularity=0.61)  # worse than popularity: not promoted
-    out = registry.promote(cfg, DS, version, validations_passed=True)
+    out = promote_job.promote(cfg, DS, version, validations_passed=True)
     assert out["decision"] == "challenger" and out["champion_before"] is None
     assert "does not beat the popularity baseline's 0.61" in out["why"] and out["new_value"] == 0.55
     assert str(c.get_model_version_by_alias("synergen", "challenger").version) == version
     with pytest.raises(Exception):
         c.get_model_version_by_alias("synergen", "champion")
     _evaluation(cfg, 0.7, popularity=0.61)  # better: the first champion
-    out = registry.promote(cfg, DS, version, validations_passed=True)
+    out = promote_job.promote(cfg, DS, version, validations_passed=True)
     assert out["decision"] == "champion" and "beats the popularity baseline" in out["why"]
     assert str(c.get_model_version_by_alias("synergen", "champion").version) == version
 
@@ -128,9 +131,9 @@ def test_first_version_must_beat_the_popularity_baseline(tmp_path):
                                                 rf"\(registered versions: {version}\)$"):
             registry.rollback(cfg, bad)
         with pytest.raises(PipelineError, match=rf"cannot roll back to synergen version '{bad}'"):
-            registry.cli(cfg, bad)
+            cli.registry_report(cfg, bad)
     with pytest.raises(PipelineError, match="cannot promote synergen version '7': no such version"):
-        registry.promote(cfg, DS, 7)
+        promote_job.promote(cfg, DS, 7)
     with pytest.raises(PipelineError, match="cannot download synergen version '7'"):
         registry.download_model(cfg, "models:/synergen/7")
 
@@ -143,16 +146,16 @@ def test_rollback_before_anything_is_registered_says_so(tmp_path):
 
 def test_validations_fail_when_nothing_was_validated_for_the_day(tmp_path):
     cfg = lake_config(tmp_path)
-    ok, problems = registry.validations_status(cfg, DS)  # no raw, no validated partition at all
+    ok, problems = promote_job.validations_status(cfg, DS)  # no raw, no validated partition at all
     assert not ok and problems[0].startswith(f"nothing validated for ds={DS}") and "synergen validate" in problems[0]
-    for table in registry.EVENT_TABLES:  # validated, but empty
+    for table in promote_job.EVENT_TABLES:  # validated, but empty
         lake.write_partition(pa.table({"user_id": pa.array([], pa.string())}),
                              lake.partition(cfg.lake.root, f"{cfg.sessionize.source}/{table}", DS))
-    ok, problems = registry.validations_status(cfg, DS)
+    ok, problems = promote_job.validations_status(cfg, DS)
     assert not ok and "nothing validated" in problems[0]
     lake.write_partition(pa.table({"user_id": ["u1"]}),
                          lake.partition(cfg.lake.root, f"{cfg.sessionize.source}/browse_events", DS))
-    assert registry.validations_status(cfg, DS) == (True, [])
+    assert promote_job.validations_status(cfg, DS) == (True, [])
 
 
 def test_scoring_a_day_without_sessionized_partitions_names_the_missing_one(tmp_path):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from jobs import register as register_job
 from jobs import score
-from synergen_core import checkpoint, registry
+from synergen_core import checkpoint, serving
 from synergen_core import train as train_mod
 from synergen_core.config import Config
 from synergen_core.errors import PipelineError
@@ -80,10 +81,10 @@ def test_registry_and_features_cache_refuse_files_that_would_run_code(crafted):
     cfg = Config()
     cfg.lake.root = model_dir.parents[3]
     features = model_dir.parent / "features.pt"
-    _refused(lambda: registry.semantic_ids_version(cfg, "2026-03-01", "temporal"), features, marker)
+    _refused(lambda: register_job.semantic_ids_version(cfg, "2026-03-01", "temporal"), features, marker)
     # the pyfunc the registry serves, and what the promotion gate re-evaluates, load through load_model
-    context = SimpleNamespace(artifacts={registry.ARTIFACT: str(model_dir / checkpoint.MODEL)})
-    _refused(lambda: registry.SynerGenPyfunc().load_context(context), model_dir / checkpoint.MODEL, marker)
+    context = SimpleNamespace(artifacts={serving.ARTIFACT: str(model_dir / checkpoint.MODEL)})
+    _refused(lambda: serving.SynerGenPyfunc().load_context(context), model_dir / checkpoint.MODEL, marker)
     _refused(lambda: load_features(cfg, "2026-03-01", None, None, None, 41, 11, cache=features), features, marker)
 
 

@@ -22,7 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from synergen_core import checkpoint, lake, registry
+from jobs import cli
+from jobs import promote as promote_job
+from jobs import register as register_job
+from jobs.evaluate import flat_metrics
+from synergen_core import checkpoint, lake, registry, serving
 from synergen_core.data import load_test
 from synergen_core.evaluate import ModelScorer, OlderVocabScorer, model_vocab
 from synergen_core.metrics import rank_stats
@@ -89,13 +93,13 @@ def trained(tmp_path_factory, spark):
 def gate(trained):
     """The registry story, in order: what each step returned."""
     cfg, d1, d2, worse = trained
-    out = {"r1": registry.register(cfg, d1, group="run-d1")}
-    out["p1"] = registry.promote(cfg, d1, group="run-d1")
-    out["r2"] = registry.register(cfg, d2, group="run-d2")
-    out["r2_again"] = registry.register(cfg, d2, group="run-d2")
-    out["p2"] = registry.promote(cfg, d2, out["r2"]["version"], group="run-d2")
-    out["r3"] = registry.register(worse, d2)
-    out["p3"] = registry.promote(cfg, d2, out["r3"]["version"])
+    out = {"r1": register_job.register(cfg, d1, group="run-d1")}
+    out["p1"] = promote_job.promote(cfg, d1, group="run-d1")
+    out["r2"] = register_job.register(cfg, d2, group="run-d2")
+    out["r2_again"] = register_job.register(cfg, d2, group="run-d2")
+    out["p2"] = promote_job.promote(cfg, d2, out["r2"]["version"], group="run-d2")
+    out["r3"] = register_job.register(worse, d2)
+    out["p3"] = promote_job.promote(cfg, d2, out["r3"]["version"])
     return out
 
 
@@ -164,16 +168,16 @@ def test_failed_validation_blocks_promotion(trained, gate):
     cfg, d1, d2, _ = trained
     lenient = cfg.model_copy(deep=True)
     lenient.registry = cfg.registry.model_copy(update={"tolerance": 0.99})  # v3's figure would pass
-    blocked = registry.promote(lenient, d2, "3", validations_passed=False)
+    blocked = promote_job.promote(lenient, d2, "3", validations_passed=False)
     assert blocked["decision"] == "challenger" and blocked["why"].startswith("validations did not pass")
-    assert registry.promote(cfg, d2, "2", validations_passed=False)["decision"] == "champion"  # never demoted
-    skipped = registry.promote(lenient, d2, "3", skip=True)  # the DAG's skip_promotion
+    assert promote_job.promote(cfg, d2, "2", validations_passed=False)["decision"] == "champion"  # never demoted
+    skipped = promote_job.promote(lenient, d2, "3", skip=True)  # the DAG's skip_promotion
     assert skipped["decision"] == "challenger" and "skipped" in skipped["why"]
-    ok, problems = registry.validations_status(cfg, d2)
+    ok, problems = promote_job.validations_status(cfg, d2)
     assert ok and not problems
     missing = cfg.model_copy(deep=True)
     missing.sessionize = missing.sessionize.model_copy(update={"source": "nowhere"})
-    ok, problems = registry.validations_status(missing, d2)
+    ok, problems = promote_job.validations_status(missing, d2)
     assert not ok and "no validated partition" in problems[0]
     c = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     assert str(c.get_model_version_by_alias("synergen", "champion").version) == "2"
@@ -200,7 +204,7 @@ def test_pyfunc_loads_and_predicts_the_models_top_items(trained, gate):
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     pyfunc = mlflow.pyfunc.load_model("models:/synergen/2")
     assert pyfunc.metadata.signature is not None
-    example = registry.input_example(cfg, d2, "temporal")
+    example = serving.input_example(cfg, d2, "temporal")
     out = pyfunc.predict(example, params={"k": 5})
     assert list(out.columns) == ["items", "scores"] and len(out) == len(example) == 3
     # the same top items as the evaluation code's scorer on the same requests
@@ -253,10 +257,10 @@ def test_tolerance_boundary_then_rollback_and_status(trained, gate):
     drop = (p3["champion_value"] - p3["new_value"]) / p3["champion_value"]
     just_under = cfg.model_copy(deep=True)
     just_under.registry = cfg.registry.model_copy(update={"tolerance": drop * (1 - 1e-6)})
-    assert registry.promote(just_under, d2, "3")["decision"] == "challenger"
+    assert promote_job.promote(just_under, d2, "3")["decision"] == "challenger"
     at = cfg.model_copy(deep=True)
     at.registry = cfg.registry.model_copy(update={"tolerance": drop})
-    promoted = registry.promote(at, d2, "3")
+    promoted = promote_job.promote(at, d2, "3")
     assert promoted["decision"] == "champion" and promoted["champion_before"] == "2"
 
     st = registry.status(cfg)
@@ -276,20 +280,20 @@ def test_tolerance_boundary_then_rollback_and_status(trained, gate):
     c = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     assert c.get_model_version("synergen", "3").tags["synergen.rolled_back_at"]
     # v2 against the champion v1 re-evaluated on d2's targets (v1's query table predates d2's new queries)
-    p = registry.promote(cfg, d2, "2")
+    p = promote_job.promote(cfg, d2, "2")
     assert p["decision"] == "champion" and p["champion_before"] == "1" and p["new_source"] == "evaluation.json", str(p)
     assert p["new_value"] > p["champion_value"] * (1 - cfg.registry.tolerance)
-    text = registry.cli(cfg)
+    text = cli.registry_report(cfg)
     assert "champion: version 2" in text and f"ds {d2}" in text and "rec.rank_auc" in text
-    assert "champion: version 2 -> 1" in registry.cli(cfg, "previous")
-    assert "champion: version 1 -> 2" in registry.cli(cfg, "2")
+    assert "champion: version 2 -> 1" in cli.registry_report(cfg, "previous")
+    assert "champion: version 1 -> 2" in cli.registry_report(cfg, "2")
 
 
 def test_gate_figure_all_is_the_geometric_mean_over_the_evaluated_tasks():
-    both = registry.flat_metrics({"catalog": {"rec": {"ndcg@10": 0.04, "n": 10}, "search": {"ndcg@10": 0.36, "n": 5}},
+    both = flat_metrics({"catalog": {"rec": {"ndcg@10": 0.04, "n": 10}, "search": {"ndcg@10": 0.36, "n": 5}},
                                   "ranking": {"rec": {"auc": 0.81}}})
     assert both["all.ndcg@10"] == pytest.approx(0.12)  # sqrt(0.04 * 0.36)
     assert both["all.rank_auc"] == pytest.approx(0.81)  # only rec has it: the mean over that one task
     assert "all.n" not in both  # counts are not figures to average
-    rec_only = registry.flat_metrics({"catalog": {"rec": {"ndcg@10": 0.05}}})
+    rec_only = flat_metrics({"catalog": {"rec": {"ndcg@10": 0.05}}})
     assert rec_only["all.ndcg@10"] == pytest.approx(0.05)  # a dataset without search (Beauty)
