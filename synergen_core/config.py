@@ -358,7 +358,7 @@ class ScoreConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    """The MLflow model registry and its promotion gate (synergen_core.registry); the registered model's
+    """The MLflow model registry and its promotion gate (jobs.promote); the registered model's
     name is ``mlflow.registered_model``."""
 
     protocol: Literal["loo", "temporal"] = "temporal"  # whose model is registered (the other one if it is missing)
