@@ -40,7 +40,7 @@ import torch
 
 from benchmarks.common import ROOT, write_result
 from schemas import C
-from schemas import sequences as S
+from schemas import sequences as sequences_schema
 from synergen_core import checkpoint, lake
 from synergen_core.config import Config
 
@@ -91,8 +91,8 @@ def quality_lake(src_root: Path, work: Path, ds: str, max_users: int | None) -> 
     seqs = pa.table({C.USER_ID: train[C.USER_ID], C.N_EVENTS: n, C.N_TOKENS: n,
                      C.LAST_SESSION: pa.array(np.zeros(train.num_rows, np.int32)),
                      C.WATERMARK: pa.array(np.full(train.num_rows, np.datetime64(ds, "us")),
-                                           S.SEQUENCES.field(C.WATERMARK).type),
-                     C.TOKENS: train[C.TOKENS]}, schema=S.SEQUENCES)
+                                           sequences_schema.SEQUENCES.field(C.WATERMARK).type),
+                     C.TOKENS: train[C.TOKENS]}, schema=sequences_schema.SEQUENCES)
     lake.write_partition(seqs, _sessionized(root, "sequences", ds))
     for table in ("item_vocab", "query_vocab"):
         _link(_sessionized(src_root, table, ds), _sessionized(root, table, ds))
@@ -102,7 +102,7 @@ def quality_lake(src_root: Path, work: Path, ds: str, max_users: int | None) -> 
 def valid_targets(src_root: Path, ds: str) -> dict[str, str]:
     """user_id -> item_id of the held-out validation item (the item after the training histories)."""
     ev = pq.read_table(_sessionized(src_root, "split_loo_eval", ds), columns=[C.USER_ID, C.SPLIT, C.ITEM_INDEX])
-    ev = ev.filter(pc.equal(ev[C.SPLIT], S.SPLIT_VALID))
+    ev = ev.filter(pc.equal(ev[C.SPLIT], sequences_schema.SPLIT_VALID))
     vocab = pq.read_table(_sessionized(src_root, "item_vocab", ds), columns=[C.ITEM_INDEX, C.ITEM_ID])
     ids = dict(zip(vocab[C.ITEM_INDEX].to_pylist(), vocab[C.ITEM_ID].to_pylist()))
     return {u: ids[i] for u, i in zip(ev[C.USER_ID].to_pylist(), ev[C.ITEM_INDEX].to_pylist())}
@@ -136,8 +136,9 @@ def big_lake(src_root: Path, work: Path, ds: str, n_items: int, max_users: int |
     idx = np.arange(first, n_items, dtype=np.int32)
     gen = pa.table({C.ITEM_INDEX: idx, C.ITEM_ID: pa.array([f"gen-{i}" for i in idx]),
                     C.FIRST_DS: pa.array([ds] * len(idx)), C.COUNT: pa.array(np.zeros(len(idx), np.int64))},
-                   schema=S.ITEM_VOCAB)
-    lake.write_partition(pa.concat_tables([vocab.cast(S.ITEM_VOCAB), gen]), _sessionized(root, "item_vocab", ds))
+                   schema=sequences_schema.ITEM_VOCAB)
+    lake.write_partition(pa.concat_tables([vocab.cast(sequences_schema.ITEM_VOCAB), gen]),
+                         _sessionized(root, "item_vocab", ds))
     seqs = _users(pq.read_table(_sessionized(src_root, "sequences", ds)), max_users)
     lake.write_partition(seqs, _sessionized(root, "sequences", ds))
     _link(_sessionized(src_root, "query_vocab", ds), _sessionized(root, "query_vocab", ds))
@@ -162,9 +163,9 @@ def score_config(root: Path, work: Path, **score) -> Config:
 
 def list_quality(cfg: Config, ds: str, targets: dict[str, str]) -> dict:
     """Recall@10/@100 and NDCG@10 of the held-out item in every user's list (users without a list count 0)."""
-    from jobs import score
+    from jobs import candidates
 
-    t = pq.ParquetDataset(score.staged_dir(cfg, ds) / "surface=rec").read(columns=[C.USER_ID, C.ITEM_ID, C.RANK])
+    t = pq.ParquetDataset(candidates.staged_dir(cfg, ds) / "surface=rec").read(columns=[C.USER_ID, C.ITEM_ID, C.RANK])
     rank = {(u, i): r for u, i, r in zip(*(t[c].to_pylist() for c in (C.USER_ID, C.ITEM_ID, C.RANK)))}
     ranks = np.array([rank.get((u, i), 0) for u, i in targets.items()])
     hit = lambda k: float(np.mean((ranks > 0) & (ranks <= k)))  # noqa: E731
@@ -174,7 +175,7 @@ def list_quality(cfg: Config, ds: str, targets: dict[str, str]) -> dict:
 
 def request_vectors(cfg: Config, ds: str, record: dict, n: int, seed: int) -> np.ndarray:
     """[n, d] request vectors of ``n`` random users of the lake (the scorer's own code, on the driver)."""
-    from jobs import score
+    from synergen_core import serving
 
     seqs = pq.read_table(_sessionized(Path(cfg.lake.root), "sequences", ds), columns=[C.USER_ID, C.TOKENS])
     rows = np.sort(np.random.default_rng(seed).choice(seqs.num_rows, min(n, seqs.num_rows), replace=False))
@@ -182,10 +183,10 @@ def request_vectors(cfg: Config, ds: str, record: dict, n: int, seed: int) -> np
     batch = pa.RecordBatch.from_pydict({
         C.SURFACE: ["rec"] * len(rows), C.USER_ID: seqs[C.USER_ID].combine_chunks(),
         C.QUERY: pa.nulls(len(rows), pa.string()),
-        score.QIDX: pa.nulls(len(rows), pa.int32()), C.TOKENS: seqs[C.TOKENS].combine_chunks()})
-    settings = score.Settings(K_LIST, N_RETRIEVE, "dense", 256, score.end_of_day(ds), record["dims"]["n_queries"], 2,
-                              False)
-    scorer = score.Scorer(checkpoint.build_from_record(record), None, settings)
+        serving.QUERY_INDEX_COLUMN: pa.nulls(len(rows), pa.int32()), C.TOKENS: seqs[C.TOKENS].combine_chunks()})
+    settings = serving.Settings(K_LIST, N_RETRIEVE, "dense", 256, serving.end_of_day(ds), record["dims"]["n_queries"],
+                                2, False)
+    scorer = serving.Scorer(checkpoint.build_from_record(record), None, settings)
     req, _ = scorer.requests(batch)
     with torch.no_grad():
         return np.concatenate([scorer.request_vectors(req, np.arange(i, min(i + 256, len(req))))
@@ -227,10 +228,10 @@ def list_overlap(a: Config, b: Config, ds: str) -> float:
     """Share of ``a``'s (user, item) rows that ``b``'s lists of the same day also hold."""
     import polars as pl
 
-    from jobs import score
+    from jobs import candidates
 
     def rows(cfg: Config) -> pl.DataFrame:
-        part = score.staged_dir(cfg, ds) / "surface=rec"
+        part = candidates.staged_dir(cfg, ds) / "surface=rec"
         return pl.read_parquet(part / "*.parquet", columns=[C.USER_ID, C.ITEM_ID])
 
     ra = rows(a)
@@ -238,10 +239,10 @@ def list_overlap(a: Config, b: Config, ds: str) -> float:
 
 
 def validate_seconds(cfg: Config, ds: str) -> float:
-    from jobs import score
+    from jobs import candidates
 
     t0 = time.perf_counter()
-    score.validate_candidates(cfg, ds)
+    candidates.validate_candidates(cfg, ds)
     return round(time.perf_counter() - t0, 1)
 
 

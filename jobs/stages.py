@@ -212,14 +212,14 @@ def score(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
 
 def validate_candidates(cfg: Config, ds: str, group: str | None = None) -> dict:
     """The candidate lists' Great Expectations suite (schemas.candidates); fails the run when broken."""
-    from jobs import score as job
+    from jobs import candidates as job
 
     return job.validate_stage(cfg, ds, group)
 
 
 def publish(cfg: Config, ds: str, group: str | None = None) -> dict:
-    """Validated lists renamed into ``<lake>/<score.output>/ds=D`` with ``_SUCCESS``."""
-    from jobs import score as job
+    """Validated lists renamed into ``<lake>/<score.output>/ds=D`` with ``_SUCCESS`` (jobs.candidates)."""
+    from jobs import candidates as job
 
     return job.publish_stage(cfg, ds, group)
 
@@ -267,7 +267,7 @@ OVERRIDES = (  # DAG param -> config section, field
 
 def data_errors() -> tuple[type[Exception], ...]:
     """Failed data checks: the same input fails the same way, so a retry cannot help."""
-    from jobs.score import CandidatesInvalid
+    from jobs.candidates import CandidatesInvalid
     from jobs.semantic_ids import SemanticIdsInvalid
     from jobs.validate import ValidationFailed
 

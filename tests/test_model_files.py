@@ -71,9 +71,9 @@ def test_scoring_refuses_a_model_file_and_a_broadcast_record_that_would_run_code
     cfg = Config()
     # score.run reads the model file before it touches Spark
     _refused(lambda: score.run(None, cfg, "2026-03-01", model_dir=model_dir), f, marker)
-    settings = score.Settings(10, 20, "dense", 64, 0.0, 1, 1, False)
+    settings = serving.Settings(10, 20, "dense", 64, 0.0, 1, 1, False)
     payload = {"record": f.read_bytes(), "source": str(f), "settings": settings, "index": None}
-    _refused(lambda: score.build_scorer(payload), f, marker)
+    _refused(lambda: serving.build_scorer(payload), f, marker)
 
 
 def test_registry_and_features_cache_refuse_files_that_would_run_code(crafted):

@@ -28,12 +28,12 @@ import pytest
 import torch
 import yaml
 
-from jobs import score
+from jobs import candidates, score
 from schemas import C
 from schemas import candidates as K
 from schemas.sequences import conforms
 from synergen_core import index as cindex
-from synergen_core import lake
+from synergen_core import lake, serving
 from synergen_core.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +84,9 @@ def published(spark, trained):
     """The default dense run through the three tracked tasks: score -> validate_candidates -> publish."""
     cfg, ds, model_dir = trained
     out = score.stage(cfg, ds, model_dir=model_dir)
-    report = score.validate_stage(cfg, ds)
-    done = score.publish_stage(cfg, ds)
-    return cfg, ds, out, report, done, lists_of(score.published_dir(cfg, ds))
+    report = candidates.validate_stage(cfg, ds)
+    done = candidates.publish_stage(cfg, ds)
+    return cfg, ds, out, report, done, lists_of(candidates.published_dir(cfg, ds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,15 +95,15 @@ def published(spark, trained):
 
 def test_contract_publication_and_tracking(published, trained, spark):
     cfg, ds, out, report, done, df = published
-    part = score.published_dir(cfg, ds)
+    part = candidates.published_dir(cfg, ds)
     assert Path(done["path"]) == part and (part / lake.SUCCESS).is_file()
-    assert not score.staged_dir(cfg, ds).exists()  # renamed, not copied
+    assert not candidates.staged_dir(cfg, ds).exists()  # renamed, not copied
     assert sorted(p.name for p in part.glob("surface=*")) == ["surface=rec", "surface=search"]
     for f in pds.dataset(part, format="parquet", partitioning="hive").files:
         assert conforms(pq.read_schema(f), K.CANDIDATES), f
-    for name in (score.SCORE_FILE, score.VALIDATION_FILE, score.GE_FILE):
+    for name in (candidates.SCORE_FILE, candidates.VALIDATION_FILE, candidates.GE_FILE):
         assert (part / name).is_file()
-    assert json.loads((part / score.VALIDATION_FILE).read_text())["success"] and report["failed"] == []
+    assert json.loads((part / candidates.VALIDATION_FILE).read_text())["success"] and report["failed"] == []
 
     # every user of the snapshot (lookback off) gets a rec list; search lists are the queries of ds
     rec, search = df[df[C.SURFACE] == "rec"], df[df[C.SURFACE] == "search"]
@@ -131,9 +131,9 @@ def test_contract_publication_and_tracking(published, trained, spark):
     # publishing needs a passing validation: a fresh staged day is refused until validated
     other = with_score(cfg, output="unvalidated", surfaces=["rec"])
     score.run(spark, other, ds, model_dir=trained[2])
-    with pytest.raises(score.CandidatesInvalid, match="not validated"):
-        score.publish(other, ds)
-    assert not score.published_dir(other, ds).exists()
+    with pytest.raises(candidates.CandidatesInvalid, match="not validated"):
+        candidates.publish(other, ds)
+    assert not candidates.published_dir(other, ds).exists()
 
 
 def test_consumed_items_are_excluded(published, spark, trained):
@@ -146,9 +146,9 @@ def test_consumed_items_are_excluded(published, spark, trained):
 
     keep = with_score(cfg, output="keep_consumed", surfaces=["rec"], exclude_consumed=False)
     score.run(spark, keep, ds, model_dir=trained[2])
-    kept = lists_of(score.staged_dir(keep, ds))
+    kept = lists_of(candidates.staged_dir(keep, ds))
     assert any(i in consumed.get(u, ()) for u, i in zip(kept[C.USER_ID], kept[C.ITEM_ID]))
-    assert score.validate_candidates(keep, ds)["success"]  # the not_consumed check is off with exclusion off
+    assert candidates.validate_candidates(keep, ds)["success"]  # the not_consumed check is off with exclusion off
 
 
 def test_rerun_gives_the_same_lists(published, spark, trained):
@@ -156,18 +156,18 @@ def test_rerun_gives_the_same_lists(published, spark, trained):
     again = with_score(cfg, output="rerun")
     for _ in range(2):  # the second run replaces the first's staged day
         score.run(spark, again, ds, model_dir=trained[2])
-    staged = score.staged_dir(again, ds)
+    staged = candidates.staged_dir(again, ds)
     assert [p.name for p in staged.parent.iterdir()] == [staged.name]  # no leftovers of the first run
     pd.testing.assert_frame_equal(lists_of(staged), df)
     # a published day is replaced by its rerun as a whole
-    score.validate_candidates(again, ds)
-    score.publish(again, ds)
+    candidates.validate_candidates(again, ds)
+    candidates.publish(again, ds)
     score.run(spark, with_score(again, surfaces=["search"]), ds, model_dir=trained[2])
-    score.validate_candidates(again, ds)
-    score.publish(again, ds)
+    candidates.validate_candidates(again, ds)
+    candidates.publish(again, ds)
     layer = Path(again.lake.root) / again.score.output
-    assert sorted(p.name for p in layer.iterdir()) == [score.STAGING, f"ds={ds}"]
-    assert sorted(lists_of(score.published_dir(again, ds))[C.SURFACE].unique()) == ["search"]
+    assert sorted(p.name for p in layer.iterdir()) == [candidates.STAGING, f"ds={ds}"]
+    assert sorted(lists_of(candidates.published_dir(again, ds))[C.SURFACE].unique()) == ["search"]
 
 
 def test_dense_and_generative_retrieval(published, spark, trained):
@@ -175,8 +175,8 @@ def test_dense_and_generative_retrieval(published, spark, trained):
     gen_cfg = with_score(cfg, output="generative", retriever="generative")
     gen_out = score.run(spark, gen_cfg, ds, model_dir=trained[2])
     assert gen_out["index"] == {"kind": "generative"}
-    assert score.validate_candidates(gen_cfg, ds)["success"]
-    gen = lists_of(score.staged_dir(gen_cfg, ds))
+    assert candidates.validate_candidates(gen_cfg, ds)["success"]
+    gen = lists_of(candidates.staged_dir(gen_cfg, ds))
     key = [C.SURFACE, C.USER_ID, C.QUERY]
     assert gen.groupby(key, dropna=False).ngroups == dense.groupby(key, dropna=False).ngroups
     # retrieval scores: semantic-ID log-probabilities vs cosine / temperature
@@ -191,8 +191,8 @@ def test_bfloat16_scoring_keeps_the_lists(published, spark, trained):
     cfg, ds, *_, dense = published
     bf_cfg = with_score(cfg, output="bf16", precision="bfloat16")
     score.run(spark, bf_cfg, ds, model_dir=trained[2])
-    assert score.validate_candidates(bf_cfg, ds)["success"]
-    bf = lists_of(score.staged_dir(bf_cfg, ds))
+    assert candidates.validate_candidates(bf_cfg, ds)["success"]
+    bf = lists_of(candidates.staged_dir(bf_cfg, ds))
     same = dense.merge(bf, on=[C.SURFACE, C.USER_ID, C.QUERY, C.ITEM_ID], how="inner")
     assert len(same) >= 0.9 * len(dense)  # near-ties may swap at the list's cut, little else
     r = np.corrcoef(same[f"{C.RANKING_SCORE}_x"], same[f"{C.RANKING_SCORE}_y"])[0, 1]
@@ -218,12 +218,12 @@ def test_search_requests_from_a_file_and_the_registry(published, spark, trained,
     assert calls == ["models:/synergen@champion"]
     assert out["surfaces"]["rec"]["lists"] == 1  # only user 184 had an event in the 30 days up to ds
     assert out["queries_added"] >= 1  # "a query never typed" embedded with the text encoder
-    df = lists_of(score.staged_dir(req_cfg, ds))
+    df = lists_of(candidates.staged_dir(req_cfg, ds))
     search = df[df[C.SURFACE] == "search"]
     assert set(search.groupby([C.USER_ID, C.QUERY]).groups) == {
         ("184", "funny"), ("184", "a query never typed"), ("567", "funny"), ("nobody", "sci-fi")}
     assert set(df[C.MODEL_VERSION]) == {"3"}
-    assert score.validate_candidates(req_cfg, ds)["success"]
+    assert candidates.validate_candidates(req_cfg, ds)["success"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,15 +260,15 @@ def test_broken_lists_fail_each_check(published, spark):
     expected["query_matches_surface"] = g_
 
     bad_cfg = with_score(cfg, output="broken")
-    part = score.staged_dir(bad_cfg, ds)
+    part = candidates.staged_dir(bad_cfg, ds)
     for surface, rows_ in broken.groupby(C.SURFACE):
         (part / f"surface={surface}").mkdir(parents=True)
         table = pa.Table.from_pandas(rows_.drop(columns=C.SURFACE), schema=K.CANDIDATES, preserve_index=False)
         pq.write_table(table, part / f"surface={surface}" / "part-0.parquet")
-    shutil.copy(score.published_dir(cfg, ds) / score.SCORE_FILE, part / score.SCORE_FILE)
+    shutil.copy(candidates.published_dir(cfg, ds) / candidates.SCORE_FILE, part / candidates.SCORE_FILE)
 
-    with pytest.raises(score.CandidatesInvalid) as err:
-        score.validate_candidates(bad_cfg, ds)
+    with pytest.raises(candidates.CandidatesInvalid) as err:
+        candidates.validate_candidates(bad_cfg, ds)
     report = err.value.report
     assert str(part) in str(err.value) and all(check in str(err.value) for check in expected)
     failed = {f_["check"]: f_ for f_ in report["failed"]}
@@ -276,9 +276,9 @@ def test_broken_lists_fail_each_check(published, spark):
     for check, g in expected.items():
         users = {r[C.USER_ID] for r in failed[check]["examples"]}
         assert users == {g[C.USER_ID].iloc[0]}, (check, users)
-    assert json.loads((part / score.VALIDATION_FILE).read_text())["success"] is False
-    with pytest.raises(score.CandidatesInvalid, match="validation failed"):
-        score.publish(bad_cfg, ds)
+    assert json.loads((part / candidates.VALIDATION_FILE).read_text())["success"] is False
+    with pytest.raises(candidates.CandidatesInvalid, match="validation failed"):
+        candidates.publish(bad_cfg, ds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +308,9 @@ def test_search_requests_use_the_search_tower_and_its_temperature():
     index = cindex.CandidateIndex(cindex.exact_index(vectors), np.arange(1, len(vectors) + 1), cindex.EXACT)
     req = Requests({k: v.numpy() for k, v in batch.items()}, np.zeros(2, np.int64), np.array([SEARCH, RECOMMEND]),
                    np.zeros(2, np.int64), np.zeros(2), np.array([6, 4]))
-    settings = score.Settings(top_k=5, retrieve_n=8, retriever="dense", batch_size=2, request_ts=0.0,
-                              n_queries=model.embed.query_text.shape[0], threads=1, progress=False)
-    scorer = score.Scorer(model, index, settings)
+    settings = serving.Settings(top_k=5, retrieve_n=8, retriever="dense", batch_size=2, request_ts=0.0,
+                                n_queries=model.embed.query_text.shape[0], threads=1, progress=False)
+    scorer = serving.Scorer(model, index, settings)
     with torch.no_grad():
         _, items, retr, _, valid = scorer._score_chunk(req, np.arange(2), pa.array([[], []], pa.list_(pa.int64())))
     assert valid.all()
@@ -372,7 +372,7 @@ def test_same_lists_on_local_and_standalone_cluster(published, trained, tmp_path
         run_scoring(tmp_path / "cluster.yaml", c.master_url, ds, trained[2])
         apps = c.status().get("completedapps", []) + c.status().get("activeapps", [])
         assert apps, "the job did not run on the cluster"
-    local = lists_of(score.staged_dir(with_score(cfg, output="local"), ds))
-    remote = lists_of(score.staged_dir(with_score(cfg, output="cluster"), ds))
+    local = lists_of(candidates.staged_dir(with_score(cfg, output="local"), ds))
+    remote = lists_of(candidates.staged_dir(with_score(cfg, output="cluster"), ds))
     pd.testing.assert_frame_equal(local, remote)
     assert len(local) > 0
