@@ -31,8 +31,8 @@ test-cluster: setup
 # with apt-get when missing), Airflow's api-server, scheduler, dag-processor and triggerer, a default and
 # a gpu Celery worker, Spark standalone and an MLflow server, all on 127.0.0.1, driven through Airflow's
 # REST API: today's scheduled run, a three-day backfill, the same again with "reprocess completed", a
-# failed task cleared after its input is fixed (README, "Production setup on one machine"). About 45
-# minutes on 2 cores: not in CI. Writes its screenshots to benchmarks/results/production_*.png.
+# failed task cleared after its input is fixed (README, "Production setup on one machine"). 1.5-2 hours
+# on 2 cores (eight DAG runs of 12-14 minutes): not in CI. Writes benchmarks/results/production_*.png.
 test-production: setup
 	SYNERGEN_WRITE_SCREENSHOTS=1 $(BIN)/python -m pytest -m production -p no:cacheprovider -v
 
