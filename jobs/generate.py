@@ -607,7 +607,7 @@ def run(cfg: Config, start_ds: str, out_root: str | Path | None = None) -> dict:
     t0 = time.perf_counter()
     g = cfg.generate
     root = Path(out_root) if out_root is not None else Path(cfg.lake.root)
-    late_days, max_value = cfg.validate_.late_days, cfg.validate_.max_value
+    late_days, max_value = cfg.validation.late_days, cfg.validation.max_value
     start = parse_ds(start_ds)
     days = [(start + dt.timedelta(days=d)).isoformat() for d in range(g.days)]
     epoch_us = int(dt.datetime(start.year, start.month, start.day, tzinfo=dt.timezone.utc).timestamp()) * S_US

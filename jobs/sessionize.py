@@ -415,7 +415,7 @@ def _recent_copies(spark, cfg: Config, raw: DataFrame, prev: str | None, days: l
     """
     if prev is None or not days:
         return None
-    after = (parse_ds(days[0]) - dt.timedelta(days=cfg.validate_.late_days + 1)).isoformat()
+    after = (parse_ds(days[0]) - dt.timedelta(days=cfg.validation.late_days + 1)).isoformat()
     past = read_days(spark, cfg.lake.root, _out(cfg, EVENTS), S.EVENTS, after=after, upto=prev)
     return past.select(*DEDUP_KEY).join(raw.select(C.USER_ID, C.EVENT_ID).distinct(),
                                         [C.USER_ID, C.EVENT_ID], "left_semi")

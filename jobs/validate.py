@@ -239,11 +239,11 @@ def check_frame(cfg: Config, batch: Batch, catalog_first_ds: pd.Series | None) -
         first = ~pd.DataFrame({"id": ids, "ds": batch.ds}).duplicated(keep="first")
         frame[suites.FIRST_OF_ID] = first.where(ids.notna(), None).astype(object)
     else:
-        frame[suites.TS_IN_WINDOW] = _ts_in_window(t, batch.ds, cfg.validate_.late_days)
+        frame[suites.TS_IN_WINDOW] = _ts_in_window(t, batch.ds, cfg.validation.late_days)
         frame[suites.ITEM_IN_CATALOG] = _item_in_catalog(t, batch.ds, catalog_first_ds)
         frame[suites.EVENT_ID_CONSISTENT] = _event_id_consistent(t, batch.ds, EVENT_CONTENT[batch.table])
         if batch.table == "browse_events":
-            frame[suites.VALUE_IN_RANGE] = _value_in_range(t, cfg.validate_.max_value)
+            frame[suites.VALUE_IN_RANGE] = _value_in_range(t, cfg.validation.max_value)
     return pd.DataFrame(frame)
 
 
@@ -371,7 +371,7 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str], staged_catalog: p
         for day in days:
             rows = batch.rows_of(day)
             summary = _day_summary(batch, day, rows, bad, reasons, cfg)
-            failed = summary["bad_share"] > cfg.validate_.max_bad_row_share
+            failed = summary["bad_share"] > cfg.validation.max_bad_row_share
             failure = _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) if failed else None
             staged.append(_stage_day(root, batch, day, rows, bad, reasons, summary, report, failure))
         report.write_range()
@@ -433,7 +433,7 @@ def _day_summary(batch: Batch, day: str, rows: np.ndarray, bad, reasons, cfg: Co
         "rows_valid": n - n_bad,
         "rows_quarantined": n_bad,
         "bad_share": n_bad / n if n else 0.0,
-        "max_bad_row_share": cfg.validate_.max_bad_row_share,
+        "max_bad_row_share": cfg.validation.max_bad_row_share,
         "reasons": _count_reasons(reasons[bad_rows]),
         "source_files": sorted(set(batch.source_file[rows])),
         "extra_fields_ignored": batch.extra_fields,
@@ -447,7 +447,7 @@ def _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) -> str:
     return (
         f"{root / 'raw' / batch.table / f'ds={day}'}: {summary['rows_quarantined']:,} of {summary['rows_in']:,} rows "
         f"({summary['bad_share']:.1%}) failed validation, over validate.max_bad_row_share="
-        f"{cfg.validate_.max_bad_row_share:.1%}; by reason (field): {counts}; first: {batch.source_file[first]} "
+        f"{cfg.validation.max_bad_row_share:.1%}; by reason (field): {counts}; first: {batch.source_file[first]} "
         f"row {batch.source_row[first]}: {reasons[first]}. Quarantined rows are in "
         f"{root / 'quarantine' / batch.table / f'ds={day}'}"
     )

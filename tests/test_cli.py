@@ -51,13 +51,13 @@ def test_config_file_and_environment_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("spark:\n  master: spark://h:7077\nvalidate:\n  max_bad_row_share: 0.1\n")
     cfg = load_config(path, environ={"SYNERGEN__VALIDATE__MAX_BAD_ROW_SHARE": "0.2"})
-    assert cfg.spark.master == "spark://h:7077" and cfg.validate_.max_bad_row_share == 0.2
+    assert cfg.spark.master == "spark://h:7077" and cfg.validation.max_bad_row_share == 0.2
 
 
 def test_overrides_apply_over_a_loaded_config_and_name_bad_keys(tmp_path):
     base = load_config(None, environ={"SYNERGEN__MODEL__DROPOUT": "0.4"})
     cfg = with_overrides(base, ["model.n_layers=3", "validate.late_days=4", "train.variants=[sasrec]"])
-    assert (cfg.model.dropout, cfg.model.n_layers, cfg.validate_.late_days, cfg.train.variants) == (0.4, 3, 4, ["sasrec"])
+    assert (cfg.model.dropout, cfg.model.n_layers, cfg.validation.late_days, cfg.train.variants) == (0.4, 3, 4, ["sasrec"])
     assert base.model.n_layers == 2  # the loaded config is left as it was
     with pytest.raises(ConfigError, match="model.n_layer: unknown key"):
         with_overrides(base, ["model.n_layer=3"])

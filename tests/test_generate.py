@@ -92,7 +92,7 @@ def defects(cfg, data, table: str, ds: str, df: pd.DataFrame) -> pd.DataFrame:
         reasons.null(C.EVENT_ID): df[C.EVENT_ID].isna(),
         reasons.null(C.USER_ID): df[C.USER_ID].isna(),
         reasons.null(C.TS): df[C.TS].isna(),
-        reasons.TS_OUTSIDE_DAY: pd.Series((t < start - cfg.validate_.late_days * DAY_US) | (t >= start + DAY_US)),
+        reasons.TS_OUTSIDE_DAY: pd.Series((t < start - cfg.validation.late_days * DAY_US) | (t >= start + DAY_US)),
         reasons.UNKNOWN_ACTION: ~df[C.ACTION].isin(SEARCH_ACTIONS if table == "search_events" else BROWSE_ACTIONS),
         reasons.UNKNOWN_ITEM: df[C.ITEM_ID].notna() & (known.isna() | (known.fillna("9999") > ds)),
     }
@@ -102,7 +102,7 @@ def defects(cfg, data, table: str, ds: str, df: pd.DataFrame) -> pd.DataFrame:
     else:
         flags[reasons.null(C.ITEM_ID)] = df[C.ITEM_ID].isna()
         v = df[C.VALUE].to_numpy(dtype=float)
-        bad = ~df[VALUE_NULL].to_numpy() & ~(np.isfinite(v) & (v >= 0) & (v <= cfg.validate_.max_value))
+        bad = ~df[VALUE_NULL].to_numpy() & ~(np.isfinite(v) & (v >= 0) & (v <= cfg.validation.max_value))
         flags[reasons.BAD_VALUE] = pd.Series(bad)
     return pd.DataFrame({k: np.asarray(v, dtype=bool) for k, v in flags.items()})
 
@@ -212,7 +212,7 @@ def test_browse_values_and_surfaces(lake_run):
 
 def test_late_events_stay_within_the_window(lake_run):
     cfg, _, result, data = lake_run
-    late_days = cfg.validate_.late_days
+    late_days = cfg.validation.late_days
     for table in EVENT_TABLES:
         for i, ds in enumerate(result["days"]):
             truth = result["tables"][table][ds]

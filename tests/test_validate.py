@@ -20,7 +20,7 @@ def cfg_for(tmp_path, **validate_overrides) -> Config:
     cfg = Config()
     cfg.lake.root = tmp_path / "lake"
     for k, v in validate_overrides.items():
-        setattr(cfg.validate_, k, v)
+        setattr(cfg.validation, k, v)
     return cfg
 
 
@@ -154,7 +154,7 @@ def test_rerun_is_idempotent(broken_lake):
 def test_bad_share_over_threshold_fails_naming_file_field_and_counts(broken_lake):
     cfg = broken_lake
     validate.run(cfg, DS, tables=["catalog"])
-    cfg.validate_.max_bad_row_share = 0.2
+    cfg.validation.max_bad_row_share = 0.2
     with pytest.raises(ValidationFailed) as e:
         validate.run(cfg, DS, tables=["browse_events"])
     msg = str(e.value)
@@ -236,7 +236,7 @@ def test_tracked_stage_logs_counts_reports_and_failures_to_mlflow(broken_lake, t
     cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg.mlflow.artifact_root = tmp_path / "artifacts"
     stages.validate_raw(cfg, DS, group="run-1")
-    cfg.validate_.max_bad_row_share = 0.2
+    cfg.validation.max_bad_row_share = 0.2
     with pytest.raises(ValidationFailed):
         stages.validate_raw(cfg, DS, group="run-2")
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)

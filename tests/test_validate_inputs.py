@@ -28,7 +28,7 @@ ID_FIELD = {"catalog": C.ITEM_ID, "search_events": C.EVENT_ID, "browse_events": 
 def cfg_for(tmp_path, max_bad_row_share=1.0) -> Config:
     cfg = Config()
     cfg.lake.root = tmp_path / "lake"
-    cfg.validate_.max_bad_row_share = max_bad_row_share
+    cfg.validation.max_bad_row_share = max_bad_row_share
     return cfg
 
 
