@@ -172,8 +172,8 @@ def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sample
 # ---- validation ---------------------------------------------------------------------------------
 
 
-def validate(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: int = 512,
-             exclude_consumed: tuple[str, ...] = ()) -> tuple[float, dict]:
+def validation_figures(model: SynerGen, data: SplitData, tcfg: TrainConfig, batch_size: int = 512,
+                       exclude_consumed: tuple[str, ...] = ()) -> tuple[float, dict]:
     """(geometric mean over trained tasks of ``train.valid_metric``, per-task metrics) on the validation targets,
     ranked as the evaluation ranks them (``exclude_consumed``: ``evaluate.exclude_consumed``).
 
@@ -292,15 +292,60 @@ def train(
         return _train(cfg, data, feats, out_dir, on_step, ranks)
 
 
+@dataclass
+class _Run:
+    """One run's parts, shared by the steps of ``_train``; ``state`` is the loop's, kept by its checkpoints."""
+
+    cfg: Config
+    data: SplitData
+    out_dir: Path
+    ranks: distributed.Ranks
+    device: torch.device
+    model: SynerGen
+    dims: dict
+    opt: torch.optim.Optimizer
+    sampler: Sampler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    fingerprint: dict
+    horizon: int
+    state: dict
+    step_losses_of: Callable | None = None
+
+    @property
+    def kept(self) -> SynerGen:
+        """What is validated and saved as the best model: the moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+
 def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
            on_step: Callable[[int], None] | None, ranks: distributed.Ranks) -> dict:
-    from tqdm.auto import tqdm
-
-    tcfg = cfg.train
     out_dir = Path(out_dir)
     if len(data.windows) == 0:  # 0 steps would still write an untrained model.pt for evaluation and promotion
         raise PipelineError(f"nothing to train {out_dir} on: the {data.protocol} training split has no windows "
                             f"({len(data.train.lengths)} user sequences); the day's upstream data is empty")
+    run = _start(cfg, data, feats, out_dir, ranks)
+    resumed = _resume(run)
+    if run.state["done"]:
+        return _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main)
+    tcfg = cfg.train
+    run.step_losses_of = lambda batch: step_losses(run.model, batch, tcfg, run.sampler)
+    if ranks.active:
+        if not resumed:
+            distributed.seed_rank(tcfg.seed, ranks)
+        run.step_losses_of = distributed.wrap_step(run.model, step_losses, tcfg, run.sampler, run.device)
+    stop = False
+    while run.state["epoch"] < tcfg.epochs and not stop:
+        stop = _epoch(run, on_step)
+    summary = _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main,
+                       extra={"world_size": ranks.world_size} if ranks.active else None)
+    if ranks.active:
+        summary["weights_digest"] = distributed.check_in_sync(run.model.state_dict())
+    return summary
+
+
+def _start(cfg: Config, data: SplitData, feats: Features, out_dir: Path, ranks: distributed.Ranks) -> _Run:
+    """A fresh run: the seeded model, optimizer, sampler, moving average and fingerprint (what resumes)."""
+    tcfg = cfg.train
     device = distributed.device(pick_device(tcfg), ranks)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -311,7 +356,6 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
                             weight_decay=tcfg.weight_decay)
     sampler = Sampler.from_counts(data.counts, device)
     ema = moving_average(model, tcfg)
-    kept = model if ema is None else ema.module  # what is validated and saved as the best model
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": -math.inf, "best_epoch": None,
              "bad_epochs": 0, "done": False, "history": [], "train_seconds": 0.0}
     fingerprint = _fingerprint(cfg, data, dims)
@@ -320,112 +364,127 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
     horizon = _horizon(tcfg, len(data.windows), ranks)
     if tcfg.lr_schedule != "constant":  # then epochs and max_steps change every step's rate
         fingerprint["lr_horizon"] = horizon
-    ckpt_path = out_dir / checkpoint.CHECKPOINT
-    resumed = False
-    if tcfg.resume and ckpt_path.is_file():
-        ck = checkpoint.load(ckpt_path)  # on the CPU: RNG states must stay CPU tensors; weights are copied over
-        if ck["fingerprint"] == fingerprint:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(ck["ema"])
-            state = ck["state"]
-            if ranks.active:  # this rank's RNG stream and running epoch loss
-                rng, state["loss_sum"], state["loss_n"] = ck["rng"]["ranks"][ranks.rank]
-                _set_rng_state(rng, device)
-            else:
-                _set_rng_state(ck["rng"], device)
-            resumed = True
-    if state["done"]:
-        return _summary(state, out_dir, resumed, device, write=ranks.is_main)
-    step_losses_of = lambda batch: step_losses(model, batch, tcfg, sampler)  # noqa: E731
-    if ranks.active:
-        if not resumed:
-            distributed.seed_rank(tcfg.seed, ranks)
-        step_losses_of = distributed.wrap_step(model, step_losses, tcfg, sampler, device)
+    return _Run(cfg, data, out_dir, ranks, device, model, dims, opt, sampler, ema, fingerprint, horizon, state)
 
-    def save_checkpoint() -> None:
-        rng = _rng_state(device)
-        if ranks.active:
-            rng = {"ranks": distributed.gather((rng, state.get("loss_sum", 0.0), state.get("loss_n", 0)))}
-        if ranks.is_main:
-            checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                             "ema": None if ema is None else ema.state_dict(), "rng": rng,
-                             "fingerprint": fingerprint}, ckpt_path)
 
-    def end_of_training_unit() -> bool:
-        """Validate, keep the best weights; True when early stopping says stop."""
-        score, per_task = validate(kept, data, tcfg, exclude_consumed=tuple(cfg.evaluate.exclude_consumed))
-        state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": per_task,
-                                 tcfg.valid_metric: score, "loss": state.get("epoch_loss"),
-                                 "train_seconds": round(state["train_seconds"], 2)})  # so far: per-epoch speed
-        if not math.isfinite(score) or score > state["best"]:  # no validation targets: keep the latest
-            state["best"] = score if math.isfinite(score) else state["best"]
-            state["best_epoch"], state["bad_epochs"] = state["epoch"], 0
-            checkpoint.save(checkpoint.model_record(kept, dims), out_dir / checkpoint.MODEL)
-        else:
-            state["bad_epochs"] += 1
-        return state["bad_epochs"] >= tcfg.patience
+def _resume(run: _Run) -> bool:
+    """Continue from the same run's checkpoint (same fingerprint) when ``train.resume`` allows it."""
+    path = run.out_dir / checkpoint.CHECKPOINT
+    if not (run.cfg.train.resume and path.is_file()):
+        return False
+    ck = checkpoint.load(path)  # on the CPU: RNG states must stay CPU tensors; weights are copied over
+    if ck["fingerprint"] != run.fingerprint:
+        return False
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ck["ema"])
+    run.state = ck["state"]
+    if run.ranks.active:  # this rank's RNG stream and running epoch loss
+        rng, run.state["loss_sum"], run.state["loss_n"] = ck["rng"]["ranks"][run.ranks.rank]
+        _set_rng_state(rng, run.device)
+    else:
+        _set_rng_state(ck["rng"], run.device)
+    return True
 
+
+def _save_checkpoint(run: _Run) -> None:
+    rng = _rng_state(run.device)
+    state = run.state
+    if run.ranks.active:
+        rng = {"ranks": distributed.gather((rng, state.get("loss_sum", 0.0), state.get("loss_n", 0)))}
+    if run.ranks.is_main:
+        checkpoint.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "state": state,
+                         "ema": None if run.ema is None else run.ema.state_dict(), "rng": rng,
+                         "fingerprint": run.fingerprint}, run.out_dir / checkpoint.CHECKPOINT)
+
+
+def _epoch(run: _Run, on_step: Callable[[int], None] | None) -> bool:
+    """The rest of the epoch, its validation and checkpoint; True when the run stops (budget, early stop)."""
+    from tqdm.auto import tqdm
+
+    tcfg, state = run.cfg.train, run.state
+    batches = batch_order(run.data.windows.lengths, tcfg, state["epoch"])
+    if run.ranks.active:
+        batches = distributed.shard(batches, run.ranks.rank, run.ranks.world_size)
+    run.model.train()
+    bar = tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {state['epoch']}",
+               disable=not tcfg.progress or not run.ranks.is_main, leave=False, dynamic_ncols=True)
     stop = False
-    while state["epoch"] < tcfg.epochs and not stop:
-        batches = batch_order(data.windows.lengths, tcfg, state["epoch"])
-        if ranks.active:
-            batches = distributed.shard(batches, ranks.rank, ranks.world_size)
-        n_batches = len(batches)
-        model.train()
-        bar = tqdm(total=n_batches, initial=state["step_in_epoch"], desc=f"epoch {state['epoch']}",
-                   disable=not tcfg.progress or not ranks.is_main, leave=False, dynamic_ncols=True)
-        loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
-        for b in range(state["step_in_epoch"], n_batches):
-            t0 = time.perf_counter()
-            rows = batches[b]
-            batch = make_batch(model, data.windows, rows, tcfg, sampler, device)
-            with autocast(device, tcfg.amp):
-                losses = step_losses_of(batch)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(tcfg, state["step"], horizon)
-            if tcfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss = float(losses["total"].detach())
-            loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            dt = time.perf_counter() - t0
-            state.update(step=state["step"] + 1, step_in_epoch=b + 1, loss_sum=loss_sum, loss_n=loss_n,
-                         train_seconds=state["train_seconds"] + dt)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{int(data.windows.lengths[rows].sum() / max(dt, 1e-9))}")
-            budget_hit = tcfg.max_steps is not None and state["step"] >= tcfg.max_steps
-            if state["step"] % tcfg.checkpoint_every == 0 and not budget_hit:
-                save_checkpoint()
-            if on_step is not None:
-                on_step(state["step"])
-            if budget_hit:
-                stop = True
-                break
-        bar.close()
-        if ranks.active:  # rank 0 validates and decides; every rank continues with its state
-            state["epoch_loss"] = distributed.mean_over_ranks(loss_sum, loss_n)
-            verdict = end_of_training_unit() if ranks.is_main else None
-            state, verdict = distributed.broadcast((state, verdict))
-            stop = verdict or stop
-        else:
-            state["epoch_loss"] = loss_sum / max(loss_n, 1)
-            stop = end_of_training_unit() or stop
-        state.update(epoch=state["epoch"] + 1, step_in_epoch=0, loss_sum=0.0, loss_n=0)
-        state["done"] = stop or state["epoch"] >= tcfg.epochs
-        save_checkpoint()
-        if ranks.active:
-            distributed.barrier()
-    summary = _summary(state, out_dir, resumed, device, write=ranks.is_main,
-                       extra={"world_size": ranks.world_size} if ranks.active else None)
-    if ranks.active:
-        summary["weights_digest"] = distributed.check_in_sync(model.state_dict())
-    return summary
+    for b in range(state["step_in_epoch"], len(batches)):
+        rows = batches[b]
+        loss, dt = _step(run, rows)
+        state.update(step=state["step"] + 1, step_in_epoch=b + 1, loss_sum=state.get("loss_sum", 0.0) + loss,
+                     loss_n=state.get("loss_n", 0) + 1, train_seconds=state["train_seconds"] + dt)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{int(run.data.windows.lengths[rows].sum() / max(dt, 1e-9))}")
+        budget_hit = tcfg.max_steps is not None and state["step"] >= tcfg.max_steps
+        if state["step"] % tcfg.checkpoint_every == 0 and not budget_hit:
+            _save_checkpoint(run)
+        if on_step is not None:
+            on_step(state["step"])
+        if budget_hit:
+            stop = True
+            break
+    bar.close()
+    return _end_epoch(run, stop)
+
+
+def _step(run: _Run, rows: np.ndarray) -> tuple[float, float]:
+    """One optimizer step on the windows ``rows``: (its loss, its seconds)."""
+    tcfg = run.cfg.train
+    t0 = time.perf_counter()
+    batch = make_batch(run.model, run.data.windows, rows, tcfg, run.sampler, run.device)
+    with autocast(run.device, tcfg.amp):
+        losses = run.step_losses_of(batch)
+    run.opt.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(tcfg, run.state["step"], run.horizon)
+    if tcfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.clip_grad)
+    run.opt.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    loss = float(losses["total"].detach())
+    return loss, time.perf_counter() - t0
+
+
+def _end_epoch(run: _Run, stop: bool) -> bool:
+    """Validate the epoch (rank 0 under torchrun, which then shares its state and verdict), start the next
+    one and checkpoint; True when the run stops."""
+    loss_sum, loss_n = run.state.get("loss_sum", 0.0), run.state.get("loss_n", 0)
+    if run.ranks.active:  # rank 0 validates and decides; every rank continues with its state
+        run.state["epoch_loss"] = distributed.mean_over_ranks(loss_sum, loss_n)
+        verdict = _keep_best(run) if run.ranks.is_main else None
+        run.state, verdict = distributed.broadcast((run.state, verdict))
+        stop = verdict or stop
+    else:
+        run.state["epoch_loss"] = loss_sum / max(loss_n, 1)
+        stop = _keep_best(run) or stop
+    run.state.update(epoch=run.state["epoch"] + 1, step_in_epoch=0, loss_sum=0.0, loss_n=0)
+    run.state["done"] = stop or run.state["epoch"] >= run.cfg.train.epochs
+    _save_checkpoint(run)
+    if run.ranks.active:
+        distributed.barrier()
+    return stop
+
+
+def _keep_best(run: _Run) -> bool:
+    """Validate, keep the best weights; True when early stopping says stop."""
+    tcfg, state = run.cfg.train, run.state
+    score, per_task = validation_figures(run.kept, run.data, tcfg,
+                                         exclude_consumed=tuple(run.cfg.evaluate.exclude_consumed))
+    state["history"].append({"epoch": state["epoch"], "step": state["step"], "valid": per_task,
+                             tcfg.valid_metric: score, "loss": state.get("epoch_loss"),
+                             "train_seconds": round(state["train_seconds"], 2)})  # so far: per-epoch speed
+    if not math.isfinite(score) or score > state["best"]:  # no validation targets: keep the latest
+        state["best"] = score if math.isfinite(score) else state["best"]
+        state["best_epoch"], state["bad_epochs"] = state["epoch"], 0
+        checkpoint.save(checkpoint.model_record(run.kept, run.dims), run.out_dir / checkpoint.MODEL)
+    else:
+        state["bad_epochs"] += 1
+    return state["bad_epochs"] >= tcfg.patience
 
 
 def _summary(state: dict, out_dir: Path, resumed: bool, device: torch.device, write: bool = True,

@@ -254,7 +254,7 @@ def test_finished_run_is_not_retrained_and_model_file_rebuilds(tmp_path):
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     scores = iter([0.3, 0.5, 0.4, 0.2, 0.1, 0.0])
-    monkeypatch.setattr(train_mod, "validate", lambda *a, **k: (next(scores), {}))
+    monkeypatch.setattr(train_mod, "validation_figures", lambda *a, **k: (next(scores), {}))
     cfg = small_config(epochs=6, patience=2)
     out = train_mod.train(cfg, synthetic_split(), synthetic_features(), tmp_path)
     assert out["epochs_run"] == 4 and out["best_epoch"] == 1 and out["best_valid"] == 0.5
@@ -264,17 +264,17 @@ def test_validation_score_is_the_geometric_mean_over_the_trained_tasks():
     data, feats, cfg = synthetic_split(), synthetic_features(), small_config()
     torch.manual_seed(0)
     model = train_mod.build_model(cfg, data, feats)
-    score, per_task = train_mod.validate(model, data, cfg.train)
+    score, per_task = train_mod.validation_figures(model, data, cfg.train)
     search, rec = per_task["search"]["ndcg@10"], per_task["rec"]["ndcg@10"]
     assert search > 0 and rec > 0 and search != rec
     # scale-free: a task at 10x the other's scale does not decide alone which epoch is best
     assert score == pytest.approx(math.sqrt(search * rec))
     rec_only = variant_config(cfg, "rec_only").train
-    assert train_mod.validate(model, data, rec_only)[0] == pytest.approx(rec)
+    assert train_mod.validation_figures(model, data, rec_only)[0] == pytest.approx(rec)
     assert 0 < train_mod.task_score([0.0, 0.2]) < train_mod.task_score([0.0, 0.3])  # a task at 0 stops nothing
     # validation ranks as the evaluation does: without the consumed items where the evaluation leaves them out
     assert (data.valid.consumed == data.valid.target[:, None]).any(1).any()  # some targets repeat an item
-    _, excluded = train_mod.validate(model, data, cfg.train, exclude_consumed=("rec",))
+    _, excluded = train_mod.validation_figures(model, data, cfg.train, exclude_consumed=("rec",))
     assert excluded["search"] == per_task["search"] and excluded["rec"]["mrr"] != per_task["rec"]["mrr"]
 
 
