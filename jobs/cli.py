@@ -215,7 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of a known failure too (or SYNERGEN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _data_commands(sub)
+    _model_commands(sub)
+    _serving_commands(sub)
+    _pipeline_commands(sub)
+    return parser
 
+
+def _data_commands(sub) -> None:
+    """Raw logs to the model's inputs: generate, ingest, validate, sessionize, embed, semantic-ids."""
     p = sub.add_parser("generate", help="write seeded synthetic raw logs (the embedded default input)")
     _common(p, ds_required=False, ds_help="first day to generate (default: generate.start_ds)")
     for key in ("events", "days", "seed", "users", "items"):
@@ -251,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_semantic_ids)
 
+
+def _model_commands(sub) -> None:
+    """Training and the registry's gate: train, evaluate, register, promote."""
     from typing import get_args
 
     from synergen_core.config import VariantName
@@ -279,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=lambda cfg, args: _print(_stage("promote")(cfg, args.ds)))
 
+
+def _serving_commands(sub) -> None:
+    """Serving the champion: score, registry."""
     p = sub.add_parser("score", help="candidate lists per user (rec) and per user and query (search): score "
                                      "(Spark + faiss + ranking head), validate, publish")
     _common(p)
@@ -295,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=cmd_registry)
 
+
+def _pipeline_commands(sub) -> None:
+    """The whole job and its configuration: run, config."""
     p = sub.add_parser("run", help="the main job on the embedded default (generated logs)")
     _common(p, ds_required=False, ds_help="unused: the default runs every generated day")
     p.set_defaults(func=cmd_run)
@@ -302,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective configuration")
     _common(p, ds_required=False, ds_help="unused")
     p.set_defaults(func=cmd_config)
-    return parser
 
 
 def check_day_order(args) -> None:
