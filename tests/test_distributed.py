@@ -91,7 +91,7 @@ from test_train import small_config, synthetic_features, synthetic_split
 from jobs import train as job
 from synergen_core import distributed
 
-job.load_split = lambda cfg, ds, protocol: synthetic_split()
+job.load_training_split = lambda cfg, ds, protocol: synthetic_split()
 job.load_features = lambda *a, **k: synthetic_features()
 cfg = small_config(epochs={epochs}, patience={epochs}, variants=["synergen"], protocols=["loo"], ema_decay={ema})
 cfg.lake.root = {lake!r}
