@@ -43,6 +43,7 @@ import pytest
 import yaml
 
 from cluster import HOST, free_port, standalone_cluster
+from production import pg_bindir
 from jobs import pipeline
 from schemas.candidates import SURFACES
 from synergen_core import lake
@@ -78,16 +79,6 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
 # PostgreSQL: Debian's package, a private cluster on a free port
 
 
-def _pg_bindir() -> Path | None:
-    """The folder of initdb/pg_ctl: on the PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                      key=lambda p: [int(x) for x in Path(p).parts[-3].split(".") if x.isdigit()])
-    return Path(versions[-1]).parent if versions else None
-
-
 def _install_postgres() -> str | None:
     """apt-get install postgresql (as root); the reason it cannot be done, or None when done."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -114,10 +105,10 @@ def postgres():
     The data folder is owned by the ``postgres`` user when running as root (the server refuses root), in a
     folder of its own under the system temporary directory (pytest's are private to root)."""
     psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install psycopg2-binary (dev extra)")
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     if bindir is None:
         reason = _install_postgres()
-        bindir = _pg_bindir()
+        bindir = pg_bindir()
         if bindir is None:
             pytest.skip(reason or "PostgreSQL installed but initdb not found")
     as_user: dict = {}
