@@ -115,3 +115,15 @@ def test_a_missing_partition_folder_has_no_data_files(tmp_path):
     """As before data files matched .parq too: readers ask for a day that may not exist yet."""
     assert lake.data_files(tmp_path / "nope" / "ds=2026-01-01") == []
     assert lake.other_files(tmp_path / "nope" / "ds=2026-01-01") == []
+
+
+def test_readers_see_only_published_partitions_except_under_raw(tmp_path):
+    """A folder without ``_SUCCESS`` (half-written, never validated, copied by hand) is no partition of a
+    pipeline table; raw/ is the users' input, where every ``ds=`` folder counts."""
+    for table in ("validated/browse_events", "raw/browse_events"):
+        (tmp_path / table / "ds=2026-01-01").mkdir(parents=True)
+        done = tmp_path / table / "ds=2026-01-02"
+        done.mkdir()
+        (done / lake.SUCCESS).touch()
+    assert lake.partitions(tmp_path, "validated/browse_events") == ["2026-01-02"]
+    assert lake.partitions(tmp_path, "raw/browse_events") == ["2026-01-01", "2026-01-02"]
