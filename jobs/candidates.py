@@ -59,6 +59,7 @@ def write_staged(cfg: Config, ds: str, lists: DataFrame, finish) -> dict:
     """Write the day aside with ``finish(counts)`` as ``_score.json``, then rename it to its staging place
     (replacing an earlier run's). -> the figures."""
     final = staged_dir(cfg, ds)
+    lake.remove_stale(cfg.lake.root, f"{cfg.score.output}/{STAGING}")  # what a killed run left aside
     tmp = lake.staging_dir(final)
     try:
         lists.write.mode("overwrite").partitionBy(C.SURFACE).parquet(str(tmp))
@@ -103,6 +104,7 @@ def publish(cfg: Config, ds: str) -> dict:
     if not report or not report.get("success"):
         raise CandidatesInvalid(f"{staged}: {'validation failed' if report else 'not validated'}: run "
                                 "validate_candidates and fix what it reports before publishing", report or {})
+    lake.remove_stale(cfg.lake.root, cfg.score.output)
     lake.publish(staged, final)
     log.info("score %s: published %s", ds, final)
     return {"ds": ds, "path": str(final), "rows": report["rows"], "lists": report["lists"]}

@@ -127,3 +127,22 @@ def test_readers_see_only_published_partitions_except_under_raw(tmp_path):
         (done / lake.SUCCESS).touch()
     assert lake.partitions(tmp_path, "validated/browse_events") == ["2026-01-02"]
     assert lake.partitions(tmp_path, "raw/browse_events") == ["2026-01-01", "2026-01-02"]
+
+
+def test_scoring_removes_what_its_killed_run_left(spark, tmp_path):
+    """The candidate lists' staging (``jobs.candidates.write_staged``) clears a killed run's half-written
+    day before staging its own."""
+    from jobs import candidates
+    from jobs.spark import spark_schema
+    from schemas import C
+    from schemas import candidates as candidates_schema
+    from synergen_core.config import Config
+
+    cfg = Config()
+    cfg.lake.root = tmp_path
+    staging = tmp_path / cfg.score.output / candidates.STAGING
+    (staging / ".ds=2026-01-01.tmp-0badc0de" / "surface=rec").mkdir(parents=True)
+    schema = spark_schema(candidates_schema.CANDIDATES, with_ds=False).add(C.SURFACE, "string")
+    lists = spark.createDataFrame([("u1", None, 1, "i1", 1.0, 1.0, "synergen", "1", "rec")], schema)
+    candidates.write_staged(cfg, "2026-01-01", lists, lambda counts: counts)
+    assert sorted(p.name for p in staging.iterdir()) == ["ds=2026-01-01"]
