@@ -30,7 +30,7 @@ from synergen_core import checkpoint, lake, registry, serving
 from synergen_core.data import load_test
 from synergen_core.evaluate import ModelScorer, OlderVocabScorer, model_vocab
 from synergen_core.metrics import rank_stats
-from test_train_e2e import small_config
+from conftest import small_config
 
 METRIC = "rec.mrr"
 

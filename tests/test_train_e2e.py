@@ -10,8 +10,6 @@ import pytest
 
 from jobs import cli
 from synergen_core import checkpoint
-# small_config stays importable from here for tests/test_registry.py (which should import it from conftest)
-from conftest import small_config  # noqa: F401
 
 
 def test_train_and_evaluate_on_a_movielens_slice(movielens_models):
