@@ -87,6 +87,7 @@ def read_lists(spark: SparkSession, part: Path) -> DataFrame:
 def _counts(spark: SparkSession, part: Path) -> dict:
     """Lists and rows per surface, and distinct users, of a written day."""
     df = read_lists(spark, part)
+    # collected: one row per surface (rec, search), whatever the number of users
     out = {r[C.SURFACE]: {"lists": r["lists"], "rows": r["rows"]} for r in df.groupBy(C.SURFACE).agg(
         F.sum((F.col(C.RANK) == 1).cast("long")).alias("lists"), F.count("*").alias("rows")).collect()}
     out["users"] = df.select(C.USER_ID).distinct().count()
@@ -173,6 +174,7 @@ def _examples(frame: DataFrame, column: str) -> list[dict]:
         bad = ~F.col(C.SURFACE).isin(list(candidates_schema.SURFACES)) | F.col(C.SURFACE).isNull()
     request_key = candidates_schema.REQUEST_KEY
     cols = [*request_key, C.RANK, C.ITEM_ID, C.RETRIEVAL_SCORE, C.RANKING_SCORE]
+    # collected: at most EXAMPLES rows, the failing lists the report shows
     rows = frame.where(bad).orderBy(*request_key, C.RANK, C.ITEM_ID).select(*cols).limit(EXAMPLES).collect()
     return [r.asDict() for r in rows]
 

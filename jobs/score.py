@@ -384,7 +384,11 @@ def _candidate_index(cfg: Config, reqs: DataFrame, record: dict, settings: Setti
 
 def _broadcast(spark: SparkSession, record: dict, cand_index, settings: Settings, source: str):
     """What every Python worker builds its ``Scorer`` from (``_scorer``): model record bytes (``source``: the
-    model file they came from, named if they are refused), index, settings."""
+    model file they came from, named if they are refused), index, settings.
+
+    Its size grows with the catalog (ID embeddings, text buffers, the index): bounded by the catalog, not
+    by users or events; shipping precomputed item vectors instead is issue 30's lean payload. The record
+    is plain tensors (``checkpoint.to_bytes``) and the workers read it weights-only."""
     return spark.sparkContext.broadcast({"key": uuid.uuid4().hex, "record": checkpoint.to_bytes(record),
                                          "source": source, "settings": settings,
                                          "index": cand_index.dumps() if cand_index is not None else None})
