@@ -129,12 +129,19 @@ def write_partition(
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write one Parquet file (plus small side files) into ``final`` atomically."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    return write_files(final, extra_files, lambda tmp: pq.write_table(table, tmp / "part-00000.parquet",
+                                                                      compression="zstd"))
+
+
+def write_files(final: Path, files: dict[str, str] | None = None, write=None) -> Path:
+    """Small text files (and whatever ``write(folder)`` adds) written aside, then published as ``final``."""
     tmp = staging_dir(final)
     try:
-        if metadata:
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        pq.write_table(table, tmp / "part-00000.parquet", compression="zstd")
-        for name, text in (extra_files or {}).items():
+        if write is not None:
+            write(tmp)
+        for name, text in (files or {}).items():
             (tmp / name).write_text(text)
         return publish(tmp, final)
     except BaseException:
@@ -153,15 +160,7 @@ def day_marker(root: Path, layer: str, ds: str | dt.date) -> Path:
 def mark_day_complete(root: Path, layer: str, ds: str | dt.date, side_files: dict[str, str] | None = None) -> Path:
     """Publish the day marker of ``layer`` (with ``_SUCCESS`` and small side files, e.g. a report) once
     every table of day D is published: a downstream stage runs over D only if the marker is there."""
-    final = day_marker(root, layer, ds)
-    tmp = staging_dir(final)
-    try:
-        for name, text in (side_files or {}).items():
-            (tmp / name).write_text(text)
-        return publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return write_files(day_marker(root, layer, ds), side_files)
 
 
 def unmark_day(root: Path, layer: str, ds: str | dt.date) -> None:
