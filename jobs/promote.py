@@ -13,7 +13,6 @@ Every metric used here is higher-is-better.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,7 +23,7 @@ from jobs.register import model_sha256, trained_protocol
 from synergen_core import checkpoint, registry
 from synergen_core.config import Config, parse_ds
 from synergen_core.registry import CHALLENGER, CHAMPION
-from synergen_core.tracking import GROUP_TAG, _mlflow, stage_run
+from synergen_core.tracking import GROUP_TAG, _mlflow
 
 log = logging.getLogger(__name__)
 
@@ -66,48 +65,49 @@ def validations_status(cfg: Config, ds: str, group: str | None = None) -> tuple[
 
 
 def promote(cfg: Config, ds: str, version: str | int | None = None, group: str | None = None,
-            validations_passed: bool | None = None, skip: bool = False) -> dict:
+            validations_passed: bool | None = None, skip: bool = False, *, run_id: str) -> dict:
     """The promotion gate for ``version`` (default: the latest version registered for ``ds``).
 
     ``validations_passed``: the caller's verdict; None checks ``validations_status``. ``skip``: register as
-    challenger without comparing (the DAG's skip_promotion). -> {"decision": "champion" | "challenger",
-    "reasons", "version", "champion_before", "metric", "new_value", "champion_value", "tolerance", ...}."""
+    challenger without comparing (the DAG's skip_promotion). ``run_id``: the promote stage's MLflow run
+    (``jobs.stages`` opens it and logs the decision on it), named by the version's gate tags.
+    -> {"decision": "champion" | "challenger", "reasons", "version", "champion_before", "metric", "new_value",
+    "champion_value", "tolerance", ...}."""
     ds = parse_ds(ds).isoformat()
     name = registry.model_name(cfg)
-    with stage_run(cfg, "promote", ds, group) as run:
-        c = registry.client(cfg)
-        version = str(version) if version is not None else registry.latest_version_of_day(c, name, ds)
-        mv = registry.get_version(c, name, version, "promote")
-        protocol = mv.tags.get("synergen.protocol") or trained_protocol(cfg, ds)
-        champion = registry.alias_version(c, name, CHAMPION)
-        out = {"name": name, "version": version, "ds": ds, "protocol": protocol, "metric": cfg.registry.metric,
-               "tolerance": cfg.registry.tolerance, "champion_before": str(champion.version) if champion else None,
-               "new_value": None, "champion_value": None, "new_source": None, "reasons": []}
-        reasons: list[str] = out["reasons"]
-        if skip:
-            reasons.append("promotion skipped (skip_promotion)")
-        if validations_passed is None:
-            passed, problems = validations_status(cfg, ds, group)
-        else:
-            passed, problems = bool(validations_passed), ([] if validations_passed else ["a validation failed"])
-        if not passed:
-            reasons.append("validations did not pass: " + "; ".join(problems))
-        note = ""
-        if champion is None and not skip:
-            note = _first_version_gate(cfg, ds, protocol, mv, out, reasons)
-        elif champion is None:
-            note = "no champion yet"
-        elif str(champion.version) == version:
-            note = "already the champion"
-        elif not skip:
-            note = _champion_gate(cfg, ds, protocol, mv, str(champion.version), out, reasons)
-        if champion is not None and str(champion.version) == version:
-            reasons.clear()  # a rerun never demotes the champion: its gate was passed when it was promoted
-        out["decision"] = CHALLENGER if reasons else CHAMPION
-        out["why"] = "; ".join(reasons) if reasons else note
-        _record_decision(c, run, out)
-        log.info("promote %s: version %s -> %s (%s)", ds, version, out["decision"], out["why"])
-        return out
+    c = registry.client(cfg)
+    version = str(version) if version is not None else registry.latest_version_of_day(c, name, ds)
+    mv = registry.get_version(c, name, version, "promote")
+    protocol = mv.tags.get("synergen.protocol") or trained_protocol(cfg, ds)
+    champion = registry.alias_version(c, name, CHAMPION)
+    out = {"name": name, "version": version, "ds": ds, "protocol": protocol, "metric": cfg.registry.metric,
+           "tolerance": cfg.registry.tolerance, "champion_before": str(champion.version) if champion else None,
+           "new_value": None, "champion_value": None, "new_source": None, "reasons": []}
+    reasons: list[str] = out["reasons"]
+    if skip:
+        reasons.append("promotion skipped (skip_promotion)")
+    if validations_passed is None:
+        passed, problems = validations_status(cfg, ds, group)
+    else:
+        passed, problems = bool(validations_passed), ([] if validations_passed else ["a validation failed"])
+    if not passed:
+        reasons.append("validations did not pass: " + "; ".join(problems))
+    note = ""
+    if champion is None and not skip:
+        note = _first_version_gate(cfg, ds, protocol, mv, out, reasons)
+    elif champion is None:
+        note = "no champion yet"
+    elif str(champion.version) == version:
+        note = "already the champion"
+    elif not skip:
+        note = _champion_gate(cfg, ds, protocol, mv, str(champion.version), out, reasons)
+    if champion is not None and str(champion.version) == version:
+        reasons.clear()  # a rerun never demotes the champion: its gate was passed when it was promoted
+    out["decision"] = CHALLENGER if reasons else CHAMPION
+    out["why"] = "; ".join(reasons) if reasons else note
+    _record_decision(c, run_id, out)
+    log.info("promote %s: version %s -> %s (%s)", ds, version, out["decision"], out["why"])
+    return out
 
 
 def _champion_gate(cfg: Config, ds: str, protocol: str, mv, champion: str, out: dict, reasons: list[str]) -> str:
@@ -188,8 +188,8 @@ def _figures_on(cfg: Config, data: EvaluationSet, model_dir: Path) -> dict[str, 
     return flat_metrics(evaluate_scorer(scorer, data.test, data.candidates, cfg.evaluate))
 
 
-def _record_decision(c, run, out: dict) -> None:
-    """The decision on the registry (alias, ``synergen.gate.*`` version tags) and on the stage run."""
+def _record_decision(c, run_id: str, out: dict) -> None:
+    """The decision on the registry: the alias, and ``synergen.gate.*`` version tags naming the stage run."""
     name, version, decision = out["name"], out["version"], out["decision"]
     if decision == CHAMPION:
         if out["champion_before"] != version:
@@ -198,13 +198,6 @@ def _record_decision(c, run, out: dict) -> None:
         registry.make_challenger(c, name, version)
     gate = {"decision": decision, "reason": out["why"], "ds": out["ds"], "metric": out["metric"],
             "tolerance": out["tolerance"], "value": out["new_value"], "champion_version": out["champion_before"],
-            "champion_value": out["champion_value"], "at": registry.now(), "run_id": run.run_id}
+            "champion_value": out["champion_value"], "at": registry.now(), "run_id": run_id}
     for k, v in gate.items():
         c.set_model_version_tag(name, version, f"synergen.gate.{k}", "" if v is None else str(v)[:5000])
-    run.tags({"synergen.registry.version": version, "synergen.registry.decision": decision,
-              "synergen.registry.reason": out["why"][:5000],
-              "synergen.registry.champion_before": out["champion_before"] or ""})
-    run.metrics({f"gate.{k}": v for k, v in (("new", out["new_value"]), ("champion", out["champion_value"]))
-                 if v is not None and math.isfinite(v)})
-    run.text(json.dumps(out, indent=1, default=str), "promotion.json")
-    run.text(f"version {version}: {decision}\n{out['why']}\n", "promotion.txt")

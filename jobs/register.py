@@ -19,7 +19,7 @@ from jobs.evaluate import flat_metrics, read_result
 from synergen_core import checkpoint, registry
 from synergen_core.config import Config, parse_ds
 from synergen_core.registry import RegistryError
-from synergen_core.tracking import GROUP_TAG, code_version, stage_run
+from synergen_core.tracking import GROUP_TAG, code_version
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,15 @@ def semantic_ids_version(cfg: Config, ds: str, protocol: str) -> tuple[str, str]
     return str(notes.get("table_ds") or "none"), str(notes.get("source") or "in-process")
 
 
-def register(cfg: Config, ds: str, group: str | None = None) -> dict:
-    """Log the day's model as a pyfunc and register it as a new version (see the module doc).
+def model_file(cfg: Config, ds: str, protocol: str) -> Path:
+    """The ``registry.variant`` model of ``protocol`` trained for ``ds``."""
+    return checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, cfg.registry.variant) / checkpoint.MODEL
+
+
+def register(cfg: Config, ds: str, group: str | None = None, *, run_id: str) -> dict:
+    """Log the day's model as a pyfunc and register it as a new version (see the module doc). The model
+    and its figures are logged into the active MLflow run ``run_id``, the register stage's run
+    (``jobs.stages`` opens it and tags it with the outcome); ``group``: the pipeline run, a version tag.
 
     -> {"name", "version", "ds", "protocol", "semantic_ids_ds", "metrics", "reused"}."""
     import mlflow
@@ -68,8 +75,8 @@ def register(cfg: Config, ds: str, group: str | None = None) -> dict:
     name = registry.model_name(cfg)
     protocol = trained_protocol(cfg, ds)
     variant = cfg.registry.variant
-    model_file = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, variant) / checkpoint.MODEL
-    sha = model_sha256(model_file)
+    path = model_file(cfg, ds, protocol)
+    sha = model_sha256(path)
     sid_ds, sid_source = semantic_ids_version(cfg, ds, protocol)
     evaluation = read_result(cfg, ds)
     metrics = {}
@@ -80,32 +87,28 @@ def register(cfg: Config, ds: str, group: str | None = None) -> dict:
         return {"name": name, "version": version, "ds": ds, "protocol": protocol, "semantic_ids_ds": sid_ds,
                 "metrics": metrics, "reused": reused}
 
-    with stage_run(cfg, "register", ds, group) as run:
-        c = registry.client(cfg)
-        same = [v for v in (registry.versions(c, name) if registry.is_registered(c, name) else [])
-                if v.tags.get("synergen.model_sha256") == sha]
-        if same:
-            mv = same[-1]
-            run.tags({"synergen.registry.version": str(mv.version), "synergen.registry.reused": "true"})
-            log.info("register %s: model already registered as %s version %s", ds, name, mv.version)
-            return result(str(mv.version), registry.version_metrics(mv), True)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=SynerGenPyfunc(), artifacts={ARTIFACT: str(model_file)},
-            signature=pyfunc_signature(), input_example=input_example(cfg, ds, protocol),
-            pip_requirements=pyfunc_requirements(),
-        )
-        tags = {"synergen.ds": ds, "synergen.protocol": protocol, "synergen.variant": variant,
-                "synergen.semantic_ids_ds": sid_ds, "synergen.semantic_ids_source": sid_source,
-                "synergen.code_version": code_version(), "synergen.model_sha256": sha,
-                "synergen.model_path": str(model_file), "synergen.run_id": run.run_id,
-                "synergen.registered_at": registry.now(), **({GROUP_TAG: group} if group else {}),
-                **{registry.metric_tag(k): repr(v) for k, v in metrics.items() if math.isfinite(v)}}
-        # the version is created with its tags in one call (a tag at a time costs a commit each)
-        version = str(mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}).version)
-        run.tags({"synergen.registry.version": version, "synergen.semantic_ids_ds": sid_ds,
-                  "synergen.inputs": str(model_file)})
-        # on the run and on the logged model (its page in the MLflow UI shows them)
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if math.isfinite(v)},
-                           model_id=info.model_id)
-        log.info("register %s: %s version %s (%s/%s)", ds, name, version, protocol, variant)
-        return result(version, metrics, False)
+    c = registry.client(cfg)
+    same = [v for v in (registry.versions(c, name) if registry.is_registered(c, name) else [])
+            if v.tags.get("synergen.model_sha256") == sha]
+    if same:
+        mv = same[-1]
+        log.info("register %s: model already registered as %s version %s", ds, name, mv.version)
+        return result(str(mv.version), registry.version_metrics(mv), True)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=SynerGenPyfunc(), artifacts={ARTIFACT: str(path)},
+        signature=pyfunc_signature(), input_example=input_example(cfg, ds, protocol),
+        pip_requirements=pyfunc_requirements(),
+    )
+    tags = {"synergen.ds": ds, "synergen.protocol": protocol, "synergen.variant": variant,
+            "synergen.semantic_ids_ds": sid_ds, "synergen.semantic_ids_source": sid_source,
+            "synergen.code_version": code_version(), "synergen.model_sha256": sha,
+            "synergen.model_path": str(path), "synergen.run_id": run_id,
+            "synergen.registered_at": registry.now(), **({GROUP_TAG: group} if group else {}),
+            **{registry.metric_tag(k): repr(v) for k, v in metrics.items() if math.isfinite(v)}}
+    # the version is created with its tags in one call (a tag at a time costs a commit each)
+    version = str(mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}).version)
+    # on the run and on the logged model (its page in the MLflow UI shows them)
+    mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if math.isfinite(v)},
+                       model_id=info.model_id)
+    log.info("register %s: %s version %s (%s/%s)", ds, name, version, protocol, variant)
+    return result(version, metrics, False)

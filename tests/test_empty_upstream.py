@@ -16,7 +16,7 @@ import pytest
 from jobs import cli
 from jobs import evaluate as evaluate_job
 from jobs import promote as promote_job
-from jobs import register as register_job
+from jobs import stages
 from jobs import train as train_job
 from schemas import sequences as S
 from synergen_core import checkpoint, lake, registry
@@ -110,18 +110,18 @@ def test_first_version_must_beat_the_popularity_baseline(tmp_path):
     put_model(cfg)
     c = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     _evaluation(cfg, 0.55, popularity=None)  # no baseline figure to beat: not promoted
-    version = register_job.register(cfg, DS)["version"]
-    out = promote_job.promote(cfg, DS, version, validations_passed=True)
+    version = stages.register(cfg, DS)["version"]
+    out = stages.promote(cfg, DS, version=version, validations_passed=True)
     assert out["decision"] == "challenger" and "no popularity baseline" in out["why"] and "evaluation.json" in out["why"]
     _evaluation(cfg, 0.55, popularity=0.61)  # worse than popularity: not promoted
-    out = promote_job.promote(cfg, DS, version, validations_passed=True)
+    out = stages.promote(cfg, DS, version=version, validations_passed=True)
     assert out["decision"] == "challenger" and out["champion_before"] is None
     assert "does not beat the popularity baseline's 0.61" in out["why"] and out["new_value"] == 0.55
     assert str(c.get_model_version_by_alias("synergen", "challenger").version) == version
     with pytest.raises(Exception):
         c.get_model_version_by_alias("synergen", "champion")
     _evaluation(cfg, 0.7, popularity=0.61)  # better: the first champion
-    out = promote_job.promote(cfg, DS, version, validations_passed=True)
+    out = stages.promote(cfg, DS, version=version, validations_passed=True)
     assert out["decision"] == "champion" and "beats the popularity baseline" in out["why"]
     assert str(c.get_model_version_by_alias("synergen", "champion").version) == version
 
@@ -133,7 +133,7 @@ def test_first_version_must_beat_the_popularity_baseline(tmp_path):
         with pytest.raises(PipelineError, match=rf"cannot roll back to synergen version '{bad}'"):
             cli.registry_report(cfg, bad)
     with pytest.raises(PipelineError, match="cannot promote synergen version '7': no such version"):
-        promote_job.promote(cfg, DS, 7)
+        stages.promote(cfg, DS, version=7)
     with pytest.raises(PipelineError, match="cannot download synergen version '7'"):
         registry.download_model(cfg, "models:/synergen/7")
 

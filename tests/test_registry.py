@@ -24,7 +24,7 @@ import torch
 
 from jobs import cli
 from jobs import promote as promote_job
-from jobs import register as register_job
+from jobs import stages
 from jobs.evaluate import flat_metrics
 from synergen_core import checkpoint, lake, registry, serving
 from synergen_core.data import load_test
@@ -93,13 +93,13 @@ def trained(tmp_path_factory, spark):
 def gate(trained):
     """The registry story, in order: what each step returned."""
     cfg, d1, d2, worse = trained
-    out = {"r1": register_job.register(cfg, d1, group="run-d1")}
-    out["p1"] = promote_job.promote(cfg, d1, group="run-d1")
-    out["r2"] = register_job.register(cfg, d2, group="run-d2")
-    out["r2_again"] = register_job.register(cfg, d2, group="run-d2")
-    out["p2"] = promote_job.promote(cfg, d2, out["r2"]["version"], group="run-d2")
-    out["r3"] = register_job.register(worse, d2)
-    out["p3"] = promote_job.promote(cfg, d2, out["r3"]["version"])
+    out = {"r1": stages.register(cfg, d1, group="run-d1")}
+    out["p1"] = stages.promote(cfg, d1, group="run-d1")
+    out["r2"] = stages.register(cfg, d2, group="run-d2")
+    out["r2_again"] = stages.register(cfg, d2, group="run-d2")
+    out["p2"] = stages.promote(cfg, d2, version=out["r2"]["version"], group="run-d2")
+    out["r3"] = stages.register(worse, d2)
+    out["p3"] = stages.promote(cfg, d2, version=out["r3"]["version"])
     return out
 
 
@@ -168,10 +168,10 @@ def test_failed_validation_blocks_promotion(trained, gate):
     cfg, d1, d2, _ = trained
     lenient = cfg.model_copy(deep=True)
     lenient.registry = cfg.registry.model_copy(update={"tolerance": 0.99})  # v3's figure would pass
-    blocked = promote_job.promote(lenient, d2, "3", validations_passed=False)
+    blocked = stages.promote(lenient, d2, version="3", validations_passed=False)
     assert blocked["decision"] == "challenger" and blocked["why"].startswith("validations did not pass")
-    assert promote_job.promote(cfg, d2, "2", validations_passed=False)["decision"] == "champion"  # never demoted
-    skipped = promote_job.promote(lenient, d2, "3", skip=True)  # the DAG's skip_promotion
+    assert stages.promote(cfg, d2, version="2", validations_passed=False)["decision"] == "champion"  # never demoted
+    skipped = stages.promote(lenient, d2, version="3", skip=True)  # the DAG's skip_promotion
     assert skipped["decision"] == "challenger" and "skipped" in skipped["why"]
     ok, problems = promote_job.validations_status(cfg, d2)
     assert ok and not problems
@@ -257,10 +257,10 @@ def test_tolerance_boundary_then_rollback_and_status(trained, gate):
     drop = (p3["champion_value"] - p3["new_value"]) / p3["champion_value"]
     just_under = cfg.model_copy(deep=True)
     just_under.registry = cfg.registry.model_copy(update={"tolerance": drop * (1 - 1e-6)})
-    assert promote_job.promote(just_under, d2, "3")["decision"] == "challenger"
+    assert stages.promote(just_under, d2, version="3")["decision"] == "challenger"
     at = cfg.model_copy(deep=True)
     at.registry = cfg.registry.model_copy(update={"tolerance": drop})
-    promoted = promote_job.promote(at, d2, "3")
+    promoted = stages.promote(at, d2, version="3")
     assert promoted["decision"] == "champion" and promoted["champion_before"] == "2"
 
     st = registry.status(cfg)
@@ -280,7 +280,7 @@ def test_tolerance_boundary_then_rollback_and_status(trained, gate):
     c = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     assert c.get_model_version("synergen", "3").tags["synergen.rolled_back_at"]
     # v2 against the champion v1 re-evaluated on d2's targets (v1's query table predates d2's new queries)
-    p = promote_job.promote(cfg, d2, "2")
+    p = stages.promote(cfg, d2, version="2")
     assert p["decision"] == "champion" and p["champion_before"] == "1" and p["new_source"] == "evaluation.json", str(p)
     assert p["new_value"] > p["champion_value"] * (1 - cfg.registry.tolerance)
     text = cli.registry_report(cfg)
