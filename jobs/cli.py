@@ -112,17 +112,18 @@ def cmd_semantic_ids(cfg: Config, args) -> None:
 
 
 def cmd_train(cfg: Config, args) -> None:
-    from jobs import train
+    from jobs import stages
 
     if args.fresh:
         cfg.train.resume = False
-    _print(train.stage(cfg, args.ds, args.group, variants=args.variant, protocols=args.protocol))
+    # in this process, as every rank does under torchrun (stages.train is what starts torchrun)
+    _print(stages.run_stage("train", cfg, args.ds, args.group, variants=args.variant, protocols=args.protocol))
 
 
 def cmd_evaluate(cfg: Config, args) -> None:
-    from jobs import evaluate
+    from jobs import stages
 
-    _print(evaluate.stage(cfg, args.ds, variants=args.variant, protocols=args.protocol))
+    _print(stages.evaluate(cfg, args.ds, variants=args.variant, protocols=args.protocol))
 
 
 def _stage(name: str):

@@ -65,21 +65,22 @@ def test_only_rank_0_tracks_the_stage(monkeypatch):
     """Under torchrun the other ranks train without opening an MLflow run."""
     import contextlib
 
+    from jobs import stages
     from jobs import train as job
 
     calls = []
     monkeypatch.setattr(job, "run", lambda cfg, ds, **kw: calls.append("run") or {"ds": ds})
     monkeypatch.setattr(job.distributed, "session",
                         lambda tcfg: contextlib.nullcontext(distributed.Ranks(1, 2, 1)))
-    monkeypatch.setattr("synergen_core.tracking.stage_run", lambda *a, **k: pytest.fail("rank 1 tracked"))
+    monkeypatch.setattr(stages, "stage_run", lambda *a, **k: pytest.fail("rank 1 tracked"))
     from synergen_core.config import Config
 
-    assert job.stage(Config(), "2026-01-03") == {"ds": "2026-01-03"} and calls == ["run"]
+    assert stages.run_stage("train", Config(), "2026-01-03") == {"ds": "2026-01-03"} and calls == ["run"]
 
 
 # ---- a real torchrun: 2 CPU processes, gloo --------------------------------------------------------
 
-# Runs jobs.train.stage, what `synergen train` runs (process group, rank 0 first for the side inputs, DDP
+# Runs jobs.stages.run_stage, what `synergen train` runs (process group, rank 0 first for the side inputs, DDP
 # training, rank 0 alone tracking in MLflow), on the synthetic split of test_train, with the lake's loaders
 # replaced by it; each rank writes what it ended with.
 RANK_SCRIPT = """
@@ -88,6 +89,7 @@ import torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import small_config, synthetic_features, synthetic_split
+from jobs import stages
 from jobs import train as job
 from synergen_core import distributed
 
@@ -98,7 +100,7 @@ cfg.lake.root = {lake!r}
 cfg.mlflow.tracking_uri = "sqlite:///" + os.path.join({lake!r}, "mlflow.db")
 cfg.mlflow.artifact_root = os.path.join({lake!r}, "mlartifacts")
 kill = lambda step: step == {kill_at} and os._exit(3)  # both ranks, right after the same step
-out = job.stage(cfg, "2026-01-03", on_step=kill)
+out = stages.run_stage("train", cfg, "2026-01-03", on_step=kill)
 rank = int(os.environ["RANK"])
 summary = out["loo"]["models"]["synergen"]
 with open(os.path.join({lake!r}, f"rank{{rank}}.json"), "w") as f:

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from jobs import candidates, score
+from jobs import candidates, score, stages
 from schemas import C
 from schemas import candidates as K
 from schemas.sequences import conforms
@@ -83,9 +83,9 @@ def consumed_by_user(cfg: Config) -> dict[str, set[str]]:
 def published(spark, trained):
     """The default dense run through the three tracked tasks: score -> validate_candidates -> publish."""
     cfg, ds, model_dir = trained
-    out = score.stage(cfg, ds, model_dir=model_dir)
-    report = candidates.validate_stage(cfg, ds)
-    done = candidates.publish_stage(cfg, ds)
+    out = stages.score(cfg, ds, model_dir=model_dir)
+    report = stages.validate_candidates(cfg, ds)
+    done = stages.publish(cfg, ds)
     return cfg, ds, out, report, done, lists_of(candidates.published_dir(cfg, ds))
 
 
@@ -349,8 +349,8 @@ def test_index_exact_ivf_and_fallback():
 
 
 def run_scoring(config: Path, master: str, ds: str, model_dir: Path) -> None:
-    code = ("import sys; from synergen_core.config import load_config; from jobs import score; "
-            "score.stage(load_config(sys.argv[1]), sys.argv[2], model_dir=sys.argv[3])")
+    code = ("import sys; from synergen_core.config import load_config; from jobs import stages; "
+            "stages.score(load_config(sys.argv[1]), sys.argv[2], model_dir=sys.argv[3])")
     done = subprocess.run([sys.executable, "-c", code, str(config), ds, str(model_dir)], cwd=ROOT,
                           env={**os.environ, "SYNERGEN__SPARK__MASTER": master}, capture_output=True, text=True,
                           timeout=600)

@@ -79,11 +79,11 @@ def test_train_stage_runs_data_parallel_under_torchrun(movielens_lake, tmp_path)
 
 
 def test_cli_train_and_evaluate_dispatch(monkeypatch, capsys):
-    from jobs import evaluate, train
+    from jobs import stages
 
     calls = []
-    monkeypatch.setattr(train, "stage", lambda cfg, ds, group=None, **kw: calls.append(("train", ds, kw, cfg.train.resume)) or {})
-    monkeypatch.setattr(evaluate, "stage", lambda cfg, ds, **kw: calls.append(("evaluate", ds, kw)) or {})
+    monkeypatch.setattr(stages, "run_stage", lambda name, cfg, ds, group=None, **kw: calls.append(
+        (name, ds, kw) + ((cfg.train.resume,) if name == "train" else ())) or {})
     assert cli.main(["train", "--ds", "2018-09-16", "--variant", "sasrec", "--protocol", "loo", "--fresh"]) == 0
     assert cli.main(["evaluate", "--ds", "2018-09-16"]) == 0
     assert calls == [
