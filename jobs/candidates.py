@@ -8,6 +8,8 @@ Readers never see lists that were not validated: ``jobs.score`` writes a day's l
   raises ``CandidatesInvalid`` naming the partition, the failed checks and example rows;
 * ``publish`` (task ``publish``): a validated day is renamed into ``<lake>/<score.output>/ds=D``
   (``_SUCCESS`` inside, the previous version of the day replaced).
+
+Both tasks are tracked as MLflow stage runs by ``jobs.stages``.
 """
 from __future__ import annotations
 
@@ -243,33 +245,3 @@ def validate_candidates(cfg: Config, ds: str) -> dict:
                  f"e.g. {f['examples'][:2]}" for f in report["failed"]]
         raise CandidatesInvalid(f"{part}: candidate lists failed validation:\n" + "\n".join(lines), report)
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# tracked stages (Airflow tasks and the CLI)
-
-
-def validate_stage(cfg: Config, ds: str, group: str | None = None) -> dict:
-    """The ``validate_candidates`` task, tracked: rows, lists, failed checks; the report as an artifact."""
-    from synergen_core.tracking import stage_run
-
-    with stage_run(cfg, "validate_candidates", ds, group) as tracked:
-        try:
-            report = validate_candidates(cfg, ds)
-        except CandidatesInvalid as e:
-            tracked.text(json.dumps(e.report, indent=1, default=str), "validate_candidates.json")
-            raise
-        tracked.metrics({"rows": report["rows"], "lists": report["lists"], "failed_checks": len(report["failed"])})
-        tracked.text(json.dumps(report, indent=1, default=str), "validate_candidates.json")
-        return report
-
-
-def publish_stage(cfg: Config, ds: str, group: str | None = None) -> dict:
-    """The ``publish`` task, tracked."""
-    from synergen_core.tracking import stage_run
-
-    with stage_run(cfg, "publish", ds, group) as tracked:
-        out = publish(cfg, ds)
-        tracked.metrics({"rows": out["rows"], "lists": out["lists"]})
-        tracked.tags({"synergen.outputs": out["path"]})
-        return out

@@ -10,7 +10,8 @@ do; the result records which tasks those were. The result is returned and writte
 
 ``evaluation_set`` (the test targets and candidate lists) is shared with the promotion gate
 (``jobs.promote``), which re-evaluates the champion on exactly what ``run`` measured the new model on;
-``flat_metrics`` names one scorer's figures as the registry and the gate read them.
+``flat_metrics`` names one scorer's figures as the registry and the gate read them. The MLflow stage run
+(headline figures, the result, Recall@K plots) is ``jobs.stages``'.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from jobs.train import require_tables
 from schemas import C
-from synergen_core import checkpoint, lake, plots
+from synergen_core import checkpoint, lake
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import Requests, item_counts, load_test, read_table, tokens_from_arrow, vocab_size
@@ -164,18 +165,3 @@ def headline(result: dict, k: int = 10) -> dict[str, float]:
                 if "auc" in lm:
                     flat[f"{protocol}.{name}.{task}.rank_auc"] = lm["auc"]
     return flat
-
-
-def stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
-    """``run`` as a tracked MLflow stage (headline metrics + the full result as an artifact)."""
-    from synergen_core.tracking import stage_run
-
-    with stage_run(cfg, "evaluate", ds, group) as tracked:
-        out = run(cfg, ds, **kwargs)
-        tracked.metrics({k.replace("@", "_at_"): v for k, v in headline(out).items() if np.isfinite(v)})
-        tracked.artifact(result_path(cfg, ds), "evaluate")
-        for protocol, res in out.items():
-            if isinstance(res, dict) and res.get("scorers"):
-                tracked.figure(plots.recall_at_k(res["scorers"], cfg.evaluate.ks, protocol),
-                               f"plots/recall_at_k_{protocol}.png")
-        return out

@@ -1,7 +1,7 @@
 """The scoring stage: per-user candidate lists for recommendation and personalized search, to Parquet.
 
-``run`` / ``stage`` (DAG task ``score``) builds the day's requests on Spark, scores them in Spark's Python
-workers with ``synergen_core.serving.Scorer`` and writes the lists to
+``run`` (DAG task ``score``, tracked by ``jobs.stages``) builds the day's requests on Spark, scores them in
+Spark's Python workers with ``synergen_core.serving.Scorer`` and writes the lists to
 ``<lake>/<score.output>/_staging/ds=D/surface=rec|search/`` with ``_score.json`` (a rerun replaces them).
 ``jobs.candidates`` validates the staged lists (task ``validate_candidates``) and publishes them (task
 ``publish``), so readers never see lists that were not validated.
@@ -39,7 +39,6 @@ the same on any master: a rerun and a cluster run give the same lists.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 import uuid
@@ -52,7 +51,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import candidates
-from jobs.spark import read_days, session
+from jobs.spark import read_days
 from jobs.text_vectors import spark_partition
 from schemas import C
 from schemas.candidates import CANDIDATES, SURFACE_REC, SURFACE_SEARCH
@@ -402,39 +401,3 @@ def _lists(spark: SparkSession, cfg: Config, ds: str, reqs: DataFrame, payload, 
         *[F.lit(ref.name).alias(c) if c == C.MODEL_NAME else F.lit(ref.version).alias(c) if c == C.MODEL_VERSION
           else F.col(c) for c in CANDIDATES.names], C.SURFACE)
     return out.sortWithinPartitions(C.SURFACE, C.USER_ID, C.QUERY, C.RANK)
-
-
-# ---------------------------------------------------------------------------------------------
-# entry points for the CLI and Airflow
-
-
-def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a result as MLflow metric names."""
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def stage(cfg: Config, ds: str, group: str | None = None, model_dir: str | Path | None = None) -> dict:
-    """The ``score`` task: ``run`` as a tracked MLflow stage (counts, durations, index recall as metrics)."""
-    from synergen_core.tracking import stage_run
-
-    with stage_run(cfg, "score", ds, group) as tracked:
-        tracked.tags({"synergen.inputs": f"{cfg.sessionize.output}/sequences/ds={ds},{cfg.sessionize.output}/events",
-                      "synergen.score.model_ref": str(model_dir or cfg.score.model),
-                      "synergen.score.retriever": cfg.score.retriever})
-        with session(cfg) as spark:
-            out = run(spark, cfg, ds, model_dir)
-        tracked.tags({"synergen.model.name": out["model"]["name"], "synergen.model.version": out["model"]["version"],
-                      "synergen.score.index": out["index"].get("kind"),
-                      "synergen.score.index_why": out["index"].get("why", "")})
-        tracked.metrics(_numbers({k: out[k] for k in ("surfaces", "seconds", "users", "users_per_s", "dropped",
-                                                       "catalog_items", "queries_added")}))
-        if "ann_recall" in out["index"]:
-            tracked.metrics({"index.ann_recall": out["index"]["ann_recall"]})
-        tracked.text(json.dumps(out, indent=1, default=str), "score.json")
-        return out

@@ -13,16 +13,17 @@ task on a cluster) starts from files and spends its slot on optimizer steps only
 Under ``torchrun --nproc_per_node N`` (e.g. ``torchrun --standalone --nproc_per_node 2 --no-python synergen
 train --ds D``) every model trains data-parallel on N processes (``synergen_core.distributed``): rank 0
 computes missing side inputs first and alone writes the models and the MLflow run.
+
+The MLflow stage runs of both (``build_training_data``, ``train``) are ``jobs.stages``'.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable
 
-from synergen_core import checkpoint, distributed, lake, plots
+from synergen_core import checkpoint, distributed, lake
 from synergen_core.baselines import variant_config
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import load_split
@@ -137,51 +138,3 @@ def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
             log.info("train %s %s/%s -> %s", ds, protocol, v, d)
             out[protocol]["models"][v] = train(vcfg, data, feats, d, on_step=on_step)
     return out
-
-
-def stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
-    """``run`` as a tracked MLflow stage: per model its best validation metric, steps and time."""
-    from synergen_core.tracking import stage_run
-
-    with distributed.session(cfg.train) as ranks:
-        if not ranks.is_main:  # under torchrun only rank 0 tracks (the summaries are the same)
-            return run(cfg, ds, **kwargs)
-        return _tracked(cfg, ds, group, stage_run, **kwargs)
-
-
-def _tracked(cfg: Config, ds: str, group: str | None, stage_run, **kwargs) -> dict:
-    with stage_run(cfg, "train", ds, group) as tracked:
-        out = run(cfg, ds, **kwargs)
-        for protocol, res in out.items():
-            if not isinstance(res, dict) or "models" not in res:
-                continue
-            for variant, s in res["models"].items():
-                key = f"{protocol}.{variant}"
-                tracked.metrics({f"{key}.train_seconds": s["train_seconds"], f"{key}.steps": s["steps"]})
-                if s["best_valid"] is not None:
-                    tracked.metrics({f"{key}.valid_{cfg.train.valid_metric.replace('@', '_at_')}": s["best_valid"]})
-                for h in s["history"]:  # the training curves: one point per epoch
-                    curve = {f"{key}.loss": h.get("loss"), f"{key}.valid": h.get(cfg.train.valid_metric)}
-                    tracked.metrics({k: v for k, v in curve.items() if v is not None and math.isfinite(v)},
-                                    step=h["epoch"])
-                if s["history"]:
-                    tracked.figure(plots.training_curves(s["history"], cfg.train.valid_metric, key),
-                                   f"plots/training_{key}.png")
-                tracked.artifact(Path(s["out_dir"]) / checkpoint.SUMMARY, f"train/{protocol}/{variant}")
-        return out
-
-
-def prepare_stage(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
-    """``prepare`` as a tracked MLflow stage (split sizes as metrics, side-input sources as tags)."""
-    from synergen_core.tracking import stage_run
-
-    with stage_run(cfg, "build_training_data", ds, group) as tracked:
-        out = prepare(cfg, ds, **kwargs)
-        for protocol, res in out.items():
-            if isinstance(res, dict) and "features" in res:
-                tracked.metrics({f"{protocol}.{k}": res[k] for k in ("users", "windows", "valid_targets",
-                                                                      "n_items", "n_queries", "seconds")})
-                sid = res["features"].get("semantic_ids") or {}
-                tracked.tags({f"synergen.{protocol}.text": res["features"].get("text", "none"),
-                              f"synergen.{protocol}.semantic_ids": sid.get("source", "none")})
-        return out
