@@ -48,8 +48,8 @@ from jobs import pipeline
 from schemas.candidates import SURFACES
 from synergen_core import lake
 from synergen_core.config import Config
-from test_dag_run import TASKS, stage_runs, tiny_config
 from conftest import MOVIELENS, movielens_slice, requires_shared_data
+from daily_dag import TASKS, stage_runs, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, requires_shared_data(MOVIELENS)]
 

@@ -81,21 +81,21 @@ def test_only_rank_0_tracks_the_stage(monkeypatch):
 # ---- a real torchrun: 2 CPU processes, gloo --------------------------------------------------------
 
 # Runs jobs.stages.run_stage, what `synergen train` runs (process group, rank 0 first for the side inputs, DDP
-# training, rank 0 alone tracking in MLflow), on the synthetic split of test_train, with the lake's loaders
-# replaced by it; each rank writes what it ended with.
+# training, rank 0 alone tracking in MLflow), on the synthetic split of tests/synthetic_training.py, with the
+# lake's loaders replaced by it; each rank writes what it ended with.
 RANK_SCRIPT = """
 import json, os, sys
 import torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from test_train import small_config, synthetic_features, synthetic_split
+from synthetic_training import synthetic_config, synthetic_features, synthetic_split
 from jobs import stages
 from jobs import train as job
 from synergen_core import distributed
 
 job.load_training_split = lambda cfg, ds, protocol: synthetic_split()
 job.load_features = lambda *a, **k: synthetic_features()
-cfg = small_config(epochs={epochs}, patience={epochs}, variants=["synergen"], protocols=["loo"], ema_decay={ema})
+cfg = synthetic_config(epochs={epochs}, patience={epochs}, variants=["synergen"], protocols=["loo"], ema_decay={ema})
 cfg.lake.root = {lake!r}
 cfg.mlflow.tracking_uri = "sqlite:///" + os.path.join({lake!r}, "mlflow.db")
 cfg.mlflow.artifact_root = os.path.join({lake!r}, "mlartifacts")
@@ -127,7 +127,7 @@ def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None,
 
 
 def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
-    from test_train import small_config, synthetic_split
+    from synthetic_training import synthetic_config, synthetic_split
 
     epochs = 4
     proc, seconds = _torchrun(tmp_path, epochs, ema=0.9)  # with the moving average of the weights
@@ -148,7 +148,7 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
 
     # Each rank took half of every epoch's batches (rounded up), in step with the other.
     data = synthetic_split()
-    cfg = small_config(epochs=epochs)
+    cfg = synthetic_config(epochs=epochs)
     per_epoch = [-(-len(batch_order(data.windows.lengths, cfg.train, e)) // 2) for e in range(epochs)]
     for r in ranks:
         s = r["summary"]
@@ -172,7 +172,7 @@ def test_torchrun_resumes_after_a_kill_with_the_same_weights(tmp_path):
     epochs = 2
     straight, _ = _torchrun(tmp_path / "straight", epochs)
     assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
-    killed, _ = _torchrun(tmp_path / "killed", epochs, kill_at=5)  # small_config checkpoints every 3 steps
+    killed, _ = _torchrun(tmp_path / "killed", epochs, kill_at=5)  # synthetic_config checkpoints every 3 steps
     assert killed.returncode != 0
     run_dir = checkpoint.run_dir(tmp_path / "killed" / "lake", "models", "2026-01-03", "loo", "synergen")
     assert checkpoint.load(run_dir / checkpoint.CHECKPOINT)["state"]["step"] == 3

@@ -24,7 +24,7 @@ from synergen_core import train as train_mod
 from synergen_core.config import Config
 from synergen_core.data import Windows
 from synergen_core.errors import PipelineError
-from test_train import small_config, synthetic_features, synthetic_split
+from synthetic_training import synthetic_config, synthetic_features, synthetic_split
 
 DS = "2026-03-02"
 METRIC = "rec.rank_auc"
@@ -56,9 +56,9 @@ def publish_empty(cfg: Config, ds: str = DS) -> None:
 
 
 def put_model(cfg: Config, ds: str = DS) -> Path:
-    """A tiny real model (two epochs on test_train's synthetic split) as the day's synergen model.pt."""
+    """A tiny real model (two epochs on synthetic_training's split) as the day's synergen model.pt."""
     d = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, "temporal", "synergen")
-    train_mod.train(small_config(), synthetic_split(), synthetic_features(), d)
+    train_mod.train(synthetic_config(), synthetic_split(), synthetic_features(), d)
     return d
 
 
@@ -77,7 +77,7 @@ def test_training_on_a_missing_or_empty_split_fails_naming_it(tmp_path):
     data.windows = Windows({k: v[:0] for k, v in w.history.items()}, w.target[:0], w.next_ts[:0], w.lengths[:0],
                            w.shown[:0])
     with pytest.raises(PipelineError, match="has no windows"):
-        train_mod.train(small_config(), data, synthetic_features(), tmp_path / "none")
+        train_mod.train(synthetic_config(), data, synthetic_features(), tmp_path / "none")
     assert not (tmp_path / "none" / checkpoint.MODEL).exists()
 
 

@@ -16,7 +16,7 @@ from synergen_core import train as train_mod
 from synergen_core.config import Config
 from synergen_core.errors import PipelineError
 from synergen_core.features import load_features
-from test_train import small_config, synthetic_features, synthetic_split
+from synthetic_training import synthetic_config, synthetic_features, synthetic_split
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def test_registry_and_features_cache_refuse_files_that_would_run_code(crafted):
 def test_files_the_pipeline_writes_load_weights_only(tmp_path):
     data, feats = synthetic_split(), synthetic_features()
     feats.notes = {"semantic_ids": {"rqvae_final_loss": np.float32(0.25), "levels": np.int64(2)}}
-    train_mod.train(small_config(ema_decay=0.8), data, feats, tmp_path)
+    train_mod.train(synthetic_config(ema_decay=0.8), data, feats, tmp_path)
     for name in (checkpoint.CHECKPOINT, checkpoint.MODEL):
         torch.load(tmp_path / name, weights_only=True)
     checkpoint.save({"n_items": 41, **feats.__dict__}, tmp_path / "features.pt")

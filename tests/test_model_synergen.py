@@ -5,69 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synergen_core.config import ModelConfig
-from synergen_core.embeddings import TokenType
-from synergen_core.model import RECOMMEND, SEARCH, SynerGen, next_item_targets, prediction_task
-
-N_ITEMS, N_QUERIES, N_ACTIONS, N_SURFACES, D_TEXT, LEVELS, K = 30, 10, 5, 4, 12, 2, 8
-I, Q, P = TokenType.ITEM, TokenType.QUERY, TokenType.PAD
-
-
-def _catalog(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    item_text = torch.randn(N_ITEMS, D_TEXT, generator=g)
-    query_text = torch.randn(N_QUERIES, D_TEXT, generator=g)
-    i = torch.arange(N_ITEMS)
-    # unique IDs in both views, sharing the first level as GenSAR's shared codebooks do
-    rec_codes = torch.stack([i % K, (i // K) % K], dim=1)
-    search_codes = torch.stack([i % K, (i // K + 2) % K], dim=1)
-    return item_text, query_text, rec_codes, search_codes
-
-
-def _model(seed=0, views=("rec", "search"), **overrides):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, **overrides)
-    item_text, query_text, rec_codes, search_codes = _catalog()
-    return SynerGen(
-        cfg, n_items=N_ITEMS, n_queries=N_QUERIES, n_actions=N_ACTIONS, n_surfaces=N_SURFACES,
-        item_text=item_text, query_text=query_text,
-        item_codes=rec_codes if "rec" in views else None,
-        search_codes=search_codes if "search" in views else None,
-        codebook_size=K,
-    )
-
-
-def _row(types, items, queries, events):
-    # tokens of one event (a query and the item it engaged) share the event's time
-    ts = [1.7e9 + 600.0 * e + 7.0 * e * e for e in events]
-    return dict(
-        token_type=types, item_idx=items, query_idx=queries,
-        action=[1 + (i % 3) if t == I else 0 for i, t in enumerate(types)],
-        surface=[1 + (i % 2) if t != P else 0 for i, t in enumerate(types)],
-        ts=ts, position=list(range(len(types))),
-    )
-
-
-def _batch(with_candidates=True):
-    rows = [
-        # Q4 engaged I7; ends with a search request (Q2)
-        _row([I, Q, I, I, I, Q], [3, 0, 7, 8, 2, 0], [0, 4, 0, 0, 0, 2], [0, 1, 1, 2, 3, 4]),
-        # Q1 engaged nothing, I9 is a later browse event
-        _row([I, I, Q, I, I, I], [5, 6, 0, 9, 1, 4], [0, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5]),
-        # Q5 engaged I13
-        _row([Q, I, I, Q, I, I], [0, 11, 12, 0, 13, 14], [3, 0, 0, 5, 0, 0], [0, 1, 2, 3, 3, 4]),
-    ]
-    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
-    batch["ts"] = batch["ts"].to(torch.float64)
-    # right-pad row 1 and left-pad row 2 to exercise both sides
-    for k in ("token_type", "item_idx", "query_idx", "action", "surface"):
-        batch[k][1, 4:] = 0
-        batch[k][2, :2] = 0
-    if with_candidates:
-        batch["candidates"] = torch.tensor([[7, 15, 16, 0], [20, 21, 22, 23], [24, 25, 0, 0]])
-        batch["labels"] = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
-    return batch
-
+from synergen_core.model import RECOMMEND, SEARCH, next_item_targets, prediction_task
+from tiny_synergen import D_TEXT, K, LEVELS, N_ACTIONS, N_ITEMS, N_QUERIES, N_SURFACES, tiny_batch, tiny_model
 
 L = 6
 
@@ -78,8 +17,8 @@ def _one_thread(one_torch_thread):
 
 
 def test_forward_shapes_and_heads():
-    model = _model().eval()
-    batch = _batch()
+    model = tiny_model().eval()
+    batch = tiny_batch()
     hidden = model(batch)
     assert hidden.shape == (3, L + 4, 32) and torch.isfinite(hidden).all()
     assert model.ranking_scores(batch, hidden).shape == (3, 4)
@@ -96,15 +35,15 @@ def test_forward_shapes_and_heads():
 
 
 def test_item_vectors_use_the_same_parts_as_item_tokens():
-    model = _model().eval()
+    model = tiny_model().eval()
     idx = torch.tensor([3, 7])
     torch.testing.assert_close(model.item_vectors(idx), model.retrieval.item(model.embed.item_content(idx)))
     torch.testing.assert_close(model.item_vectors()[idx], model.item_vectors(idx))
 
 
 def test_candidates_affect_neither_history_nor_each_other():
-    model = _model().eval()
-    batch = _batch()
+    model = tiny_model().eval()
+    batch = tiny_batch()
     hidden = model(batch)
     scores = model.ranking_scores(batch, hidden)
     changed = dict(batch, candidates=batch["candidates"].clone())
@@ -121,8 +60,8 @@ def test_candidates_affect_neither_history_nor_each_other():
 
 
 def test_candidate_order_does_not_matter():
-    model = _model().eval()
-    batch = _batch()
+    model = tiny_model().eval()
+    batch = tiny_batch()
     scores = model.ranking_scores(batch, model(batch))
     perm = torch.tensor([2, 0, 1, 3])
     swapped = dict(batch, candidates=batch["candidates"][:, perm])
@@ -134,12 +73,12 @@ def test_candidate_order_does_not_matter():
 def test_ranking_prior_is_the_requests_own_retrieval_logit(task_towers):
     """With its own part silenced, the on_retrieval ranking head returns prior_scale x each candidate's
     retrieval logit for the same request (its task's tower with task towers: row 0 is a search request)."""
-    model = _model(task_towers=task_towers, ranking="on_retrieval").eval()
+    model = tiny_model(task_towers=task_towers, ranking="on_retrieval").eval()
     with torch.no_grad():
         model.ranking.out.weight.zero_()
         model.ranking.out.bias.zero_()
         model.ranking.prior_scale.fill_(0.5)
-        batch = _batch()
+        batch = tiny_batch()
         hidden = model(batch)
         scores = model.ranking_scores(batch, hidden)
         retrieval = model.request_logits(batch, hidden[:, :L]).gather(1, batch["candidates"])
@@ -151,8 +90,8 @@ def test_ranking_prior_is_the_requests_own_retrieval_logit(task_towers):
 def test_which_parameters_the_ranking_loss_trains(ranking):
     """joint: the ranking loss trains the shared backbone too; on_retrieval: only the ranking head (its
     inputs enter without gradient). The retrieval projections get no gradient from it either way."""
-    model = _model(task_towers=True, ranking=ranking)
-    batch = _batch()
+    model = tiny_model(task_towers=True, ranking=ranking)
+    batch = tiny_batch()
     model.ranking_loss(batch, model(batch)).backward()
     assert all(p.grad is not None for p in model.ranking.parameters())
     for proj in (model.retrieval.query_proj, model.retrieval.search_query_proj, model.retrieval.item_proj):
@@ -167,13 +106,13 @@ def test_which_parameters_the_ranking_loss_trains(ranking):
 def test_model_saved_before_the_ranking_option_loads_as_joint():
     from synergen_core import checkpoint
 
-    old = _model()
+    old = tiny_model()
     record = checkpoint.model_record(old, {"n_items": N_ITEMS, "n_queries": N_QUERIES, "n_actions": N_ACTIONS,
                                            "n_surfaces": N_SURFACES, "codebook_size": K})
     del record["model_config"]["ranking"]  # as written before the option existed
     loaded = checkpoint.build_from_record(record)
     assert loaded.ranking.prior_scale is None
-    batch = _batch()
+    batch = tiny_batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded.ranking_scores(batch, loaded(batch)), old.eval().ranking_scores(batch, old(batch)))
 
@@ -183,8 +122,8 @@ def test_model_saved_before_the_ranking_option_loads_as_joint():
 def test_cached_ranking_equals_the_masked_pass(rope, request_ts, ranking):
     """Inference ranks candidates against the history's cached keys and values (one history pass): the
     same history states and candidate scores as the masked pass over [history | candidates]."""
-    model = _model(rope=rope, ranking=ranking).eval()
-    batch = _batch()
+    model = tiny_model(rope=rope, ranking=ranking).eval()
+    batch = tiny_batch()
     if request_ts:
         batch["request_ts"] = batch["ts"].amax(1) + 3600.0
     with torch.no_grad():
@@ -198,8 +137,8 @@ def test_cached_ranking_equals_the_masked_pass(rope, request_ts, ranking):
 
 
 def test_left_and_right_padding_agree():
-    model = _model().eval()
-    batch = _batch()
+    model = tiny_model().eval()
+    batch = tiny_batch()
     right = {k: v[1:2] for k, v in batch.items()}  # row 1 is right-padded: 4 valid tokens
     left = {k: v.clone() for k, v in right.items()}
     for k in ("token_type", "item_idx", "query_idx", "action", "surface", "ts", "position"):
@@ -211,8 +150,8 @@ def test_left_and_right_padding_agree():
 
 
 def test_shifting_all_times_and_positions_changes_nothing():
-    model = _model().eval()
-    batch = _batch()
+    model = tiny_model().eval()
+    batch = tiny_batch()
     shifted = dict(batch, ts=batch["ts"] + 86_400.0 * 400, position=batch["position"] + 1000)
     torch.testing.assert_close(model(shifted), model(batch), atol=1e-4, rtol=1e-4)
     regapped = dict(batch, ts=batch["ts"].clone())
@@ -221,7 +160,7 @@ def test_shifting_all_times_and_positions_changes_nothing():
 
 
 def test_next_item_targets_and_tasks():
-    batch = _batch()
+    batch = tiny_batch()
     target = next_item_targets(batch)
     # row 0: I3 Q4 I7 I8 I2 Q2 -> next items 0 after I3 (a query follows), 7 at the query, ...
     assert target[0].tolist() == [0, 7, 8, 2, 0, 0]
@@ -235,7 +174,7 @@ def test_next_item_targets_and_tasks():
 
 
 def test_semantic_head_teacher_forcing_matches_step_by_step():
-    model = _model().eval()
+    model = tiny_model().eval()
     h = torch.randn(4, 32)
     codes = torch.randint(0, K, (4, LEVELS))
     full = model.semantic_logits(h, codes)
@@ -244,8 +183,8 @@ def test_semantic_head_teacher_forcing_matches_step_by_step():
 
 
 def test_search_positions_learn_search_view_ids():
-    model = _model().eval()
-    batch = _batch(with_candidates=False)
+    model = tiny_model().eval()
+    batch = tiny_batch(with_candidates=False)
     hidden = model(batch)
     assert model.view_of("search") == "search" and model.view_of("rec") == "rec"
     # the search positions (Q4 -> I7, Q5 -> I13) are scored by the search-view head
@@ -254,7 +193,7 @@ def test_search_positions_learn_search_view_ids():
         model.semantic["search"].out[0].bias.add_(torch.arange(K, dtype=torch.float32) * 5)
     changed = model.semantic_loss(batch, hidden).item()
     assert changed > base
-    only_rec = _model(views=("rec",)).eval()
+    only_rec = tiny_model(views=("rec",)).eval()
     assert only_rec.view_of("search") == "rec"
 
 
@@ -270,20 +209,20 @@ def test_search_positions_learn_search_view_ids():
     ],
 )
 def test_ablations_run(overrides):
-    model = _model(**overrides)
-    losses = model.losses(_batch(), neg_idx=torch.tensor([17, 18, 19]), log_q=torch.full((N_ITEMS,), -3.0))
+    model = tiny_model(**overrides)
+    losses = model.losses(tiny_batch(), neg_idx=torch.tensor([17, 18, 19]), log_q=torch.full((N_ITEMS,), -3.0))
     assert torch.isfinite(losses["total"])
     losses["total"].backward()
 
 
 def test_all_parts_off_is_an_error():
     with pytest.raises(ValueError):
-        _model(use_id_emb=False, use_text_emb=False, use_semantic_ids=False)
+        tiny_model(use_id_emb=False, use_text_emb=False, use_semantic_ids=False)
 
 
 def test_query_text_in_the_batch_overrides_the_buffer():
-    model = _model().eval()
-    batch = _batch(with_candidates=False)
+    model = tiny_model().eval()
+    batch = tiny_batch(with_candidates=False)
     same = dict(batch, query_text=model.embed.query_text[batch["query_idx"]])
     torch.testing.assert_close(model(same), model(batch))
     other = dict(batch, query_text=torch.randn(3, L, D_TEXT))
@@ -291,8 +230,8 @@ def test_query_text_in_the_batch_overrides_the_buffer():
 
 
 def test_tiny_overfit():
-    model = _model(seed=1)
-    batch = _batch()
+    model = tiny_model(seed=1)
+    batch = tiny_batch()
     neg = torch.tensor([17, 18, 19, 26, 27])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
@@ -311,8 +250,8 @@ def test_tiny_overfit():
 def test_task_towers_give_search_requests_their_own_query_and_temperature():
     """With task towers a search request is scored through search's query Linear and temperature, a
     recommendation request through the shared ones; the item side is the same for both."""
-    model = _model(task_towers=True).eval()
-    batch = _batch(with_candidates=False)
+    model = tiny_model(task_towers=True).eval()
+    batch = tiny_batch(with_candidates=False)
     search = model.request_is_search(batch)
     assert search.tolist() == [True, False, False]  # row 0 ends with a query token; rows 1, 2 with items
     with torch.no_grad():
@@ -334,9 +273,9 @@ def test_task_towers_give_search_requests_their_own_query_and_temperature():
 
 
 def test_without_task_towers_every_request_shares_one_query_tower():
-    model = _model().eval()
+    model = tiny_model().eval()
     assert model.retrieval.search_query_proj is None and model.log_temp_search is None
-    batch = _batch(with_candidates=False)
+    batch = tiny_batch(with_candidates=False)
     with torch.no_grad():
         hidden = model(batch)
         torch.testing.assert_close(model.request_logits(batch, hidden),

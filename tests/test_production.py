@@ -48,12 +48,8 @@ import yaml
 
 import production
 from synergen_core import lake
-from test_dag_run import TASKS, tiny_config
-
-try:  # the MovieLens slice of the whole-DAG tests (conftest's, or test_train_e2e's before it moved there)
-    from conftest import movielens_slice
-except ImportError:  # pragma: no cover
-    from test_train_e2e import movielens_slice
+from conftest import movielens_slice
+from daily_dag import TASKS, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS = ROOT.parent / "shared" / "data" / "movielens-small"

@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import production
-from test_infra import command, compose, environment
+from compose_file import command, compose, environment
 
 # Compose's values that the loopback setup replaces by this machine's: hosts, ports, secrets, paths.
 MACHINE = {

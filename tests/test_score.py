@@ -297,12 +297,12 @@ def test_search_requests_use_the_search_tower_and_its_temperature():
     the inner products into that task's retrieval logits (the model's ``request_logits``)."""
     from synergen_core.data import Requests
     from synergen_core.model import RECOMMEND, SEARCH
-    from test_model_synergen import _batch, _model
+    from tiny_synergen import tiny_batch, tiny_model
 
-    model = _model(task_towers=True).eval()
+    model = tiny_model(task_towers=True).eval()
     with torch.no_grad():
         model.log_temp_search.fill_(np.log(0.2))
-        batch = {k: v[[0, 2]] for k, v in _batch(with_candidates=False).items()}  # a search, a left-padded rec
+        batch = {k: v[[0, 2]] for k, v in tiny_batch(with_candidates=False).items()}  # a search, a left-padded rec
         logits = model.request_logits(batch, model(batch))
         vectors = model.item_vectors()[1:].numpy()
     index = cindex.CandidateIndex(cindex.exact_index(vectors), np.arange(1, len(vectors) + 1), cindex.EXACT)

@@ -11,76 +11,20 @@ from schemas import sequences as S
 from synergen_core import checkpoint
 from synergen_core import train as train_mod
 from synergen_core.baselines import VARIANTS, variant_config
-from synergen_core.config import Config, ModelConfig, TrainConfig, VariantName
+from synergen_core.config import Config, TrainConfig, VariantName
 from synergen_core.data import (
-    SplitData, Tokens, holdout_last, item_counts, make_windows, next_targets, pad_left, requests_from_eval,
-    to_batch, tokens_from_arrow,
+    SplitData, holdout_last, item_counts, make_windows, next_targets, pad_left, requests_from_eval, to_batch,
+    tokens_from_arrow,
 )
-from synergen_core.embeddings import TokenType
-from synergen_core.features import Features
 from synergen_core.model import RECOMMEND, SEARCH, next_item_targets
-
-I, Q = int(TokenType.ITEM), int(TokenType.QUERY)
-N_ITEMS, N_QUERIES, D_TEXT, K = 41, 11, 16, 8
+from synthetic_training import (
+    N_ITEMS, N_QUERIES, I, Q, synthetic_config, synthetic_features, synthetic_split, synthetic_tokens, tokens_of,
+)
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     yield
-
-
-def _tokens(rows: list[list[tuple]]) -> Tokens:
-    """rows of (type, item, query, ts) -> Tokens with positions 0.. per row."""
-    flat = [t for r in rows for t in r]
-    col = lambda j: np.array([t[j] for t in flat], np.int64)  # noqa: E731
-    return Tokens(
-        offsets=np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64),
-        token_type=col(0), item_idx=col(1), query_idx=col(2),
-        action=np.ones(len(flat), np.int64), surface=np.where(col(0) == Q, 1, 2),
-        position=np.concatenate([np.arange(len(r)) for r in rows]).astype(np.int64) if flat else np.zeros(0, np.int64),
-        ts=np.array([t[3] for t in flat], np.float64),
-    )
-
-
-def synthetic_tokens(n_users: int = 24, seed: int = 0) -> Tokens:
-    """Users who browse one of four item clusters and search with queries that name a cluster."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        cluster, t, row = u % 4, 1.7e9 + 1000.0 * u, []
-        for _ in range(rng.integers(8, 14)):
-            t += float(rng.integers(10, 5000))
-            item = 1 + cluster * 10 + int(rng.integers(0, 10))
-            if rng.random() < 0.3:
-                row.append((Q, 0, 1 + cluster + 4 * int(rng.integers(0, 2)), t))
-            row.append((I, item, 0, t))
-        rows.append(row)
-    return _tokens(rows)
-
-
-def synthetic_split(L: int = 8) -> SplitData:
-    tok = synthetic_tokens()
-    train, valid = holdout_last(tok, L)
-    return SplitData("loo", N_ITEMS, N_QUERIES, None, None, train, make_windows(train, L), valid,
-                     item_counts(train, N_ITEMS))
-
-
-def synthetic_features() -> Features:
-    g = torch.Generator().manual_seed(0)
-    i = torch.arange(N_ITEMS)
-    rec = torch.stack([i % K, (i // K) % K], 1)
-    search = torch.stack([i % K, (i // K + 3) % K], 1)
-    return Features(torch.randn(N_ITEMS, D_TEXT, generator=g), torch.randn(N_QUERIES, D_TEXT, generator=g),
-                    rec, search, K, {})
-
-
-def small_config(**train) -> Config:
-    cfg = Config()
-    cfg.model = ModelConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.1)
-    base = dict(epochs=2, batch_size=4, checkpoint_every=3, progress=False, rank_pop_negatives=2,
-                rank_hard_negatives=1)
-    cfg.train = TrainConfig(**{**base, **train})
-    return cfg
 
 
 # ---- data layout --------------------------------------------------------------------------------
@@ -103,7 +47,7 @@ def test_next_targets_match_the_model_rule():
 def test_windows_cut_from_the_end_and_targets_cross_window_borders():
     # one row: items 1..7 (ts 1..7), then a search event (query 3 engaging item 9 at ts 8)
     row = [(I, k, 0, float(k)) for k in range(1, 8)] + [(Q, 0, 3, 8.0), (I, 9, 0, 8.0)]
-    win = make_windows(_tokens([row]), L=4)
+    win = make_windows(tokens_of([row]), L=4)
     # 8 input tokens (the last token is only a target) -> two windows, latest first
     assert win.lengths.tolist() == [4, 4]
     assert win.history["item_idx"].tolist() == [[5, 6, 7, 0], [1, 2, 3, 4]]
@@ -111,16 +55,16 @@ def test_windows_cut_from_the_end_and_targets_cross_window_borders():
     # the query predicts its engaged item; item 7 is followed by a query: no target there
     assert win.target.tolist() == [[6, 7, 0, 9], [2, 3, 4, 5]]
     assert win.next_ts.tolist() == [8.0, 5.0]
-    short = make_windows(_tokens([row[:3]]), L=4)  # fewer tokens than L: left padding
+    short = make_windows(tokens_of([row[:3]]), L=4)  # fewer tokens than L: left padding
     assert short.history["item_idx"].tolist() == [[0, 0, 1, 2]]
-    assert make_windows(_tokens([row]), L=4, max_windows=1).lengths.tolist() == [4]
+    assert make_windows(tokens_of([row]), L=4, max_windows=1).lengths.tolist() == [4]
 
 
 def test_holdout_last_takes_the_whole_last_event():
     search_last = [(I, 1, 0, 1.0), (I, 2, 0, 2.0), (I, 3, 0, 3.0), (Q, 0, 5, 4.0), (I, 4, 0, 4.0)]
     browse_last = [(I, 1, 0, 1.0), (I, 2, 0, 2.0), (I, 6, 0, 3.0)]
     too_short = [(I, 1, 0, 1.0), (I, 2, 0, 2.0)]
-    train, valid = holdout_last(_tokens([search_last, browse_last, too_short]), L=8)
+    train, valid = holdout_last(tokens_of([search_last, browse_last, too_short]), L=8)
     assert train.lengths.tolist() == [3, 2, 2]
     assert valid.target.tolist() == [4, 6]
     assert valid.task.tolist() == [SEARCH, RECOMMEND]
@@ -175,7 +119,7 @@ def _weights(run_dir):
                                                       ("full", "cosine", None), ("full", "constant", 0.8)])
 def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negatives, schedule, ema):
     data, feats = synthetic_split(), synthetic_features()
-    cfg = small_config(negatives=negatives, n_negatives=16, lr_schedule=schedule, warmup_steps=2, ema_decay=ema)
+    cfg = synthetic_config(negatives=negatives, n_negatives=16, lr_schedule=schedule, warmup_steps=2, ema_decay=ema)
     straight = train_mod.train(cfg, data, feats, tmp_path / "straight")
     assert straight["steps"] > 5
     elapsed = [h["train_seconds"] for h in straight["history"]]  # the optimizer time so far, epoch by epoch
@@ -215,10 +159,10 @@ import os, signal, sys
 import torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from test_train import small_config, synthetic_features, synthetic_split
+from synthetic_training import synthetic_config, synthetic_features, synthetic_split
 from synergen_core import train
 kill = lambda step: step == 5 and os.kill(os.getpid(), signal.SIGKILL)
-train.train(small_config(), synthetic_split(), synthetic_features(), {out!r}, on_step=kill)
+train.train(synthetic_config(), synthetic_split(), synthetic_features(), {out!r}, on_step=kill)
 """
 
 
@@ -228,12 +172,12 @@ def test_resume_after_sigkill_of_the_process_gives_identical_weights(tmp_path):
     import sys
     from pathlib import Path
 
-    straight = train_mod.train(small_config(), synthetic_split(), synthetic_features(), tmp_path / "straight")
+    straight = train_mod.train(synthetic_config(), synthetic_split(), synthetic_features(), tmp_path / "straight")
     code = KILL_AT_STEP_5.format(tests=str(Path(__file__).parent), out=str(tmp_path / "killed"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert checkpoint.load(tmp_path / "killed" / checkpoint.CHECKPOINT)["state"]["step"] == 3
-    resumed = train_mod.train(small_config(), synthetic_split(), synthetic_features(), tmp_path / "killed")
+    resumed = train_mod.train(synthetic_config(), synthetic_split(), synthetic_features(), tmp_path / "killed")
     assert resumed["resumed"] and resumed["steps"] == straight["steps"]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -242,7 +186,7 @@ def test_resume_after_sigkill_of_the_process_gives_identical_weights(tmp_path):
 
 def test_finished_run_is_not_retrained_and_model_file_rebuilds(tmp_path):
     data, feats = synthetic_split(), synthetic_features()
-    cfg = small_config()
+    cfg = synthetic_config()
     first = train_mod.train(cfg, data, feats, tmp_path)
     again = train_mod.train(cfg, data, feats, tmp_path)
     assert again["resumed"] and again["steps"] == first["steps"]
@@ -255,13 +199,13 @@ def test_finished_run_is_not_retrained_and_model_file_rebuilds(tmp_path):
 def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     scores = iter([0.3, 0.5, 0.4, 0.2, 0.1, 0.0])
     monkeypatch.setattr(train_mod, "validation_figures", lambda *a, **k: (next(scores), {}))
-    cfg = small_config(epochs=6, patience=2)
+    cfg = synthetic_config(epochs=6, patience=2)
     out = train_mod.train(cfg, synthetic_split(), synthetic_features(), tmp_path)
     assert out["epochs_run"] == 4 and out["best_epoch"] == 1 and out["best_valid"] == 0.5
 
 
 def test_validation_score_is_the_geometric_mean_over_the_trained_tasks():
-    data, feats, cfg = synthetic_split(), synthetic_features(), small_config()
+    data, feats, cfg = synthetic_split(), synthetic_features(), synthetic_config()
     torch.manual_seed(0)
     model = train_mod.build_model(cfg, data, feats)
     score, per_task = train_mod.validation_figures(model, data, cfg.train)
@@ -284,10 +228,10 @@ def test_moving_average_of_the_weights_is_what_is_validated_and_kept(tmp_path):
     data, feats = synthetic_split(), synthetic_features()
     raw = {}
     for steps in (1, 2):
-        train_mod.train(small_config(max_steps=steps, ema_decay=0.75), data, feats, tmp_path / f"s{steps}")
+        train_mod.train(synthetic_config(max_steps=steps, ema_decay=0.75), data, feats, tmp_path / f"s{steps}")
         raw[steps] = _weights(tmp_path / f"s{steps}")
     kept = checkpoint.load(tmp_path / "s2" / checkpoint.MODEL)["state_dict"]
-    model = train_mod.build_model(small_config(), data, feats)
+    model = train_mod.build_model(synthetic_config(), data, feats)
     params = dict(model.named_parameters())
     moved = [k for k in params if not torch.equal(raw[1][k], raw[2][k])]
     assert moved  # the second step changed weights, so the average differs from both
@@ -297,18 +241,18 @@ def test_moving_average_of_the_weights_is_what_is_validated_and_kept(tmp_path):
     buffers = [k for k in model.state_dict() if k not in params]
     assert buffers and all(torch.equal(kept[k], raw[2][k]) for k in buffers)
     # without an average the kept weights are the raw ones
-    train_mod.train(small_config(max_steps=2), data, feats, tmp_path / "plain")
+    train_mod.train(synthetic_config(max_steps=2), data, feats, tmp_path / "plain")
     plain = checkpoint.load(tmp_path / "plain" / checkpoint.MODEL)["state_dict"]
     assert all(torch.equal(plain[k], raw[2][k]) for k in params)
 
 
 def test_step_budget_stops_training(tmp_path):
-    out = train_mod.train(small_config(max_steps=4, epochs=5), synthetic_split(), synthetic_features(), tmp_path)
+    out = train_mod.train(synthetic_config(max_steps=4, epochs=5), synthetic_split(), synthetic_features(), tmp_path)
     assert out["steps"] == 4 and (tmp_path / checkpoint.MODEL).is_file()
 
 
 def test_one_step_losses_per_task_and_ranking():
-    data, feats, cfg = synthetic_split(), synthetic_features(), small_config()
+    data, feats, cfg = synthetic_split(), synthetic_features(), synthetic_config()
     torch.manual_seed(0)
     model = train_mod.build_model(cfg, data, feats)
     sampler = train_mod.Sampler.from_counts(data.counts, "cpu")
@@ -328,14 +272,14 @@ def test_one_step_losses_per_task_and_ranking():
 def test_logged_impressions_replace_the_sampled_ranking_negatives():
     # two users; the first one's last browse logged items 30 and 31 as shown with it, the second's nothing
     rows = [[(I, 1, 0, 1.0), (I, 2, 0, 2.0), (I, 3, 0, 3.0)], [(I, 11, 0, 1.0), (I, 12, 0, 2.0), (I, 13, 0, 3.0)]]
-    tok = _tokens(rows)
+    tok = tokens_of(rows)
     tok.shown = np.zeros((len(tok.ts), 3), np.int64)
     tok.shown[2, :2] = [30, 31]
     tok.shown[1, :1] = [20]  # inside the window: not the request's
     data = SplitData("loo", N_ITEMS, N_QUERIES, None, None, tok, make_windows(tok, 8), None,
                      item_counts(tok, N_ITEMS))
     assert data.windows.shown.tolist() == [[30, 31, 0], [0, 0, 0]]  # the token after each window
-    cfg = small_config(rank_impression_negatives=3)
+    cfg = synthetic_config(rank_impression_negatives=3)
     torch.manual_seed(0)
     model = train_mod.build_model(cfg, data, synthetic_features())
     sampler = train_mod.Sampler.from_counts(data.counts, "cpu")
@@ -345,7 +289,7 @@ def test_logged_impressions_replace_the_sampled_ranking_negatives():
     assert cand[1, 0] == 13 and (cand[1, 1:4] == 0).all() and (cand[1, 4:] > 0).all()  # sampled ones
     only_logged = train_mod.make_batch(model, data.windows, np.arange(1), cfg.train, sampler, "cpu")["candidates"]
     assert only_logged.tolist() == [[3, 30, 31, 0]]  # nothing sampled when every request has impressions
-    no_impressions = small_config(rank_impression_negatives=0)
+    no_impressions = synthetic_config(rank_impression_negatives=0)
     cand = train_mod.make_batch(model, data.windows, np.arange(2), no_impressions.train, sampler, "cpu")["candidates"]
     assert cand.shape == (2, 1 + 2 + 1) and (cand[:, 1:] > 0).all()
 
