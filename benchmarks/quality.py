@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, ROOT, SHARED_DATA, command, git_revision, write_result, write_summary
-from synergen_core import lake
 from synergen_core.config import Config, with_overrides
 
 DATASETS = {
@@ -79,8 +78,7 @@ def prepare(name: str, work: Path) -> tuple[Config, str]:
         return cfg, json.loads(marker.read_text())["ds"]
     t0 = time.perf_counter()
     ingest.run(cfg, spec["format"], spec["path"])
-    days = sorted(set(lake.partitions(cfg.lake.root, "raw/browse_events"))
-                  | set(lake.partitions(cfg.lake.root, "raw/search_events")))
+    days = sorted(set(cfg.layout.days(cfg.layout.raw("browse_events"))) | set(cfg.layout.days(cfg.layout.raw("search_events"))))
     validate.run_range(cfg, days[0], days[-1])
     sessionize.stage(cfg, days[-1], from_ds=days[0])
     marker.write_text(json.dumps({"ds": days[-1], "seconds": round(time.perf_counter() - t0, 1)}))
@@ -128,8 +126,8 @@ def per_target_ndcg(cfg: Config, ds: str, variants: list[str]) -> dict:
     from synergen_core.metrics import ndcg_at_k
     from synergen_core.train import pick_device
 
-    test, _ = load_test(cfg, ds, "loo")
-    device, root = pick_device(cfg.train), Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / "loo"
+    test, _ = load_test(cfg.layout, ds, "loo", cfg.model.max_seq_len)
+    device, root = pick_device(cfg.train), cfg.layout.model_dir(ds, "loo")
     out = {}
     for v in variants:
         scorer = ModelScorer(checkpoint.load_model(root / v, device), v, device)

@@ -59,14 +59,16 @@ def trained_models(cfg: Config, ds: str, steps: int) -> dict[str, Path]:
     cfg = cfg.model_copy(deep=True)
     cfg.train = cfg.train.model_copy(update={"output": f"models-scoring-{steps}", "max_steps": steps, "epochs": 1,
                                              "progress": False, "protocols": ["loo"]})
-    dirs = {v: checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, "loo", v) for v in VARIANTS}
+    dirs = {v: cfg.layout.model_dir(ds, "loo", v) for v in VARIANTS}
     if not all((d / checkpoint.MODEL).is_file() for d in dirs.values()):
         train.run(cfg, ds, variants=list(VARIANTS), protocols=["loo"])
     return dirs
 
 
 def _sessionized(root: Path, table: str, ds: str) -> Path:
-    return lake.partition(root, f"sessionized/{table}", ds)
+    """A sessionized partition of the benchmark's lakes (the default layout: the benchmarks' configs keep it)."""
+    layout = lake.Layout(root)
+    return layout.part(layout.sessions(table), ds)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -142,7 +144,7 @@ def big_lake(src_root: Path, work: Path, ds: str, n_items: int, max_users: int |
     seqs = _users(pq.read_table(_sessionized(src_root, "sequences", ds)), max_users)
     lake.write_partition(seqs, _sessionized(root, "sequences", ds))
     _link(_sessionized(src_root, "query_vocab", ds), _sessionized(root, "query_vocab", ds))
-    _link(src_root / "sessionized" / "events", root / "sessionized" / "events")
+    _link(src_root / lake.Layout.sessionized / "events", root / lake.Layout.sessionized / "events")
     return root
 
 

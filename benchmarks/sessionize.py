@@ -78,8 +78,9 @@ def ensure_logs(cfg: Config) -> dict:
 
 
 def run_spark(spark, root: Path, out: Path) -> None:
-    search = read_days(spark, root, "raw/search_events", SEARCH_EVENTS)
-    browse = read_days(spark, root, "raw/browse_events", BROWSE_EVENTS)
+    raw = lake.Layout(root).raw
+    search = read_days(spark, root, raw("search_events"), SEARCH_EVENTS)
+    browse = read_days(spark, root, raw("browse_events"), BROWSE_EVENTS)
     empty_state = spark.createDataFrame([], spark_schema(S.SEQUENCES, with_ds=False))
     events = sessionize.sessionize(sessionize.dedup(sessionize.unify(search, browse)), empty_state, GAP_S / 60)
     events.select(*OUT_COLUMNS).write.mode("overwrite").parquet(str(out))
@@ -190,7 +191,7 @@ def measure(spark, n: int, work: Path, n_days: int, engines: list[str]) -> dict:
     root, out = Path(cfg.lake.root), Path(cfg.lake.root) / "bench-out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    events = sum(count_rows(root, t) for t in ("raw/search_events", "raw/browse_events"))
+    events = sum(count_rows(root, cfg.layout.raw(t)) for t in ("search_events", "browse_events"))
     row = {"events": events, "days": n_days, "users": cfg.generate.users, "items": info["items"]}
     paths = {"spark": out / "spark", "duckdb": out / "duckdb.parquet", "polars": out / "polars.parquet"}
     runners = {"spark": lambda: run_spark(spark, root, paths["spark"]),

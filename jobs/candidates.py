@@ -21,8 +21,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from jobs.spark import read_days, session, spark_schema
-from jobs.text_vectors import spark_partition
+from jobs.spark import read_days, session, spark_partition, spark_schema
 from schemas import C
 from schemas import candidates as candidates_schema
 from schemas import sequences as sequences_schema
@@ -31,7 +30,6 @@ from synergen_core.config import Config, parse_ds
 
 log = logging.getLogger(__name__)
 
-STAGING = "_staging"  # the folder of staged days, beside the published ones
 SCORE_FILE, VALIDATION_FILE, GE_FILE = "_score.json", "_validation.json", "_validation.ge.json"
 EXAMPLES = 5  # example rows per failed check in reports and errors
 
@@ -50,18 +48,18 @@ class CandidatesInvalid(RuntimeError):
 
 def staged_dir(cfg: Config, ds: str) -> Path:
     """Where a scored day waits for validation (a hidden-to-readers sibling of the day partitions)."""
-    return lake.partition(Path(cfg.lake.root) / cfg.score.output / STAGING, "", ds)
+    return cfg.layout.candidates_staging(ds)
 
 
 def published_dir(cfg: Config, ds: str) -> Path:
-    return lake.partition(cfg.lake.root, cfg.score.output, ds)
+    return cfg.layout.candidates_part(ds)
 
 
 def write_staged(cfg: Config, ds: str, lists: DataFrame, finish) -> dict:
     """Write the day aside with ``finish(counts)`` as ``_score.json``, then rename it to its staging place
     (replacing an earlier run's). -> the figures."""
     final = staged_dir(cfg, ds)
-    lake.remove_stale(cfg.lake.root, f"{cfg.score.output}/{STAGING}")  # what a killed run left aside
+    lake.remove_stale(cfg.lake.root, cfg.layout.candidates_staging_table)  # what a killed run left aside
     tmp = lake.staging_dir(final)
     try:
         lists.write.mode("overwrite").partitionBy(C.SURFACE).parquet(str(tmp))
@@ -107,7 +105,7 @@ def publish(cfg: Config, ds: str) -> dict:
     if not report or not report.get("success"):
         raise CandidatesInvalid(f"{staged}: {'validation failed' if report else 'not validated'}: run "
                                 "validate_candidates and fix what it reports before publishing", report or {})
-    lake.remove_stale(cfg.lake.root, cfg.score.output)
+    lake.remove_stale(cfg.lake.root, cfg.layout.candidates)
     lake.publish(staged, final)
     log.info("score %s: published %s", ds, final)
     return {"ds": ds, "path": str(final), "rows": report["rows"], "lists": report["lists"]}
@@ -202,10 +200,10 @@ def validate_lists(spark: SparkSession, cfg: Config, ds: str, part: Path) -> dic
     _check_files(part)
     run = json.loads((part / SCORE_FILE).read_text())
     root = cfg.lake.root
-    catalog = spark_partition(spark, root, f"{cfg.sessionize.output}/item_vocab", ds, sequences_schema.ITEM_VOCAB)
+    catalog = spark_partition(spark, root, cfg.layout.sessions("item_vocab"), ds, sequences_schema.ITEM_VOCAB)
     consumed = None
     if any(run["exclude_consumed"].values()):
-        events = read_days(spark, root, f"{cfg.sessionize.output}/events", sequences_schema.EVENTS, upto=ds)
+        events = read_days(spark, root, cfg.layout.sessions("events"), sequences_schema.EVENTS, upto=ds)
         consumed = (events.where(F.col(C.ITEM_INDEX).between(1, run["n_items"] - 1))
                     .select(C.USER_ID, C.ITEM_INDEX).distinct())
     frame = check_frame(read_lists(spark, part), catalog, consumed, run).cache()

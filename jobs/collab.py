@@ -42,7 +42,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from jobs.spark import read_days
-from jobs.text_vectors import ITEMS, read_meta, read_partition, table
+from jobs.text_vectors import ITEMS
 from schemas import C
 from schemas.semantic_ids import COLLAB_EMBEDDINGS, SOURCE_ALS, SOURCE_CHAMPION, SOURCE_TEXT
 from schemas.sequences import EVENTS
@@ -102,7 +102,7 @@ def champion_from_registry(cfg: Config, ds: str) -> ChampionVectors | None:
     if model.embed.id_emb is None:
         return None  # an ID-free champion has no collaborative vectors
     trained_ds = registry.client(cfg).get_model_version(name, version).tags.get("synergen.ds")
-    vocab_part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/item_vocab", trained_ds or ds)
+    vocab_part = lake.partition(cfg.lake.root, cfg.layout.sessions("item_vocab"), trained_ds or ds)
     vocab = pq.read_table(vocab_part, columns=[C.ITEM_INDEX, C.ITEM_ID, C.COUNT])
     idx = vocab[C.ITEM_INDEX].to_numpy().astype(np.int64)
     keep = (vocab[C.COUNT].to_numpy() > 0) & (idx < model.n_items)
@@ -124,7 +124,7 @@ def als_vectors(spark: SparkSession, cfg: Config, ds: str) -> tuple[np.ndarray, 
     from pyspark.ml.recommendation import ALS
 
     e = cfg.embeddings
-    events = read_days(spark, cfg.lake.root, f"{cfg.sessionize.output}/events", EVENTS, upto=ds)
+    events = read_days(spark, cfg.lake.root, cfg.layout.sessions("events"), EVENTS, upto=ds)
     # an event with an item is an engagement (a search that engaged nothing has none); repeats add confidence
     eng = (events.where(F.col(C.ITEM_INDEX).isNotNull())
            .groupBy(C.USER_ID, C.ITEM_INDEX).agg(F.count("*").cast("float").alias("_weight")))
@@ -172,24 +172,19 @@ def text_neighbour_vectors(anchor_text: np.ndarray, anchor_vecs: np.ndarray, tex
 # the job
 
 
-def state_day(cfg: Config, ds: str) -> str | None:
-    days = [d for d in lake.partitions(cfg.lake.root, table(cfg, COLLAB)) if d < ds]
-    return days[-1] if days else None
-
-
 def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | None = None) -> dict:
     """Write ``collab/ds=D`` for the items of ``items/ds=D`` (text vectors of the same day must exist)."""
     ds = parse_ds(ds).isoformat()
     t0 = time.perf_counter()
     root = Path(cfg.lake.root)
-    items = read_partition(root, table(cfg, ITEMS), ds, [C.ITEM_INDEX, C.ITEM_ID, C.VECTOR])
+    items = lake.read_partition(root, cfg.layout.vectors(ITEMS), ds, [C.ITEM_INDEX, C.ITEM_ID, C.VECTOR])
     items = items.sort_by(C.ITEM_INDEX)
     index, item_ids = items[C.ITEM_INDEX].to_numpy().astype(np.int64), np.asarray(items[C.ITEM_ID].to_pylist(), object)
     text = vectors_matrix(items[C.VECTOR])
     n = len(index)
 
-    prev_ds = state_day(cfg, ds)
-    prev_meta = read_meta(root, table(cfg, COLLAB), prev_ds, META_FILE) if prev_ds else None
+    prev_ds = cfg.layout.day_before(cfg.layout.vectors(COLLAB), ds)  # yesterday's vectors: the state
+    prev_meta = lake.read_meta(root, cfg.layout.vectors(COLLAB), prev_ds, META_FILE) if prev_ds else None
     prev = _previous(root, cfg, prev_ds, item_ids) if prev_ds else None
     loader = champion or (champion_from_config if cfg.embeddings.champion_vectors is not None else None)
     champ = loader(cfg, ds) if loader is not None else None
@@ -238,8 +233,8 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
     counts = {s: int((source == s).sum()) for s in (SOURCE_ALS, SOURCE_CHAMPION, SOURCE_TEXT)}
     stats.update(rows=n, dim=int(vecs.shape[1]), sources=counts, computed_today=int((computed == ds).sum()),
                  seconds=round(time.perf_counter() - t0, 3))
-    lake.remove_stale(root, table(cfg, COLLAB))  # a killed run's staging folder
-    lake.write_partition(out, lake.partition(root, table(cfg, COLLAB), ds),
+    lake.remove_stale(root, cfg.layout.vectors(COLLAB))  # a killed run's staging folder
+    lake.write_partition(out, cfg.layout.part(cfg.layout.vectors(COLLAB), ds),
                          extra_files={META_FILE: json.dumps(stats, indent=1)})
     log.info("collab %s: %s", ds, stats)
     return stats
@@ -247,7 +242,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, champion: ChampionLoader | No
 
 def _previous(root: Path, cfg: Config, prev_ds: str, item_ids: np.ndarray) -> dict:
     """Yesterday's rows aligned to today's items (``found`` False for items it lacks)."""
-    t = read_partition(root, table(cfg, COLLAB), prev_ds, [C.ITEM_ID, C.VECTOR, C.VECTOR_SOURCE, C.COMPUTED_DS])
+    t = lake.read_partition(root, cfg.layout.vectors(COLLAB), prev_ds, [C.ITEM_ID, C.VECTOR, C.VECTOR_SOURCE, C.COMPUTED_DS])
     vecs = vectors_matrix(t[C.VECTOR])
     where = {item: i for i, item in enumerate(t[C.ITEM_ID].to_pylist())}
     rows = np.array([where.get(i, -1) for i in item_ids], np.int64)

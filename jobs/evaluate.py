@@ -25,7 +25,7 @@ import numpy as np
 
 from jobs.train import require_tables
 from schemas import C
-from synergen_core import checkpoint, lake
+from synergen_core import checkpoint
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import Requests, item_counts, load_test, read_table, tokens_from_arrow, vocab_size
@@ -41,9 +41,12 @@ RESULT = "evaluation.json"
 
 def _texts(cfg: Config, ds: str) -> tuple[list[str], list[str]]:
     """Catalog text per item index and query text per query index ("" where none)."""
-    items, queries = read_table(cfg, "item_vocab", ds), read_table(cfg, "query_vocab", ds)
+    layout = cfg.layout
+    items = read_table(layout.part(layout.sessions("item_vocab"), ds))
+    queries = read_table(layout.part(layout.sessions("query_vocab"), ds))
     item_texts = [""] * vocab_size(items, C.ITEM_INDEX)
-    for i, t in zip(items[C.ITEM_INDEX].to_pylist(), catalog_texts(cfg, ds, items[C.ITEM_ID].to_pylist())):
+    texts = catalog_texts(layout, ds, items[C.ITEM_ID].to_pylist(), cfg.text_encoder.max_description_chars)
+    for i, t in zip(items[C.ITEM_INDEX].to_pylist(), texts):
         item_texts[i] = t
     query_texts = [""] * vocab_size(queries, C.QUERY_INDEX)
     for i, q in zip(queries[C.QUERY_INDEX].to_pylist(), queries[C.QUERY].to_pylist()):
@@ -64,15 +67,16 @@ class EvaluationSet:
 
 
 def evaluation_set(cfg: Config, ds: str, protocol: str) -> EvaluationSet:
-    test, no_context = load_test(cfg, ds, protocol)
-    train_tokens = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS])
-    n_items = vocab_size(read_table(cfg, "item_vocab", ds), C.ITEM_INDEX)
+    layout = cfg.layout
+    test, no_context = load_test(layout, ds, protocol, cfg.model.max_seq_len)
+    train_tokens = tokens_from_arrow(read_table(layout.part(layout.split(protocol, "train"), ds))[C.TOKENS])
+    n_items = vocab_size(read_table(layout.part(layout.sessions("item_vocab"), ds)), C.ITEM_INDEX)
     counts = item_counts(train_tokens, n_items)
     return EvaluationSet(test, no_context, counts, n_items, ranking_lists(test, counts, cfg.evaluate))
 
 
 def result_path(cfg: Config, ds: str) -> Path:
-    return Path(cfg.lake.root) / cfg.train.output / f"ds={ds}" / RESULT
+    return cfg.layout.model_dir(ds) / RESULT
 
 
 def read_result(cfg: Config, ds: str) -> dict | None:
@@ -108,7 +112,7 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
     """{protocol: {"test_targets", "no_context", "scorers": {name: metrics}}}; see the module doc."""
     ds = parse_ds(ds).isoformat()
     device = pick_device(cfg.train)
-    root = Path(cfg.lake.root) / cfg.train.output / f"ds={ds}"
+    root = cfg.layout.model_dir(ds)
     out: dict = {"ds": ds}
     texts = None
     for protocol in protocols or cfg.train.protocols:
@@ -120,7 +124,7 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
         data = evaluation_set(cfg, ds, protocol)
         test, no_context, counts, cand = data.test, data.no_context, data.item_counts, data.candidates
         if len(test) == 0:  # no figure at all, rather than figures of nothing for the promotion gate to read
-            part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/split_{protocol}_eval", ds)
+            part = cfg.layout.part(cfg.layout.split(protocol, "eval"), ds)
             raise PipelineError(f"{part}: the {protocol} split of ds={ds} has no test targets with context "
                                 f"({no_context} without): nothing to evaluate; check that the day's logs "
                                 "reached validation and sessionize")

@@ -375,11 +375,12 @@ def run(cfg: Config, start_ds: str, out_root: str | Path | None = None) -> dict:
     truth: dict[str, dict] = {"catalog": {}, "search_events": {}, "browse_events": {}}
     users = None
     first_num = 0
+    layout = lake.Layout(root)
     for d, (ds, n) in enumerate(zip(days, _day_counts(g.events, g.days))):
         day_rng = np.random.default_rng([g.seed, 1, d])
         cat_table, truth["catalog"][ds] = catalog_day(day_rng, catalog, g, d, junk_next)
         junk_next += truth["catalog"][ds]["malformed"][reasons.null(C.TITLE)]
-        lake.write_partition(cat_table, lake.partition(root, "raw/catalog", ds))
+        lake.write_partition(cat_table, layout.part(layout.raw("catalog"), ds))
         if users is None:
             users = Users(rng, g.users, catalog)
         elif d:
@@ -396,7 +397,7 @@ def run(cfg: Config, start_ds: str, out_root: str | Path | None = None) -> dict:
         for table, is_search, codes in (("search_events", True, SEARCH_REASONS),
                                         ("browse_events", False, BROWSE_REASONS)):
             part = _take(ev, order[ev["search"][order] == is_search])
-            lake.write_partition(event_table(part, table, catalog, users), lake.partition(root, f"raw/{table}", ds))
+            lake.write_partition(event_table(part, table, catalog, users), layout.part(layout.raw(table), ds))
             truth[table][ds] = event_truth(part, codes)
         del ev, part, order
 

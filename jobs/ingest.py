@@ -141,19 +141,20 @@ def write_raw(lake_root: Path, tables: dict[str, pa.Table], ts_derived: bool = F
         parts = {t: [(d, tab) for d, tab in p if d == want] for t, p in parts.items()}
     event_meta = {TS_DERIVED_KEY: b"true"} if ts_derived else None
 
-    stage = Path(lake_root) / "raw" / f".ingest-{uuid.uuid4().hex[:8]}"
+    layout = lake.Layout(Path(lake_root))
+    stage = layout.root / lake.RAW / f".ingest-{uuid.uuid4().hex[:8]}"
     try:
         staged = []
         for t in PUBLISH_ORDER:
             for day, table in parts[t]:
-                folder = stage / t / f"ds={_iso(day)}"
+                folder = lake.partition(stage, t, _iso(day))
                 folder.mkdir(parents=True)
                 if event_meta and t != CATALOG_TABLE:
                     table = table.replace_schema_metadata(event_meta)
                 pq.write_table(table, folder / PART_FILE, compression="zstd")
                 staged.append((t, day, folder))
         for t, day, folder in staged:
-            final = lake.partition(Path(lake_root), f"raw/{t}", _iso(day))
+            final = layout.part(layout.raw(t), _iso(day))
             final.parent.mkdir(parents=True, exist_ok=True)
             lake.publish(folder, final)
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from jobs import generate, stages
+from synergen_core import lake
 from synergen_core.config import Config, parse_ds
 from synergen_core.tracking import close_parent
 
@@ -89,16 +90,16 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dags_test(config_file, all_days[-1], home)
-    candidates = root / cfg.score.output
+    layout = cfg.layout
     result = {
         "lake": str(root),
         "generated": generated,
         "history_validated": history,
         "dag_run": {"dag_id": DAG_ID, "ds": all_days[-1], "config": str(config_file), "airflow_home": str(home)},
         "outputs": {
-            "candidates": str(candidates / f"ds={all_days[-1]}"),
-            "quarantine": str(root / "quarantine"),
-            "models": str(root / cfg.train.output / f"ds={all_days[-1]}"),
+            "candidates": str(layout.candidates_part(all_days[-1])),
+            "quarantine": str(layout.root / lake.QUARANTINE),
+            "models": str(layout.model_dir(all_days[-1])),
             "mlflow": cfg.mlflow.tracking_uri,
         },
         "next": {
@@ -117,16 +118,18 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
 def summary(cfg: Config, result: dict) -> str:
     """What ``synergen run`` prints: the day's input, the model against the baselines on the day's
     evaluation, the registry's decision, where the lists are and how to look; the JSON is in a file."""
+    from jobs.evaluate import result_path  # imports torch: only once the run is done
+
     cfg = absolute(cfg)
     root, ds = Path(cfg.lake.root), result["dag_run"]["ds"]
     lines = [f"synergen: the daily DAG ran for {ds} in {result['seconds']:.0f} s (lake {root})", "",
              f"input of {ds} (rows in -> valid + quarantined):"]
     for table in ("search_events", "browse_events", "catalog"):
-        counts = _validation_counts(root, table, ds)
+        counts = _validation_counts(cfg.layout, table, ds)
         if counts:
             lines.append(f"  {table:<14} {counts['rows_in']:>8,} -> {counts['rows_valid']:,} + "
                          f"{counts['rows_quarantined']:,}" + (f"  ({_top_reasons(counts)})" if counts["reasons"] else ""))
-    lines += ["", *_evaluation_lines(root / cfg.train.output / f"ds={ds}" / "evaluation.json")]
+    lines += ["", *_evaluation_lines(result_path(cfg, ds))]
     lines += ["", _registry_line(cfg), f"candidate lists: {result['outputs']['candidates']}",
               f"quarantine:      {result['outputs']['quarantine']}", "",
               "look at it:", *(f"  {v}" for v in result["next"].values()),
@@ -134,9 +137,9 @@ def summary(cfg: Config, result: dict) -> str:
     return "\n".join(lines)
 
 
-def _validation_counts(root: Path, table: str, ds: str) -> dict | None:
-    for layer in ("validated", "quarantine"):  # a failed day keeps its report with the quarantine
-        report = root / layer / table / f"ds={ds}" / "_validation.json"
+def _validation_counts(layout: lake.Layout, table: str, ds: str) -> dict | None:
+    for area in (layout.valid, layout.quarantine):  # a failed day keeps its report with the quarantine
+        report = layout.part(area(table), ds) / "_validation.json"
         if report.is_file():
             return json.loads(report.read_text())
     return None

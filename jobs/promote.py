@@ -41,16 +41,16 @@ def validations_status(cfg: Config, ds: str, group: str | None = None) -> tuple[
     problems = []
     rows = 0  # validated event rows of the day (raw rows when sessionize reads raw/ directly)
     for table in EVENT_TABLES:
-        raw = lake.partition(cfg.lake.root, f"raw/{table}", ds)
-        source = lake.partition(cfg.lake.root, f"{cfg.sessionize.source}/{table}", ds)
-        if raw.is_dir() and cfg.sessionize.source != "raw" and not (source / lake.SUCCESS).is_file():
+        raw = cfg.layout.part(cfg.layout.raw(table), ds)
+        source = cfg.layout.part(cfg.layout.valid(table), ds)
+        if raw.is_dir() and cfg.sessionize.source != lake.RAW and not (source / lake.SUCCESS).is_file():
             problems.append(f"{table} ds={ds} has no validated partition (validation failed or did not run)")
-        elif source.is_dir() and (cfg.sessionize.source == "raw" or (source / lake.SUCCESS).is_file()):
+        elif source.is_dir() and (cfg.sessionize.source == lake.RAW or (source / lake.SUCCESS).is_file()):
             rows += sum(pq.ParquetFile(f).metadata.num_rows for f in lake.data_files(source))
     if not problems and rows == 0:
         # an empty day is not a pass: a model trained and evaluated on nothing must not be promoted
         problems.append(f"nothing validated for ds={ds}: no rows in {', '.join(EVENT_TABLES)} under "
-                        f"{Path(cfg.lake.root) / cfg.sessionize.source} (run `synergen validate --ds {ds}` "
+                        f"{cfg.layout.root / cfg.layout.validated} (run `synergen validate --ds {ds}` "
                         "on the day's raw logs)")
     if group:
         mlflow = _mlflow(cfg)
@@ -166,7 +166,7 @@ def _new_metrics(cfg: Config, ds: str, protocol: str, mv, data: Callable[[], Eva
     day's splits)."""
     evaluation = read_result(cfg, ds)
     variant = mv.tags.get("synergen.variant", cfg.registry.variant)
-    path = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, variant) / checkpoint.MODEL
+    path = cfg.layout.model_dir(ds, protocol, variant) / checkpoint.MODEL
     if (evaluation and mv.tags.get("synergen.ds") == ds and path.is_file()
             and model_sha256(path) == mv.tags.get("synergen.model_sha256")
             and variant in evaluation.get(protocol, {}).get("scorers", {})):

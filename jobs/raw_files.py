@@ -62,11 +62,11 @@ def _one_line(e: Exception, path: Path | None = None, limit: int = 160) -> str:
 
 # ---------------------------------------------------------------- reading
 
-def read_batch(root: Path, table: str, days: list[str]) -> Batch:
+def read_batch(layout: lake.Layout, table: str, days: list[str]) -> Batch:
     contract = RAW_TABLES[table]
     parts, ds_col, files, rows, meta, extra, missing = [], [], [], [], {}, set(), set()
     for day in days:
-        part_dir = lake.partition(root, f"raw/{table}", day)
+        part_dir = layout.part(layout.raw(table), day)
         others = lake.other_files(part_dir)
         if others:  # a .csv or .json dropped beside the data would otherwise be skipped silently
             more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
@@ -84,7 +84,7 @@ def read_batch(root: Path, table: str, days: list[str]) -> Batch:
             missing |= set(OPTIONAL[table]) - set(t.column_names)
             meta.update({k: v for k, v in (t.schema.metadata or {}).items() if k.startswith(b"synergen.")})
             parts.append(conform(t, contract, path, OPTIONAL[table]))
-            rel = str(path.relative_to(root))
+            rel = str(path.relative_to(layout.root))
             ds_col.append(np.full(t.num_rows, day, dtype=object))
             files.append(np.full(t.num_rows, rel, dtype=object))
             rows.append(np.arange(t.num_rows, dtype=np.int64))

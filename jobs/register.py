@@ -37,17 +37,17 @@ def trained_protocol(cfg: Config, ds: str) -> str:
     """``registry.protocol`` when its model exists for ``ds``, else the other protocol's."""
     wanted = cfg.registry.protocol
     for protocol in [wanted] + [p for p in ("temporal", "loo") if p != wanted]:
-        if (checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, cfg.registry.variant)
+        if (cfg.layout.model_dir(ds, protocol, cfg.registry.variant)
                 / checkpoint.MODEL).is_file():
             return protocol
     raise RegistryError(f"no {cfg.registry.variant} model trained for ds={ds} under "
-                        f"{Path(cfg.lake.root) / cfg.train.output / f'ds={ds}'} (run `synergen train --ds {ds}`)")
+                        f"{cfg.layout.model_dir(ds)} (run `synergen train --ds {ds}`)")
 
 
 def semantic_ids_version(cfg: Config, ds: str, protocol: str) -> tuple[str, str]:
     """(day of the ``semantic_ids`` table the model was trained with or "none", source note), from the
     notes ``synergen_core.features`` left in ``features.pt``."""
-    path = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, "") / "features.pt"
+    path = cfg.layout.model_dir(ds, protocol, "") / "features.pt"
     if not path.is_file():
         return "none", "unknown (no features.pt)"
     notes = (checkpoint.load(path).get("notes") or {}).get("semantic_ids")
@@ -58,7 +58,7 @@ def semantic_ids_version(cfg: Config, ds: str, protocol: str) -> tuple[str, str]
 
 def model_file(cfg: Config, ds: str, protocol: str) -> Path:
     """The ``registry.variant`` model of ``protocol`` trained for ``ds``."""
-    return checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, cfg.registry.variant) / checkpoint.MODEL
+    return cfg.layout.model_dir(ds, protocol, cfg.registry.variant) / checkpoint.MODEL
 
 
 def register(cfg: Config, ds: str, group: str | None = None, *, run_id: str) -> dict:

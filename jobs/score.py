@@ -51,8 +51,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import candidates
-from jobs.spark import read_days
-from jobs.text_vectors import spark_partition
+from jobs.spark import read_days, spark_partition
 from schemas import C
 from schemas.candidates import CANDIDATES, SURFACE_REC, SURFACE_SEARCH
 from schemas.sequences import EVENTS, ITEM_VOCAB, KIND_SEARCH, QUERY_VOCAB, SEQUENCES
@@ -158,23 +157,15 @@ def _score_partition(payload):
 # requests (Spark)
 
 
-def _sessionized(cfg: Config, table: str) -> str:
-    return f"{cfg.sessionize.output}/{table}"
-
-
 def require_inputs(cfg: Config, ds: str) -> None:
     """The sessionized partitions of ``ds`` scoring reads are published, else a ``PipelineError`` naming the
     missing one and the command that writes it (Spark's own error would be a bare path)."""
     tables = ["sequences"] + (["query_vocab"] if SURFACE_SEARCH in cfg.score.surfaces else [])
     for table in tables:
-        part = lake.partition(cfg.lake.root, _sessionized(cfg, table), ds)
+        part = cfg.layout.part(cfg.layout.sessions(table), ds)
         if not (part / lake.SUCCESS).is_file():
             raise PipelineError(f"{part}: no published partition of {table} for ds={ds} "
                                 f"(`synergen sessionize --ds {ds}` writes it)")
-
-
-def _day_before(ds: str) -> str:
-    return (parse_ds(ds) - dt.timedelta(days=1)).isoformat()
 
 
 def rec_requests(cfg: Config, ds: str, seqs: DataFrame) -> DataFrame:
@@ -200,7 +191,7 @@ def search_pairs(spark: SparkSession, cfg: Config, ds: str, queries: DataFrame) 
                              normalize_query(F.col(C.QUERY).cast("string")).alias(C.QUERY))
         pairs = pairs.where(F.col(C.USER_ID).isNotNull() & (F.length(C.QUERY) > 0)).distinct()
         return pairs.join(queries.select(C.QUERY, C.QUERY_INDEX), C.QUERY, "left")
-    events = read_days(spark, cfg.lake.root, _sessionized(cfg, "events"), EVENTS, after=_day_before(ds), upto=ds)
+    events = read_days(spark, cfg.lake.root, cfg.layout.sessions("events"), EVENTS, after=lake.previous_day(ds), upto=ds)
     pairs = (events.where((F.col(C.KIND) == KIND_SEARCH) & F.col(C.QUERY_INDEX).isNotNull())
              .select(C.USER_ID, C.QUERY_INDEX).distinct())
     return pairs.join(queries.select(C.QUERY_INDEX, C.QUERY), C.QUERY_INDEX)
@@ -208,7 +199,7 @@ def search_pairs(spark: SparkSession, cfg: Config, ds: str, queries: DataFrame) 
 
 def consumed_items(spark: SparkSession, cfg: Config, ds: str, n_items: int) -> DataFrame:
     """(user_id, _consumed array<int>, _n_consumed): the catalog items of each user's history up to ds."""
-    events = read_days(spark, cfg.lake.root, _sessionized(cfg, "events"), EVENTS, upto=ds)
+    events = read_days(spark, cfg.lake.root, cfg.layout.sessions("events"), EVENTS, upto=ds)
     return (events.where(F.col(C.ITEM_INDEX).between(1, n_items - 1))
             .groupBy(C.USER_ID).agg(F.array_sort(F.collect_set(C.ITEM_INDEX)).alias(CONSUMED_COLUMN))
             .select(C.USER_ID, CONSUMED_COLUMN, F.size(CONSUMED_COLUMN).alias(N_CONSUMED)))
@@ -226,12 +217,12 @@ def prepare(spark: SparkSession, cfg: Config, ds: str, record: dict) -> Prepared
     """The requests of every surface in ``score.surfaces``, with histories and consumed items."""
     root, sc = cfg.lake.root, cfg.score
     n_items, n_queries = record["dims"]["n_items"], record["dims"]["n_queries"]
-    seqs = spark_partition(spark, root, _sessionized(cfg, "sequences"), ds, SEQUENCES)
+    seqs = spark_partition(spark, root, cfg.layout.sessions("sequences"), ds, SEQUENCES)
     parts, dropped = [], {}
     if SURFACE_REC in sc.surfaces:
         parts.append(rec_requests(cfg, ds, seqs))
     if SURFACE_SEARCH in sc.surfaces:
-        queries = spark_partition(spark, root, _sessionized(cfg, "query_vocab"), ds, QUERY_VOCAB)
+        queries = spark_partition(spark, root, cfg.layout.sessions("query_vocab"), ds, QUERY_VOCAB)
         pairs = search_pairs(spark, cfg, ds, queries)
         record, n_queries, pairs, dropped = _query_indices(cfg, ds, record, pairs)
         parts.append(pairs.join(seqs.select(C.USER_ID, C.TOKENS), C.USER_ID, "left").select(
@@ -269,7 +260,7 @@ def _query_indices(cfg: Config, ds: str, record: dict, pairs: DataFrame):
         known = F.col(C.QUERY_INDEX).isNotNull() & (F.col(C.QUERY_INDEX) < n_model)
         n_unknown = pairs.where(~known).count()
         return record, n_model, pairs.where(known), {"search_unknown_query": n_unknown} if n_unknown else {}
-    vocab = read_table(cfg, "query_vocab", ds)
+    vocab = read_table(cfg.layout.part(cfg.layout.sessions("query_vocab"), ds))
     n_vocab = max(vocab_size(vocab, C.QUERY_INDEX), n_model)
     fresh = sorted(r[C.QUERY] for r in pairs.where(F.col(C.QUERY_INDEX).isNull()).select(C.QUERY).distinct().collect())
     texts = [""] * (n_vocab - n_model) + fresh  # indices n_model .. n_vocab - 1, then the fresh ones
@@ -396,7 +387,7 @@ def _broadcast(spark: SparkSession, record: dict, cand_index, settings: Settings
 def _lists(spark: SparkSession, cfg: Config, ds: str, reqs: DataFrame, payload, ref: ModelRef) -> DataFrame:
     """The scored rows with item ids and the model's name and version (contract columns + surface)."""
     scored = reqs.mapInArrow(_score_partition(payload), SCORED_SCHEMA)
-    vocab = spark_partition(spark, cfg.lake.root, _sessionized(cfg, "item_vocab"), ds, ITEM_VOCAB)
+    vocab = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("item_vocab"), ds, ITEM_VOCAB)
     out = scored.join(vocab.select(C.ITEM_INDEX, C.ITEM_ID), C.ITEM_INDEX).select(
         *[F.lit(ref.name).alias(c) if c == C.MODEL_NAME else F.lit(ref.version).alias(c) if c == C.MODEL_VERSION
           else F.col(c) for c in CANDIDATES.names], C.SURFACE)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,8 @@ from pyspark.sql import functions as F
 
 from jobs.collab import COLLAB
 from jobs.collab import META_FILE as COLLAB_META
-from jobs.spark import session
-from jobs.text_vectors import ITEMS, META_FILE as ITEMS_META, read_meta, read_partition, spark_partition, table
+from jobs.spark import session, spark_partition
+from jobs.text_vectors import ITEMS, META_FILE as ITEMS_META
 from schemas import C
 from schemas import semantic_ids as sid_schema
 from synergen_core import lake
@@ -57,7 +56,6 @@ from synergen_core.vectors import combined, list_array, list_matrix, vectors_mat
 
 log = logging.getLogger(__name__)
 
-TABLE, MODEL_TABLE = "semantic_ids", "semantic_ids_model"
 MODEL_FILE, MODEL_META = "rqvae.pt", "_model.json"
 STATS_FILE, VALIDATION_FILE = "_stats.json", "_validation.json"
 ARCH_FIELDS = ("latent_dim", "hidden_dims", "shared_levels", "specific_levels", "codebook_size", "collision")
@@ -106,24 +104,23 @@ def id_widths(cfg: SemanticIdConfig) -> tuple[int, int]:
 
 def load_inputs(cfg: Config, ds: str) -> Inputs:
     root = Path(cfg.lake.root)
-    items = read_partition(root, table(cfg, ITEMS), ds, [C.ITEM_INDEX, C.ITEM_ID, C.VECTOR]).sort_by(C.ITEM_INDEX)
-    collab = read_partition(root, table(cfg, COLLAB), ds, [C.ITEM_INDEX, C.VECTOR]).sort_by(C.ITEM_INDEX)
+    items = lake.read_partition(root, cfg.layout.vectors(ITEMS), ds, [C.ITEM_INDEX, C.ITEM_ID, C.VECTOR]).sort_by(C.ITEM_INDEX)
+    collab = lake.read_partition(root, cfg.layout.vectors(COLLAB), ds, [C.ITEM_INDEX, C.VECTOR]).sort_by(C.ITEM_INDEX)
     index = items[C.ITEM_INDEX].to_numpy().astype(np.int64)
     if not np.array_equal(index, collab[C.ITEM_INDEX].to_numpy().astype(np.int64)):
-        raise ValueError(f"{table(cfg, ITEMS)} and {table(cfg, COLLAB)} of {ds} hold different items: "
+        raise ValueError(f"{cfg.layout.vectors(ITEMS)} and {cfg.layout.vectors(COLLAB)} of {ds} hold different items: "
                          "rerun the item_embeddings stage for that day")
     return Inputs(index, np.asarray(items[C.ITEM_ID].to_pylist(), object), vectors_matrix(items[C.VECTOR]),
                   vectors_matrix(collab[C.VECTOR]),
-                  (read_meta(root, table(cfg, ITEMS), ds, ITEMS_META) or {}).get("fingerprint"),
-                  (read_meta(root, table(cfg, COLLAB), ds, COLLAB_META) or {}).get("basis"))
+                  (lake.read_meta(root, cfg.layout.vectors(ITEMS), ds, ITEMS_META) or {}).get("fingerprint"),
+                  (lake.read_meta(root, cfg.layout.vectors(COLLAB), ds, COLLAB_META) or {}).get("basis"))
 
 
 def state_day(cfg: Config, ds: str) -> str | None:
     """The latest day before ``ds`` with published IDs and model (the IDs are published last)."""
-    root = Path(cfg.lake.root)
-    days = [d for d in lake.partitions(root, TABLE) if d < ds
-            and (lake.partition(root, MODEL_TABLE, d) / MODEL_FILE).is_file()]
-    return days[-1] if days else None
+    layout = cfg.layout
+    return layout.day_before(layout.semantic_ids, ds,
+                             ready=lambda d: (layout.part(layout.semantic_ids_model, d) / MODEL_FILE).is_file())
 
 
 def load_previous(cfg: Config, ds: str, inputs: Inputs) -> Previous | None:
@@ -135,10 +132,10 @@ def load_previous(cfg: Config, ds: str, inputs: Inputs) -> Previous | None:
     if prev_ds is None:
         return None
     root = Path(cfg.lake.root)
-    part = lake.partition(root, MODEL_TABLE, prev_ds)
+    part = cfg.layout.part(cfg.layout.semantic_ids_model, prev_ds)
     meta = json.loads((part / MODEL_META).read_text())
     state = torch.load(part / MODEL_FILE, weights_only=True)
-    t = read_partition(root, TABLE, prev_ds, [C.ITEM_INDEX, C.SEARCH_CODES, C.REC_CODES, C.RAW_CODES, C.ID_DS])
+    t = lake.read_partition(root, cfg.layout.semantic_ids, prev_ds, [C.ITEM_INDEX, C.SEARCH_CODES, C.REC_CODES, C.RAW_CODES, C.ID_DS])
     rows = np.searchsorted(inputs.index, t[C.ITEM_INDEX].to_numpy().astype(np.int64))
     ok = (rows < len(inputs.index)) & (inputs.index[np.minimum(rows, len(inputs.index) - 1)] ==
                                        t[C.ITEM_INDEX].to_numpy())
@@ -273,12 +270,12 @@ def assign_spark(spark: SparkSession, cfg: Config, ds: str, model, prev_ds: str 
 
     root = Path(cfg.lake.root)
     width = id_widths(model.cfg)[1]
-    df = (spark_partition(spark, root, table(cfg, ITEMS), ds, sid_schema.ITEM_EMBEDDINGS)
+    df = (spark_partition(spark, root, cfg.layout.vectors(ITEMS), ds, sid_schema.ITEM_EMBEDDINGS)
           .select(C.ITEM_INDEX, F.col(C.VECTOR).alias("_text"))
-          .join(spark_partition(spark, root, table(cfg, COLLAB), ds, sid_schema.COLLAB_EMBEDDINGS)
+          .join(spark_partition(spark, root, cfg.layout.vectors(COLLAB), ds, sid_schema.COLLAB_EMBEDDINGS)
                 .select(C.ITEM_INDEX, F.col(C.VECTOR).alias("_collab")), C.ITEM_INDEX))
     if prev_ds is not None:
-        prev = spark_partition(spark, root, TABLE, prev_ds, sid_schema.SEMANTIC_IDS)
+        prev = spark_partition(spark, root, cfg.layout.semantic_ids, prev_ds, sid_schema.SEMANTIC_IDS)
         df = df.join(prev.select(C.ITEM_INDEX, F.col(C.RAW_CODES).alias("_prev")), C.ITEM_INDEX, "left")
     else:
         df = df.withColumn("_prev", F.lit(None).cast("array<int>"))
@@ -353,7 +350,7 @@ def validate_ids(ids: pa.Table, vocab_index: np.ndarray, cfg: SemanticIdConfig) 
     id_len, raw_len = id_widths(cfg)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_def = ctx.data_sources.add_pandas(TABLE).add_dataframe_asset(TABLE).add_batch_definition_whole_dataframe("b")
+    batch_def = ctx.data_sources.add_pandas("semantic_ids").add_dataframe_asset("semantic_ids").add_batch_definition_whole_dataframe("b")
     suite = ctx.suites.add(sid_schema.suite(id_len, raw_len, cfg.codebook_size, cfg.collision == "extra_code"))
     result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
     failed = []
@@ -406,7 +403,7 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
         kept = prev.found & (prev.ids.search == ids.search).all(1) & (prev.ids.rec == ids.rec).all(1)
         id_ds[kept] = prev.id_ds[kept]
     out_table = ids_table(inputs, ids, id_ds)
-    vocab = read_partition(root, f"{cfg.sessionize.output}/item_vocab", ds, [C.ITEM_INDEX])
+    vocab = lake.read_partition(root, cfg.layout.sessions("item_vocab"), ds, [C.ITEM_INDEX])
     validation = validate_ids(out_table, vocab[C.ITEM_INDEX].to_numpy(), sid)
 
     trained = mode != "reuse"
@@ -443,18 +440,12 @@ def _publish(cfg: Config, ds: str, model, meta: dict, ids: pa.Table, stats: dict
     """The model, then the IDs (whose partition marks the day complete)."""
     import torch
 
-    root = Path(cfg.lake.root)
-    for written in (MODEL_TABLE, TABLE):  # what a killed run left aside
-        lake.remove_stale(root, written)
-    tmp = lake.staging_dir(lake.partition(root, MODEL_TABLE, ds))
-    try:
-        torch.save(model.state_dict(), tmp / MODEL_FILE)
-        (tmp / MODEL_META).write_text(json.dumps(meta, indent=1))
-        lake.publish(tmp, lake.partition(root, MODEL_TABLE, ds))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    lake.write_partition(ids, lake.partition(root, TABLE, ds), extra_files={
+    layout = cfg.layout
+    for written in (layout.semantic_ids_model, layout.semantic_ids):  # what a killed run left aside
+        lake.remove_stale(layout.root, written)
+    lake.write_files(layout.part(layout.semantic_ids_model, ds), {MODEL_META: json.dumps(meta, indent=1)},
+                     lambda tmp: torch.save(model.state_dict(), tmp / MODEL_FILE))
+    lake.write_partition(ids, layout.part(layout.semantic_ids, ds), extra_files={
         STATS_FILE: json.dumps(stats, indent=1, default=str), VALIDATION_FILE: json.dumps(validation, indent=1)})
 
 

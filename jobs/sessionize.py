@@ -258,25 +258,22 @@ def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> D
 
 def state_day(cfg: Config, before: str) -> str | None:
     """The day of the latest ``sequences`` snapshot strictly before ``before`` (None: no state)."""
-    days = [d for d in lake.partitions(cfg.lake.root, _out(cfg, SEQUENCES)) if d < before]
-    if not days:
-        return None
-    for table in (ITEM_VOCAB, QUERY_VOCAB):
-        if not lake.partition(cfg.lake.root, _out(cfg, table), days[-1]).is_dir():
-            raise FileNotFoundError(f"state of {days[-1]}: sequences snapshot without its {table} snapshot")
-    return days[-1]
+    layout = cfg.layout
+    prev = layout.day_before(layout.sessions(SEQUENCES), before)
+    for table in (ITEM_VOCAB, QUERY_VOCAB) if prev else ():
+        if not layout.part(layout.sessions(table), prev).is_dir():
+            raise FileNotFoundError(f"state of {prev}: sequences snapshot without its {table} snapshot")
+    return prev
 
 
 def input_days(cfg: Config, after: str | None, upto: str) -> list[str]:
     """Input days in ``(after, upto]`` that have a published partition of any input table."""
-    return _days_with(cfg.lake.root, cfg.sessionize.source, after, upto)
+    return _days_with(cfg.layout, cfg.layout.valid, after, upto)
 
 
-def _days_with(root: Path, layer: str, after: str | None, upto: str) -> list[str]:
-    days = set()
-    for table in INPUTS:
-        days |= {d for d in lake.partitions(root, f"{layer}/{table}") if (after is None or d > after) and d <= upto}
-    return sorted(days)
+def _days_with(layout: lake.Layout, table_of, after: str | None, upto: str) -> list[str]:
+    """Days in ``(after, upto]`` with a partition of any input table; ``table_of``: the layer's naming."""
+    return sorted(set().union(*(layout.days(table_of(t), after, upto) for t in INPUTS)))
 
 
 def check_inputs(cfg: Config, prev: str | None, start: str, ds: str, days: list[str]) -> None:
@@ -291,9 +288,9 @@ def check_inputs(cfg: Config, prev: str | None, start: str, ds: str, days: list[
     empty partitions as if the day were done.
     """
     root, src = Path(cfg.lake.root), cfg.sessionize.source
-    if src == "validated":
+    if src != lake.RAW:
         done = set(lake.completed_days(root, src))
-        raw = _days_with(root, "raw", prev if prev else _day_before(start), ds)
+        raw = _days_with(cfg.layout, cfg.layout.raw, prev if prev else lake.previous_day(start), ds)
         missing = sorted((set(days) | set(raw)) - done)
         if missing:
             more = f" (and {len(missing) - 1} more day(s) up to {missing[-1]})" if len(missing) > 1 else ""
@@ -301,10 +298,10 @@ def check_inputs(cfg: Config, prev: str | None, start: str, ds: str, days: list[
                 f"sessionize {ds}: day {missing[0]}{more} has input but its validation did not complete "
                 f"(no {src}/{lake.DAYS}/ds={missing[0]}): run `synergen validate --ds {missing[0]}` first")
     rows = sum(n for t in ("search_events", "browse_events")
-               for n in count_rows(root, f"{src}/{t}", after=prev, upto=ds).values())
+               for n in count_rows(root, cfg.layout.valid(t), after=prev, upto=ds).values())
     if rows == 0:
-        span = (f"the days up to ds={ds}" if prev is None else f"ds={ds}" if _next_day(prev) == ds
-                else f"ds={_next_day(prev)}..{ds}")
+        span = (f"the days up to ds={ds}" if prev is None else f"ds={ds}" if lake.next_day(prev) == ds
+                else f"ds={lake.next_day(prev)}..{ds}")
         raise PipelineError(
             f"sessionize {ds}: no input events in {src}/search_events or {src}/browse_events for {span} "
             f"(under {root}): run the upstream stage for that day first, or check lake.root")
@@ -329,7 +326,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -
     for table in written_tables(cfg):
         lake.remove_stale(cfg.lake.root, table)
     # A day published before in this range but without input now is replaced by an empty partition.
-    stale = [d for d in lake.partitions(cfg.lake.root, _out(cfg, EVENTS)) if (prev is None or d > prev) and d <= ds]
+    stale = cfg.layout.days(cfg.layout.sessions(EVENTS), after=prev, upto=ds)
     if len(days) > 1 or (days and days[0] != ds):
         log.info("sessionize %s: %d input days after state %s", ds, len(days), prev)
     staging = Staging(spark, cfg.lake.root)
@@ -337,7 +334,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -
     try:
         stats = _process(spark, cfg, staging, cached, ds, prev, days, sorted(set(days) | set(stale) | {ds}))
         stats["seconds"] = round(time.perf_counter() - t0, 3)
-        staging.add_side_file(_out(cfg, SEQUENCES), ds, STATS_FILE, json.dumps(stats, indent=2))
+        staging.add_side_file(cfg.layout.sessions(SEQUENCES), ds, STATS_FILE, json.dumps(stats, indent=2))
         staging.publish()
     except BaseException:
         staging.discard()
@@ -351,8 +348,8 @@ def run(spark: SparkSession, cfg: Config, ds: str, from_ds: str | None = None) -
 
 def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: str | None,
              days: list[str], out_days: list[str]) -> dict:
-    root, src = Path(cfg.lake.root), cfg.sessionize.source
-    inputs = {t: read_days(spark, root, f"{src}/{t}", c, after=prev, upto=ds) for t, c in INPUTS.items()}
+    root = Path(cfg.lake.root)
+    inputs = {t: read_days(spark, root, cfg.layout.valid(t), c, after=prev, upto=ds) for t, c in INPUTS.items()}
     # Not cached: the vocabularies (and a daily run's duplicate check) read two of its columns, which
     # is all Parquet reads, and the sessions read it once. A cached copy would hold every event's
     # impressions (8 ids each by default, ~4x the rest of the row) in one block per input file: at 20M
@@ -362,7 +359,7 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
 
     item_seen = raw.select(C.ITEM_ID, C.DS).unionByName(inputs["catalog"].select(C.ITEM_ID, C.DS))
     query_seen = raw.select(normalize_query(F.col(C.QUERY)).alias(C.QUERY), C.DS)
-    sizes = {t: sum(count_rows(root, _out(cfg, t), after=_day_before(prev), upto=prev).values()) if prev else 0
+    sizes = {t: sum(count_rows(root, cfg.layout.sessions(t), after=lake.previous_day(prev), upto=prev).values()) if prev else 0
              for t in (ITEM_VOCAB, QUERY_VOCAB)}  # from Parquet footers: no Spark job
     items, new_items = extend_vocab(state["items"], item_seen, C.ITEM_ID, C.ITEM_INDEX, sizes[ITEM_VOCAB])
     queries, new_queries = extend_vocab(state["queries"], query_seen, C.QUERY, C.QUERY_INDEX, sizes[QUERY_VOCAB])
@@ -373,24 +370,24 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
     sessions = sessionize(unique, state["sequences"] if prev else None, cfg.sessionize.gap_minutes)
     # Cached: written as the day partitions, then the source of sequences, counts, stats and splits.
     events = _cache(cached, attach_indices(sessions, items, queries))
-    staging.write_days(events, _out(cfg, EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)
+    staging.write_days(events, cfg.layout.sessions(EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)
 
     toks = event_tokens(events)
     for vocab, known, index, table in ((items, state["items"], C.ITEM_INDEX, ITEM_VOCAB),
                                        (queries, state["queries"], C.QUERY_INDEX, QUERY_VOCAB)):
         used = toks.select(F.col(f"token.{index}").alias(index)).where(F.col(index).isNotNull())
-        staging.write_day(with_counts(vocab, known, used, index), _out(cfg, table), ds, n_files=1)
+        staging.write_day(with_counts(vocab, known, used, index), cfg.layout.sessions(table), ds, n_files=1)
     # Staged after the vocabularies so it is published after them: it marks the day's state complete.
     seqs = update_sequences(state["sequences"], events, cfg.sessionize.max_seq_len)
-    staging.write_day(seqs, _out(cfg, SEQUENCES), ds)
+    staging.write_day(seqs, cfg.layout.sessions(SEQUENCES), ds)
 
     # Published events up to the state only: a rerun must not read the partitions it is replacing
     # (without a state, upto=None would read them all and count them twice).
     history = lambda: (events if prev is None  # noqa: E731
-                       else read_days(spark, root, _out(cfg, EVENTS), S.EVENTS, upto=prev).unionByName(events))
+                       else read_days(spark, root, cfg.layout.sessions(EVENTS), S.EVENTS, upto=prev).unionByName(events))
     split_stats = splits.write(staging, cfg, ds, state["sequences"], events, history)
 
-    rows_in = {kind: sum(count_rows(root, f"{src}/{t}", after=prev, upto=ds).values())
+    rows_in = {kind: sum(count_rows(root, cfg.layout.valid(t), after=prev, upto=ds).values())
                for kind, t in ((S.KIND_SEARCH, "search_events"), (S.KIND_BROWSE, "browse_events"))}
     out = _event_stats(events)
     return {
@@ -416,7 +413,7 @@ def _recent_copies(spark, cfg: Config, raw: DataFrame, prev: str | None, days: l
     if prev is None or not days:
         return None
     after = (parse_ds(days[0]) - dt.timedelta(days=cfg.validation.late_days + 1)).isoformat()
-    past = read_days(spark, cfg.lake.root, _out(cfg, EVENTS), S.EVENTS, after=after, upto=prev)
+    past = read_days(spark, cfg.lake.root, cfg.layout.sessions(EVENTS), S.EVENTS, after=after, upto=prev)
     return past.select(*DEDUP_KEY).join(raw.select(C.USER_ID, C.EVENT_ID).distinct(),
                                         [C.USER_ID, C.EVENT_ID], "left_semi")
 
@@ -426,7 +423,7 @@ def _state(spark, cfg: Config, prev: str | None) -> dict[str, DataFrame]:
               "queries": (QUERY_VOCAB, S.QUERY_VOCAB)}
     if prev is None:
         return {k: spark.createDataFrame([], spark_schema(c, with_ds=False)) for k, (_, c) in tables.items()}
-    return {k: read_days(spark, cfg.lake.root, _out(cfg, t), c, after=_day_before(prev), upto=prev).drop(C.DS)
+    return {k: read_days(spark, cfg.lake.root, cfg.layout.sessions(t), c, after=lake.previous_day(prev), upto=prev).drop(C.DS)
             for k, (t, c) in tables.items()}
 
 
@@ -441,21 +438,9 @@ def _event_stats(events: DataFrame) -> dict:
     return row.asDict()
 
 
-def _out(cfg: Config, table: str) -> str:
-    return f"{cfg.sessionize.output}/{table}"
-
-
 def written_tables(cfg: Config) -> list[str]:
     """Every table a run writes (its stale staging folders are this stage's to remove)."""
-    return [_out(cfg, t) for t in (EVENTS, ITEM_VOCAB, QUERY_VOCAB, SEQUENCES)] + splits.tables(cfg)
-
-
-def _next_day(ds: str) -> str:
-    return (parse_ds(ds) + dt.timedelta(days=1)).isoformat()
-
-
-def _day_before(ds: str) -> str:
-    return (parse_ds(ds) - dt.timedelta(days=1)).isoformat()
+    return [cfg.layout.sessions(t) for t in (EVENTS, ITEM_VOCAB, QUERY_VOCAB, SEQUENCES)] + splits.tables(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def read_days(spark, root: Path, table: str, contract, after: str | None = None,
     The explicit schema keeps ``ds`` a string (Spark would infer a date), makes partitions written by
     pyarrow and by Spark read alike, and lets an empty selection still have the contract's columns.
     """
-    days = [d for d in lake.partitions(root, table) if (after is None or d > after) and (upto is None or d <= upto)]
+    days = lake.days(root, table, after, upto)
     schema = spark_schema(contract)
     if not days:
         return spark.createDataFrame([], schema)
@@ -119,11 +119,22 @@ def read_days(spark, root: Path, table: str, contract, after: str | None = None,
             .parquet(*[str(lake.partition(root, table, d)) for d in days]))
 
 
+def spark_partition(spark, root: Path, table: str, ds: str, contract):
+    """One published partition as a Spark DataFrame (without ``ds``), with the contract's types."""
+    part = lake.partition(root, table, ds)
+    if not part.is_dir():
+        raise FileNotFoundError(f"{part}: no published partition")
+    schema = spark_schema(contract, with_ds=False)
+    if not lake.data_files(part):
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(str(part))
+
+
 def count_rows(root: Path, table: str, after: str | None = None, upto: str | None = None) -> dict[str, int]:
     """Rows per published partition ``after < ds <= upto``, from Parquet footers (no Spark job)."""
     import pyarrow.parquet as pq
 
-    days = [d for d in lake.partitions(root, table) if (after is None or d > after) and (upto is None or d <= upto)]
+    days = lake.days(root, table, after, upto)
     return {d: sum(pq.ParquetFile(f).metadata.num_rows for f in lake.data_files(lake.partition(root, table, d)))
             for d in days}
 

@@ -24,7 +24,6 @@ token (for a search target the last context token is its query). Tables (``schem
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from pathlib import Path
 from typing import Callable
@@ -117,19 +116,19 @@ def write(staging: Staging, cfg: Config, ds: str, state: DataFrame, events: Data
     ``state`` + ``events``: as for ``temporal``; ``history``: every event up to ``ds`` (only
     leave-one-out needs it, so it is only read then).
     """
-    out, max_len, stats = cfg.sessionize.output, cfg.sessionize.max_seq_len, {}
+    layout, max_len, stats = cfg.layout, cfg.sessionize.max_seq_len, {}
     for name in cfg.sessionize.splits:
         train, evals = temporal(state, events, ds, max_len) if name == "temporal" else loo(history(), max_len)
-        staging.write_day(train, f"{out}/split_{name}_train", ds)
-        staging.write_day(evals.select(*S.SPLIT_EVAL.names), f"{out}/split_{name}_eval", ds)
-        stats[name] = _counts(staging.staged(f"{out}/split_{name}_train", ds),
-                              staging.staged(f"{out}/split_{name}_eval", ds))
+        staging.write_day(train, layout.split(name, "train"), ds)
+        staging.write_day(evals.select(*S.SPLIT_EVAL.names), layout.split(name, "eval"), ds)
+        stats[name] = _counts(staging.staged(layout.split(name, "train"), ds),
+                              staging.staged(layout.split(name, "eval"), ds))
     return stats
 
 
 def tables(cfg: Config) -> list[str]:
     """The split tables ``write`` stages for ``cfg.sessionize.splits``."""
-    return [f"{cfg.sessionize.output}/split_{name}_{part}" for name in cfg.sessionize.splits for part in ("train", "eval")]
+    return [cfg.layout.split(name, part) for name in cfg.sessionize.splits for part in ("train", "eval")]
 
 
 def _counts(train: Path, evals: Path) -> dict:
@@ -146,20 +145,20 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
     """The splits of ``ds`` alone, from published tables: the latest ``sequences`` snapshot before
     ``ds`` and the ``events`` after it (temporal), the whole ``events`` history (leave-one-out)."""
     ds = parse_ds(ds).isoformat()
-    root, out = Path(cfg.lake.root), cfg.sessionize.output
-    snaps = [d for d in lake.partitions(root, f"{out}/sequences") if d < ds]
-    prev = snaps[-1] if snaps else None
+    root, layout = Path(cfg.lake.root), cfg.layout
+    prev = layout.day_before(layout.sessions("sequences"), ds)
     if prev is None:
         state = spark.createDataFrame([], spark_schema(S.SEQUENCES, with_ds=False))
     else:
-        state = read_days(spark, root, f"{out}/sequences", S.SEQUENCES, after=_before(prev), upto=prev).drop(C.DS)
-    events = read_days(spark, root, f"{out}/events", S.EVENTS, after=prev, upto=ds)
+        state = read_days(spark, root, layout.sessions("sequences"), S.SEQUENCES, after=lake.previous_day(prev),
+                          upto=prev).drop(C.DS)
+    events = read_days(spark, root, layout.sessions("events"), S.EVENTS, after=prev, upto=ds)
     for table in tables(cfg):
         lake.remove_stale(root, table)
     staging = Staging(spark, root)
     try:
         stats = write(staging, cfg, ds, state, events,
-                      lambda: read_days(spark, root, f"{out}/events", S.EVENTS, upto=ds))
+                      lambda: read_days(spark, root, layout.sessions("events"), S.EVENTS, upto=ds))
         staging.publish()
     except BaseException:
         staging.discard()
@@ -167,6 +166,3 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
     log.info("splits %s: %s", ds, stats)
     return stats
 
-
-def _before(ds: str) -> str:
-    return (parse_ds(ds) - dt.timedelta(days=1)).isoformat()

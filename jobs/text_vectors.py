@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.spark import Staging, read_days, spark_schema
+from jobs.spark import Staging, read_days, spark_partition
 from schemas import CATALOG, C
 from schemas.semantic_ids import ITEM_EMBEDDINGS, QUERY_EMBEDDINGS
 from schemas.sequences import ITEM_VOCAB, QUERY_VOCAB
@@ -54,12 +54,7 @@ TEXT_FIELDS = (C.TITLE, C.CATEGORIES, C.DESCRIPTION, C.BRAND)
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared with jobs.collab, jobs.semantic_ids and jobs.score
-
-
-def table(cfg: Config, name: str) -> str:
-    """Lake path of an embeddings table, e.g. ``embeddings/items``."""
-    return f"{cfg.embeddings.output}/{name}"
+# what identifies a text's vector
 
 
 def encoder_fingerprint(cfg: TextEncoderConfig) -> str:
@@ -72,33 +67,6 @@ def encoder_fingerprint(cfg: TextEncoderConfig) -> str:
 def text_hash(fingerprint: str, text: str) -> str:
     """sha256 hex of ``fingerprint + "\\n" + text``; the same as Spark's ``sha2(concat(...), 256)``."""
     return hashlib.sha256(f"{fingerprint}\n{text}".encode()).hexdigest()
-
-
-def read_partition(root: Path, table_path: str, ds: str, columns: list[str] | None = None) -> pa.Table:
-    """One published partition read on the driver (pyarrow)."""
-    part = lake.partition(root, table_path, ds)
-    if not part.is_dir():
-        raise FileNotFoundError(f"{part}: no published partition")
-    tables = [pq.read_table(f, columns=columns) for f in lake.data_files(part)]
-    if not tables:
-        return pa.table({}) if columns is None else pa.table({c: pa.array([]) for c in columns})
-    return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
-
-
-def read_meta(root: Path, table_path: str, ds: str, name: str) -> dict | None:
-    path = lake.partition(root, table_path, ds) / name
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def spark_partition(spark: SparkSession, root: Path, table_path: str, ds: str, contract: pa.Schema) -> DataFrame:
-    """One published partition as a Spark DataFrame (without ``ds``), with the contract's types."""
-    part = lake.partition(root, table_path, ds)
-    if not part.is_dir():
-        raise FileNotFoundError(f"{part}: no published partition")
-    schema = spark_schema(contract, with_ds=False)
-    if not lake.data_files(part):
-        return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(str(part))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +122,14 @@ def _embedder(encoder: TextEncoderConfig, fingerprint: str, ds: str, key: str, n
 
 def state_day(cfg: Config, name: str, ds: str, fingerprint: str) -> tuple[str | None, str]:
     """(yesterday's day, why) when the latest snapshot before ``ds`` was made by this encoder, else (None, why)."""
-    days = [d for d in lake.partitions(cfg.lake.root, table(cfg, name)) if d < ds]
-    if not days:
+    layout = cfg.layout
+    prev = layout.day_before(layout.vectors(name), ds)
+    if prev is None:
         return None, "first run"
-    meta = read_meta(cfg.lake.root, table(cfg, name), days[-1], META_FILE) or {}
+    meta = lake.read_meta(layout.root, layout.vectors(name), prev, META_FILE) or {}
     if meta.get("fingerprint") != fingerprint:
         return None, f"encoder changed: {meta.get('fingerprint')} -> {fingerprint}"
-    return days[-1], "incremental"
+    return prev, "incremental"
 
 
 def _previous(spark, cfg: Config, name: str, prev: str | None, key: str, contract: pa.Schema) -> DataFrame:
@@ -169,7 +138,7 @@ def _previous(spark, cfg: Config, name: str, prev: str | None, key: str, contrac
         return spark.createDataFrame([], f"{key} {'int' if key.endswith('index') else 'string'}, "
                                          f"{PREV}{C.TEXT_HASH} string, {PREV}{C.VECTOR} array<float>, "
                                          f"{PREV}{C.EMBEDDED_DS} string")
-    df = spark_partition(spark, cfg.lake.root, table(cfg, name), prev, contract)
+    df = spark_partition(spark, cfg.lake.root, cfg.layout.vectors(name), prev, contract)
     return df.select(key, *[F.col(c).alias(PREV + c) for c in cols])
 
 
@@ -181,8 +150,8 @@ def _out_schema(key: str, name: str) -> str:
 def item_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) -> DataFrame:
     """The day's item vectors (ITEM_EMBEDDINGS columns); texts embedded lazily when written."""
     root = cfg.lake.root
-    vocab = spark_partition(spark, root, f"{cfg.sessionize.output}/item_vocab", ds, ITEM_VOCAB)
-    catalog = read_days(spark, root, f"{cfg.sessionize.source}/catalog", CATALOG, after=prev, upto=ds)
+    vocab = spark_partition(spark, root, cfg.layout.sessions("item_vocab"), ds, ITEM_VOCAB)
+    catalog = read_days(spark, root, cfg.layout.valid("catalog"), CATALOG, after=prev, upto=ds)
     # the latest row per item: max_by needs no sort, and a validated partition holds an item once
     latest = (catalog.groupBy(C.ITEM_ID).agg(F.max_by(F.struct(*TEXT_FIELDS), C.DS).alias("_row"))
               .select(C.ITEM_ID, *[F.col(f"_row.{f}").alias(f) for f in TEXT_FIELDS], F.lit(True).alias(IN_CATALOG)))
@@ -200,7 +169,7 @@ def item_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) 
 
 def query_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str) -> DataFrame:
     """The day's query vectors (QUERY_EMBEDDINGS columns); only rows whose hash changed reach Python."""
-    vocab = spark_partition(spark, cfg.lake.root, f"{cfg.sessionize.output}/query_vocab", ds, QUERY_VOCAB)
+    vocab = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("query_vocab"), ds, QUERY_VOCAB)
     h = F.sha2(F.concat(F.lit(fingerprint + "\n"), F.coalesce(F.col(C.QUERY), F.lit(""))), 256)
     prev_df = _previous(spark, cfg, QUERIES, prev, C.QUERY_INDEX, QUERY_EMBEDDINGS)
     cand = vocab.select(C.QUERY_INDEX, C.QUERY, h.alias("_hash")).join(prev_df, C.QUERY_INDEX, "left")
@@ -244,11 +213,11 @@ def embed_texts(spark: SparkSession, cfg: Config, ds: str) -> dict:
         for name, key, frame in ((ITEMS, C.ITEM_INDEX, item_frame), (QUERIES, C.QUERY_INDEX, query_frame)):
             t0 = time.perf_counter()
             prev, why = state_day(cfg, name, ds, fingerprint)
-            staging.write_day(frame(spark, cfg, ds, prev, fingerprint), table(cfg, name), ds)
-            prev_keys = read_partition(cfg.lake.root, table(cfg, name), prev, [key])[key].to_numpy() if prev else None
-            counts = _counts(staging.staged(table(cfg, name), ds), key, ds, prev_keys)
+            staging.write_day(frame(spark, cfg, ds, prev, fingerprint), cfg.layout.vectors(name), ds)
+            prev_keys = lake.read_partition(cfg.lake.root, cfg.layout.vectors(name), prev, [key])[key].to_numpy() if prev else None
+            counts = _counts(staging.staged(cfg.layout.vectors(name), ds), key, ds, prev_keys)
             counts.update(previous_ds=prev, mode=why, seconds=round(time.perf_counter() - t0, 3))
-            staging.add_side_file(table(cfg, name), ds, META_FILE,
+            staging.add_side_file(cfg.layout.vectors(name), ds, META_FILE,
                                   json.dumps({"ds": ds, "fingerprint": fingerprint, **counts}, indent=1))
             out[name] = counts
         staging.publish()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from synergen_core import checkpoint, distributed, lake
+from synergen_core import distributed, lake
 from synergen_core.baselines import variant_config
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import load_split
@@ -37,14 +37,14 @@ FEATURES = "features.pt"
 
 
 def protocol_dir(cfg: Config, ds: str, protocol: str) -> Path:
-    return checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, "")
+    return cfg.layout.model_dir(ds, protocol, "")
 
 
 def require_tables(cfg: Config, ds: str, tables: list[str]) -> None:
     """Each sessionized table of ``tables`` has a published partition for ``ds`` holding data files, else a
     ``PipelineError`` naming the partition and the command that writes it."""
     for table in tables:
-        part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/{table}", ds)
+        part = cfg.layout.part(cfg.layout.sessions(table), ds)
         if not (part / lake.SUCCESS).is_file():
             raise PipelineError(f"{part}: no published partition of {table} for ds={ds} "
                                 f"(`synergen sessionize --ds {ds}` writes it)")
@@ -63,9 +63,10 @@ def load_training_split(cfg: Config, ds: str, protocol: str):
     a single training window (an empty upstream day) is a ``PipelineError`` naming the split and the day,
     not a run of 0 optimizer steps whose untrained model would go on to evaluation and promotion."""
     require_tables(cfg, ds, split_tables(protocol))
-    data = load_split(cfg, ds, protocol)
+    data = load_split(cfg.layout, ds, protocol, cfg.model.max_seq_len, cfg.train.max_windows,
+                      cfg.train.rank_impression_negatives)
     if len(data.windows) == 0:
-        part = lake.partition(cfg.lake.root, f"{cfg.sessionize.output}/split_{protocol}_train", ds)
+        part = cfg.layout.part(cfg.layout.split(protocol, "train"), ds)
         raise PipelineError(f"{part}: the {protocol} training split of ds={ds} has no training windows "
                             f"({len(data.train.lengths)} user sequences): nothing to train on; check that the "
                             "day's logs reached validation and sessionize")
@@ -89,7 +90,7 @@ def _plan(cfg: Config, data, variants: list[str], protocol: str, notes: dict) ->
 def _features(cfg: Config, ds: str, protocol: str, data, todo: list[tuple[str, Config]]):
     need_text = any(c.model.use_text_emb for _, c in todo)
     need_codes = any(c.model.use_semantic_ids or c.model.semantic_head for _, c in todo)
-    return load_features(cfg, ds, data.train, data.item_vocab, data.query_vocab, data.n_items, data.n_queries,
+    return load_features(cfg.layout, cfg.text_encoder, cfg.semantic_ids, ds, data.train, data.item_vocab, data.query_vocab, data.n_items, data.n_queries,
                          protocol_dir(cfg, ds, protocol) / FEATURES, need_text, need_codes, protocol=protocol)
 
 
@@ -134,7 +135,7 @@ def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
                          "n_queries": data.n_queries, "features": feats.notes,
                          "prepare_seconds": round(time.perf_counter() - t0, 2), "models": {}}
         for v, vcfg in todo:
-            d = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, protocol, v)
+            d = cfg.layout.model_dir(ds, protocol, v)
             log.info("train %s %s/%s -> %s", ds, protocol, v, d)
             out[protocol]["models"][v] = train(vcfg, data, feats, d, on_step=on_step)
     return out

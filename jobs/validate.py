@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 TABLES = ("catalog", "search_events", "browse_events")
 DAY_US = 86_400 * 1_000_000
-LAYER = "validated"
 
 
 @dataclass
@@ -84,23 +83,24 @@ def run(cfg: Config, ds: str, tables: list[str] | None = None) -> dict:
 def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None = None) -> dict:
     """Validate every raw partition in ``[first_ds, last_ds]``: catalog first, then events; publish the
     days whose tables all passed (in order, up to the first that failed) and mark them complete."""
-    root = Path(cfg.lake.root)
+    layout = cfg.layout
+    root, layer = layout.root, layout.validated
     chosen = [t for t in TABLES if not tables or t in tables]
     if last_ds < first_ds:
         raise ValidationFailed(f"validate: last day {last_ds} is before first day {first_ds}; give the first day first")
     days = _days(first_ds, last_ds)
     # what a killed run left aside; runs are serialized, so nothing live is removed
-    for table in [*(f"{area}/{t}" for t in chosen for area in (LAYER, "quarantine")), f"{LAYER}/{lake.DAYS}"]:
+    for table in [*(area(t) for t in chosen for area in (layout.valid, layout.quarantine)), layout.valid(lake.DAYS)]:
         lake.remove_stale(root, table)
     # The days' contents are about to change: their markers go first, so downstream never sees a marked
     # day half replaced (a crash leaves them unmarked, and the rerun marks them again).
-    for day in [d for d in lake.completed_days(root, LAYER) if first_ds <= d <= last_ds]:
-        lake.unmark_day(root, LAYER, day)
-    days_without_events = _check_days_have_events(root, first_ds, last_ds)
-    present = {t: [d for d in lake.partitions(root, f"raw/{t}") if first_ds <= d <= last_ds] for t in chosen}
+    for day in [d for d in lake.completed_days(root, layer) if first_ds <= d <= last_ds]:
+        lake.unmark_day(root, layer, day)
+    days_without_events = _check_days_have_events(layout, first_ds, last_ds)
+    present = {t: layout.days(layout.raw(t), lake.previous_day(first_ds), last_ds) for t in chosen}
     # Every file is read before any GE run: unreadable or off-contract input fails in seconds, and
     # before anything is staged.
-    batches = {t: read_batch(root, t, present[t]) for t in chosen if present[t]}
+    batches = {t: read_batch(layout, t, present[t]) for t in chosen if present[t]}
 
     result: dict = {"days_without_events": len(days_without_events)}
     staged: list[StagedDay] = []
@@ -117,7 +117,7 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
                 staged_catalog = valid_ids
             staged += table_days
             result[table] = {**counts, "seconds": round(time.perf_counter() - t0, 3)}
-        failures, report_dirs = _publish(root, chosen, days, staged)
+        failures, report_dirs = _publish(layout, chosen, days, staged)
     finally:
         for s in staged:  # whatever was not published
             for tmp in (s.quarantine, s.valid):
@@ -130,7 +130,7 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
     return result
 
 
-def _publish(root: Path, chosen: list[str], days: list[str], staged: list[StagedDay]
+def _publish(layout: lake.Layout, chosen: list[str], days: list[str], staged: list[StagedDay]
              ) -> tuple[list[StagedDay], list[Path]]:
     """Publish day by day up to the first day any table failed; mark those days complete when every
     table was validated. Returns the failed table-days and where each table-day's report is."""
@@ -145,8 +145,8 @@ def _publish(root: Path, chosen: list[str], days: list[str], staged: list[Staged
         for s in by_day.get(day, []):
             if publish:
                 s.summary["published"] = True
-                lake.publish(s.quarantine, lake.partition(root, f"quarantine/{s.table}", day))
-                report_dirs.append(_publish_with(s.valid, lake.partition(root, f"{LAYER}/{s.table}", day),
+                lake.publish(s.quarantine, layout.part(layout.quarantine(s.table), day))
+                report_dirs.append(_publish_with(s.valid, layout.part(layout.valid(s.table), day),
                                                  s.report.side_files(s.summary)))
             else:
                 # Not published: the report goes with the quarantine, and the previous validated
@@ -154,13 +154,13 @@ def _publish(root: Path, chosen: list[str], days: list[str], staged: list[Staged
                 s.summary["published"] = False
                 s.summary["not_published_because"] = (
                     s.failure or _blocker(failures, day, first_failed))
-                report_dirs.append(_publish_with(s.quarantine, lake.partition(root, f"quarantine/{s.table}", day),
+                report_dirs.append(_publish_with(s.quarantine, layout.part(layout.quarantine(s.table), day),
                                                  s.report.side_files(s.summary)))
         # Days without any raw partition have nothing to publish and get no marker (a backfill over a
         # sparse history would otherwise write thousands): downstream asks for markers on days with input.
         if publish and len(chosen) == len(TABLES) and day in by_day:
             counts = {t: _day_counts(by_day.get(day, []), t) for t in TABLES}
-            lake.mark_day_complete(root, LAYER, day, {"_validation.json": json.dumps(
+            lake.mark_day_complete(layout.root, layout.validated, day, {"_validation.json": json.dumps(
                 {"ds": day, "tables": counts}, indent=1)})
     return failures, report_dirs
 
@@ -198,7 +198,7 @@ def _failure_message(failures: list[StagedDay], days: list[str]) -> str:
     return f"{first.failure}\nAlso failed: {shown} (reports with their quarantine); {unpublished}."
 
 
-def _check_days_have_events(root: Path, first_ds: str, last_ds: str) -> list[str]:
+def _check_days_have_events(layout: lake.Layout, first_ds: str, last_ds: str) -> list[str]:
     """Days in the range with no events partition in either events table.
 
     A daily run (one day) with none fails: upstream did not deliver, and training on a gap is worse than
@@ -206,14 +206,14 @@ def _check_days_have_events(root: Path, first_ds: str, last_ds: str) -> list[str
     histories have days without events; a range without a single one fails (nothing to validate is a
     wrong lake root or wrong dates, not a quiet success). One events table may be absent on a day
     (sources without search logs, days without tags)."""
-    present = set().union(*(lake.partitions(root, f"raw/{t}") for t in EVENT_TABLES))
+    present = set().union(*(layout.days(layout.raw(t)) for t in EVENT_TABLES))
     days = _days(first_ds, last_ds)
     missing = [d for d in days if d not in present]
     hint = "write raw/<table>/ds=YYYY-MM-DD/*.parquet there first, or check lake.root and the dates"
     if missing and first_ds == last_ds:
-        raise ValidationFailed(f"{root / 'raw'}: no search_events or browse_events partition for {first_ds}; {hint}")
+        raise ValidationFailed(f"{layout.root / lake.RAW}: no search_events or browse_events partition for {first_ds}; {hint}")
     if len(missing) == len(days):
-        raise ValidationFailed(f"{root / 'raw'}: no search_events or browse_events partition from {first_ds} to "
+        raise ValidationFailed(f"{layout.root / lake.RAW}: no search_events or browse_events partition from {first_ds} to "
                                f"{last_ds}; {hint}")
     return missing
 
@@ -297,17 +297,17 @@ def _with_nulls(ok: np.ndarray, is_null: pa.ChunkedArray) -> np.ndarray:
     return out
 
 
-def catalog_first_ds(root: Path, last_ds: str, staged: pd.DataFrame | None = None) -> pd.Series | None:
+def catalog_first_ds(layout: lake.Layout, last_ds: str, staged: pd.DataFrame | None = None) -> pd.Series | None:
     """item_id -> first day it is in the validated catalog, over partitions up to ``last_ds``.
 
     ``staged``: this run's valid catalog rows (columns ``id``, ``ds``), not published yet; they stand
     for the published partitions of their days (a rerun replaces those)."""
     replaced = set(staged["ds"]) if staged is not None else set()
-    days = [d for d in lake.partitions(root, "validated/catalog") if d <= last_ds and d not in replaced]
+    days = [d for d in layout.days(layout.valid("catalog"), upto=last_ds) if d not in replaced]
     ids = [
         pd.DataFrame({"id": pq.read_table(f, columns=[C.ITEM_ID]).column(0).to_pandas(), "ds": d})
         for d in days
-        for f in lake.data_files(lake.partition(root, "validated/catalog", d))
+        for f in lake.data_files(layout.part(layout.valid("catalog"), d))
     ]
     if staged is not None:
         ids.append(staged[staged["ds"] <= last_ds])
@@ -357,14 +357,14 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str], staged_catalog: p
 
     Returns the table's counts, its staged days (``failure`` set on days over the bad-row share) and
     the batch's valid ``item_id`` per day (what events of this run are checked against, for the catalog)."""
-    root = Path(cfg.lake.root)
-    first_ds = catalog_first_ds(root, days[-1], staged_catalog) if batch.table in EVENT_TABLES else None
+    layout = cfg.layout
+    first_ds = catalog_first_ds(layout, days[-1], staged_catalog) if batch.table in EVENT_TABLES else None
     frame = check_frame(cfg, batch, first_ds)
     result = run_suite(batch.table, frame)
     reasons = row_reasons(result, batch.data.num_rows)
     bad = reasons != ""
     _slim(result)
-    report = Report(root, batch.table, days, result)
+    report = Report(layout, batch.table, days, result)
 
     staged = []
     try:
@@ -372,8 +372,8 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str], staged_catalog: p
             rows = batch.rows_of(day)
             summary = _day_summary(batch, day, rows, bad, reasons, cfg)
             failed = summary["bad_share"] > cfg.validation.max_bad_row_share
-            failure = _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) if failed else None
-            staged.append(_stage_day(root, batch, day, rows, bad, reasons, summary, report, failure))
+            failure = _too_many_bad(layout, batch, day, rows, bad, reasons, summary, cfg) if failed else None
+            staged.append(_stage_day(layout, batch, day, rows, bad, reasons, summary, report, failure))
         report.write_range()
     except BaseException:
         for s in staged:
@@ -401,12 +401,12 @@ def validate_batch(cfg: Config, batch: Batch, days: list[str], staged_catalog: p
 class Report:
     """GE's result and data docs page: beside the day's data for a one-day run, else once per range."""
 
-    def __init__(self, root: Path, table: str, days: list[str], result):
+    def __init__(self, layout: lake.Layout, table: str, days: list[str], result):
         self.single_day = len(days) == 1
         self.ge_json = json.dumps(result.to_json_dict(), indent=1, default=str)
         self.html = _data_docs(result)
-        self.range_dir = root / "validated" / table / "_reports" / f"{days[0]}_{days[-1]}"
-        self.root = root
+        self.range_dir = layout.root / layout.valid(table) / "_reports" / f"{days[0]}_{days[-1]}"
+        self.root = layout.root
 
     def side_files(self, summary: dict) -> dict[str, str]:
         if self.single_day:
@@ -441,19 +441,19 @@ def _day_summary(batch: Batch, day: str, rows: np.ndarray, bad, reasons, cfg: Co
     }
 
 
-def _too_many_bad(root, batch, day, rows, bad, reasons, summary, cfg) -> str:
+def _too_many_bad(layout, batch, day, rows, bad, reasons, summary, cfg) -> str:
     first = rows[bad[rows]][0]
     counts = ", ".join(f"{code} {n:,}" for code, n in summary["reasons"].items())
     return (
-        f"{root / 'raw' / batch.table / f'ds={day}'}: {summary['rows_quarantined']:,} of {summary['rows_in']:,} rows "
+        f"{layout.part(layout.raw(batch.table), day)}: {summary['rows_quarantined']:,} of {summary['rows_in']:,} rows "
         f"({summary['bad_share']:.1%}) failed validation, over validate.max_bad_row_share="
         f"{cfg.validation.max_bad_row_share:.1%}; by reason (field): {counts}; first: {batch.source_file[first]} "
         f"row {batch.source_row[first]}: {reasons[first]}. Quarantined rows are in "
-        f"{root / 'quarantine' / batch.table / f'ds={day}'}"
+        f"{layout.part(layout.quarantine(batch.table), day)}"
     )
 
 
-def _stage_day(root, batch, day, rows, bad, reasons, summary, report, failure: str | None) -> StagedDay:
+def _stage_day(layout, batch, day, rows, bad, reasons, summary, report, failure: str | None) -> StagedDay:
     """Write the day's quarantine and (unless it failed) validated rows aside; ``run_range`` publishes them
     once every table of the day is known."""
     idx_bad = rows[bad[rows]]
@@ -462,10 +462,10 @@ def _stage_day(root, batch, day, rows, bad, reasons, summary, report, failure: s
     quarantined = quarantined.append_column(C.SOURCE_FILE, pa.array(batch.source_file[idx_bad], pa.string()))
     quarantined = quarantined.append_column(C.SOURCE_ROW, pa.array(batch.source_row[idx_bad], pa.int64()))
     q_tmp = _stage(quarantined.cast(quarantine_schema(batch.table)),
-                   lake.partition(root, f"quarantine/{batch.table}", day), batch.metadata)
+                   layout.part(layout.quarantine(batch.table), day), batch.metadata)
     valid_tmp = None
     if failure is None:
-        valid_tmp = _stage(batch.data.take(rows[~bad[rows]]), lake.partition(root, f"{LAYER}/{batch.table}", day),
+        valid_tmp = _stage(batch.data.take(rows[~bad[rows]]), layout.part(layout.valid(batch.table), day),
                            batch.metadata)
     return StagedDay(batch.table, day, summary, report, q_tmp, valid_tmp, failure)
 

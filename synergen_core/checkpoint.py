@@ -36,10 +36,6 @@ from synergen_core.model import SynerGen
 CHECKPOINT, MODEL, SUMMARY = "checkpoint.pt", "model.pt", "train.json"
 
 
-def run_dir(root: Path, output: str, ds: str, protocol: str, variant: str) -> Path:
-    return Path(root) / output / f"ds={ds}" / protocol / variant
-
-
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"

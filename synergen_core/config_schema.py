@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synergen_core.errors import PipelineError
+from synergen_core.lake import Layout
 
 
 class ConfigError(PipelineError, ValueError):
@@ -389,6 +390,11 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    @property
+    def layout(self) -> Layout:
+        """Where each table of this pipeline lives in the lake (``synergen_core.lake.Layout``)."""
+        return Layout.of(self)
 
 
 def parse_ds(ds: str) -> dt.date:

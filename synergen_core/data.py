@@ -33,7 +33,6 @@ from schemas import C
 from schemas import sequences as S
 from schemas.raw import BROWSE_ACTIONS, SEARCH_ACTIONS
 from synergen_core import lake
-from synergen_core.config import Config
 from synergen_core.embeddings import TokenType
 from synergen_core.model import RECOMMEND, SEARCH
 
@@ -48,12 +47,11 @@ HISTORY_KEYS = ("token_type", "item_idx", "query_idx", "action", "surface", "pos
 # ---- reading the lake ---------------------------------------------------------------------------
 
 
-def read_table(cfg: Config, table: str, ds: str) -> pa.Table:
-    """One published partition of a sessionized table, e.g. ``split_loo_train``."""
-    part = lake.partition(Path(cfg.lake.root), f"{cfg.sessionize.output}/{table}", ds)
+def read_table(part: Path) -> pa.Table:
+    """One published partition of a sessionized table, e.g. ``layout.part(layout.split("loo", "train"), ds)``."""
     files = lake.data_files(part)
     if not files:
-        raise FileNotFoundError(f"{part}: no published partition (run `synergen sessionize --ds {ds}` first)")
+        raise FileNotFoundError(f"{part}: no published partition (run `synergen sessionize --ds {part.name[3:]}` first)")
     return pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
 
 
@@ -377,24 +375,25 @@ class SplitData:
     counts: np.ndarray  # [n_items] item tokens per item in ``train`` (popularity)
 
 
-def load_split(cfg: Config, ds: str, protocol: str) -> SplitData:
+def load_split(layout: lake.Layout, ds: str, protocol: str, L: int, max_windows: int | None = None,
+               impression_negatives: int = 0) -> SplitData:
     """``split_<protocol>_train`` + validation targets: ``loo`` has its own ``valid`` rows, ``temporal``
-    holds out every user's last training engagement (``holdout_last``)."""
-    L = cfg.model.max_seq_len
-    items, queries = read_table(cfg, "item_vocab", ds), read_table(cfg, "query_vocab", ds)
+    holds out every user's last training engagement (``holdout_last``). ``L``: the model's context length."""
+    items = read_table(layout.part(layout.sessions("item_vocab"), ds))
+    queries = read_table(layout.part(layout.sessions("query_vocab"), ds))
     n_items, n_queries = vocab_size(items, C.ITEM_INDEX), vocab_size(queries, C.QUERY_INDEX)
-    train = tokens_from_arrow(read_table(cfg, f"split_{protocol}_train", ds)[C.TOKENS],
-                              cfg.train.rank_impression_negatives)
+    train = tokens_from_arrow(read_table(layout.part(layout.split(protocol, "train"), ds))[C.TOKENS],
+                              impression_negatives)
     if protocol == "loo":
-        valid, _ = requests_from_eval(read_table(cfg, "split_loo_eval", ds), L, S.SPLIT_VALID)
+        valid, _ = requests_from_eval(read_table(layout.part(layout.split("loo", "eval"), ds)), L, S.SPLIT_VALID)
     else:
         train, valid = holdout_last(train, L)
     return SplitData(
         protocol, n_items, n_queries, items, queries, train,
-        make_windows(train, L, cfg.train.max_windows), valid, item_counts(train, n_items),
+        make_windows(train, L, max_windows), valid, item_counts(train, n_items),
     )
 
 
-def load_test(cfg: Config, ds: str, protocol: str) -> tuple[Requests, int]:
+def load_test(layout: lake.Layout, ds: str, protocol: str, L: int) -> tuple[Requests, int]:
     """The ``test`` targets of a protocol's split and how many had no context."""
-    return requests_from_eval(read_table(cfg, f"split_{protocol}_eval", ds), cfg.model.max_seq_len, S.SPLIT_TEST)
+    return requests_from_eval(read_table(layout.part(layout.split(protocol, "eval"), ds)), L, S.SPLIT_TEST)

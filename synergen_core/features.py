@@ -33,7 +33,7 @@ from torch import Tensor
 
 from schemas import C
 from synergen_core import checkpoint, lake
-from synergen_core.config import Config, SemanticIdConfig
+from synergen_core.config import SemanticIdConfig, TextEncoderConfig
 from synergen_core.data import Tokens, row_ids
 from synergen_core.embeddings import TokenType
 
@@ -48,30 +48,29 @@ class Features:
     notes: dict
 
 
-def catalog_texts(cfg: Config, ds: str, item_ids: list[str]) -> list[str]:
+def catalog_texts(layout: lake.Layout, ds: str, item_ids: list[str], max_description_chars: int) -> list[str]:
     """Text of each item id as of ``ds`` ("" for an item without a catalog row)."""
     from synergen_core.text_encoder import item_text
 
-    table = f"{cfg.sessionize.source}/catalog"
+    table = layout.valid("catalog")
     frames = []
-    for day in (d for d in lake.partitions(cfg.lake.root, table) if d <= ds):
-        for f in lake.data_files(lake.partition(cfg.lake.root, table, day)):
+    for day in layout.days(table, upto=ds):
+        for f in lake.data_files(layout.part(table, day)):
             frames.append(pl.from_arrow(pq.read_table(
                 f, columns=[C.ITEM_ID, C.TITLE, C.DESCRIPTION, C.CATEGORIES, C.BRAND])))
     if not frames:
         return [""] * len(item_ids)
     latest = pl.concat(frames, how="vertical_relaxed").unique(C.ITEM_ID, keep="last", maintain_order=True)
     rows = {r[C.ITEM_ID]: r for r in latest.iter_rows(named=True)}
-    mx = cfg.text_encoder.max_description_chars
+    mx = max_description_chars
     return [
         item_text(r[C.TITLE], r[C.CATEGORIES], r[C.DESCRIPTION], r[C.BRAND], mx) if (r := rows.get(i)) else ""
         for i in item_ids
     ]
 
 
-def _lake_vectors(cfg: Config, table: str, ds: str, index: str, n: int) -> np.ndarray | None:
-    """Stage 3's vectors of ``table`` on ``ds`` as [n, d] rows at their indices, or None if not there."""
-    part = lake.partition(cfg.lake.root, f"{cfg.embeddings.output}/{table}", ds)
+def _lake_vectors(part: Path, index: str, n: int) -> np.ndarray | None:
+    """Stage 3's vectors in partition ``part`` as [n, d] rows at their indices, or None if not there."""
     if not (part / lake.SUCCESS).is_file():  # stage 3 did not publish the day: embed in-process instead
         return None
     files = lake.data_files(part)
@@ -88,22 +87,26 @@ def _lake_vectors(cfg: Config, table: str, ds: str, index: str, n: int) -> np.nd
     return out
 
 
-def text_vectors(cfg: Config, ds: str, item_vocab, query_vocab, n_items: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (item vectors [n_items, d], query vectors [n_queries, d]), rows at vocabulary indices, row 0 zeros."""
-    items = _lake_vectors(cfg, "items", ds, C.ITEM_INDEX, n_items)
-    queries = _lake_vectors(cfg, "queries", ds, C.QUERY_INDEX, n_queries) if items is not None else None
+def text_vectors(layout: lake.Layout, encoder: TextEncoderConfig, ds: str, item_vocab, query_vocab, n_items: int,
+                 n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (item vectors [n_items, d], query vectors [n_queries, d]), rows at vocabulary indices, row 0 zeros:
+    the item-embedding stage's tables of ``ds`` where published, else ``encode_texts``."""
+    items = _lake_vectors(layout.part(layout.vectors("items"), ds), C.ITEM_INDEX, n_items)
+    queries = (_lake_vectors(layout.part(layout.vectors("queries"), ds), C.QUERY_INDEX, n_queries)
+               if items is not None else None)
     if items is not None and (queries is not None or query_vocab.num_rows == 0):
         return items, queries if queries is not None else np.zeros((n_queries, items.shape[1]), np.float32)
-    return encode_texts(cfg, ds, item_vocab, query_vocab, n_items, n_queries)
+    return encode_texts(layout, encoder, ds, item_vocab, query_vocab, n_items, n_queries)
 
 
-def encode_texts(cfg: Config, ds: str, item_vocab, query_vocab, n_items: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(layout: lake.Layout, encoder: TextEncoderConfig, ds: str, item_vocab, query_vocab, n_items: int,
+                 n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     """``text_vectors`` computed in-process with the configured frozen encoder."""
     from synergen_core.text_encoder import load_text_encoder
 
-    enc = load_text_encoder(cfg.text_encoder)
+    enc = load_text_encoder(encoder)
     item_idx = item_vocab[C.ITEM_INDEX].to_numpy()
-    texts = catalog_texts(cfg, ds, item_vocab[C.ITEM_ID].to_pylist())
+    texts = catalog_texts(layout, ds, item_vocab[C.ITEM_ID].to_pylist(), encoder.max_description_chars)
     items = np.zeros((n_items, enc.dim), np.float32)
     items[item_idx] = enc.encode(texts)
     queries = np.zeros((n_queries, enc.dim), np.float32)
@@ -148,13 +151,13 @@ def semantic_codes(cfg: SemanticIdConfig, text: np.ndarray, collab: np.ndarray) 
                                            "collision": model.cfg.collision, "levels": int(ids.rec.shape[1])}
 
 
-def lake_semantic_codes(cfg: Config, ds: str, n_items: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+def lake_semantic_codes(layout: lake.Layout, ds: str, n_items: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """Stage 3's IDs of the latest day before ``ds`` -> (rec, search) [n_items, levels] (row 0 and items
     it lacks: zeros) and notes; None when there is no such table."""
-    days = [d for d in lake.partitions(cfg.lake.root, "semantic_ids") if d < ds]
-    if not days:
+    day = layout.day_before(layout.semantic_ids, ds)
+    if day is None:
         return None
-    files = lake.data_files(lake.partition(cfg.lake.root, "semantic_ids", days[-1]))
+    files = lake.data_files(layout.part(layout.semantic_ids, day))
     if not files:
         return None
     t = pa.concat_tables([pq.read_table(f, columns=[C.ITEM_INDEX, C.REC_CODES, C.SEARCH_CODES]) for f in files])
@@ -168,12 +171,12 @@ def lake_semantic_codes(cfg: Config, ds: str, n_items: int) -> tuple[np.ndarray,
         out[idx[keep]] = vals[keep]
         codes[name] = out
     return codes[C.REC_CODES], codes[C.SEARCH_CODES], {
-        "source": f"semantic_ids/ds={days[-1]}", "table_ds": days[-1],
+        "source": f"{layout.semantic_ids}/ds={day}", "table_ds": day,
         "items_without_id": int(n_items - 1 - keep.sum())}
 
 
 def load_features(
-    cfg: Config, ds: str, train: Tokens, item_vocab, query_vocab, n_items: int, n_queries: int,
+    layout: lake.Layout, encoder: TextEncoderConfig, sid: SemanticIdConfig, ds: str, train: Tokens, item_vocab, query_vocab, n_items: int, n_queries: int,
     cache: Path | None = None, need_text: bool = True, need_codes: bool = True, protocol: str = "loo",
 ) -> Features:
     """Text vectors and semantic IDs for one training split, from ``cache`` when it holds them."""
@@ -186,14 +189,13 @@ def load_features(
     notes: dict = {}
     item_text = query_text = rec = search = None
     if need_text or need_codes:
-        it, qt = text_vectors(cfg, ds, item_vocab, query_vocab, n_items, n_queries)
+        it, qt = text_vectors(layout, encoder, ds, item_vocab, query_vocab, n_items, n_queries)
         item_text, query_text = torch.from_numpy(it), torch.from_numpy(qt)
-        from_lake = _lake_vectors(cfg, "items", ds, C.ITEM_INDEX, n_items) is not None
-        notes["text"] = (f"{cfg.text_encoder.kind}, {it.shape[1]}-d, "
-                         + (f"{cfg.embeddings.output}/items,queries ds={ds}" if from_lake else "in-process from the catalog"))
+        from_lake = _lake_vectors(layout.part(layout.vectors("items"), ds), C.ITEM_INDEX, n_items) is not None
+        notes["text"] = (f"{encoder.kind}, {it.shape[1]}-d, "
+                         + (f"{layout.vectors('items')},queries ds={ds}" if from_lake else "in-process from the catalog"))
     if need_codes:
-        sid = cfg.semantic_ids
-        found = lake_semantic_codes(cfg, ds, n_items) if protocol == "temporal" else None
+        found = lake_semantic_codes(layout, ds, n_items) if protocol == "temporal" else None
         if found is not None:
             rec_np, search_np, figures = found
         else:
@@ -207,7 +209,7 @@ def load_features(
     if need_codes:
         # TIGER's extra code numbers the items sharing an ID and may exceed the codebook on a collapsed
         # RQ-VAE: the model's per-level vocabulary must hold it.
-        K = max(cfg.semantic_ids.codebook_size, int(rec.max()) + 1, int(search.max()) + 1)
+        K = max(sid.codebook_size, int(rec.max()) + 1, int(search.max()) + 1)
     feats = Features(item_text, query_text, rec, search, K, notes)
     if cache is not None:
         checkpoint.save({"n_items": n_items, "n_queries": n_queries, **feats.__dict__}, cache)

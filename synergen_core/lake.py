@@ -1,4 +1,4 @@
-"""Lake paths and atomic publication of partitions.
+"""The lake: where each table lives (``Layout``), and atomic publication of partitions.
 
 Every partition is written aside (a hidden sibling folder) and renamed into place, so a reader or a
 crash never sees half a day; rerunning a day replaces the whole partition.
@@ -14,14 +14,111 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 SUCCESS = "_SUCCESS"
+RAW, QUARANTINE = "raw", "quarantine"  # layers whose names are not configured
+STAGING = "_staging"  # the candidate lists' staged days, beside the published ones
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every table of the lake lives: the one place table paths are spelled.
+
+    A table is named by its path under ``root`` (``validated/search_events``); its days are
+    ``ds=YYYY-MM-DD`` folders under it. The layer names are the config's (``Layout.of``), so a team can
+    keep two pipelines' layers side by side in one lake.
+    """
+
+    root: Path
+    validated: str = "validated"  # sessionize.source
+    sessionized: str = "sessionized"  # sessionize.output
+    embeddings: str = "embeddings"  # embeddings.output
+    models: str = "models"  # train.output
+    candidates: str = "candidates"  # score.output
+    semantic_ids: str = "semantic_ids"  # the items' semantic IDs (not configured)
+    semantic_ids_model: str = "semantic_ids_model"  # the RQ-VAE that made them
+
+    @classmethod
+    def of(cls, cfg) -> "Layout":
+        """The layout of a ``synergen_core.config.Config``."""
+        return cls(Path(cfg.lake.root), cfg.sessionize.source, cfg.sessionize.output, cfg.embeddings.output,
+                   cfg.train.output, cfg.score.output)
+
+    # table names, by layer
+    def raw(self, table: str) -> str:
+        return f"{RAW}/{table}"
+
+    def valid(self, table: str) -> str:
+        return f"{self.validated}/{table}"
+
+    def quarantine(self, table: str) -> str:
+        return f"{QUARANTINE}/{table}"
+
+    def sessions(self, table: str) -> str:
+        return f"{self.sessionized}/{table}"
+
+    def split(self, protocol: str, part: str) -> str:
+        """A training split's table: ``protocol`` loo|temporal, ``part`` train|eval."""
+        return self.sessions(f"split_{protocol}_{part}")
+
+    def vectors(self, table: str) -> str:
+        return f"{self.embeddings}/{table}"
+
+    # folders
+    def part(self, table: str, ds: str | dt.date) -> Path:
+        """``<root>/<table>/ds=D``."""
+        return partition(self.root, table, ds)
+
+    def model_dir(self, ds: str | dt.date, protocol: str = "", variant: str = "") -> Path:
+        """``<root>/<models>/ds=D[/<protocol>[/<variant>]]``: the day's trained models, the files of one
+        protocol (its side inputs) or one model."""
+        return partition(self.root, self.models, ds) / protocol / variant
+
+    def candidates_part(self, ds: str | dt.date) -> Path:
+        """The published candidate lists of a day."""
+        return partition(self.root, self.candidates, ds)
+
+    @property
+    def candidates_staging_table(self) -> str:
+        """The candidate lists' days between scoring and publishing, beside the published days."""
+        return f"{self.candidates}/{STAGING}"
+
+    def candidates_staging(self, ds: str | dt.date) -> Path:
+        return self.part(self.candidates_staging_table, ds)
+
+    @property
+    def registry_cache(self) -> Path:
+        """Where registered model versions are downloaded to, by default (``registry.cache_dir``)."""
+        return Path(self.root) / "_registry_cache"
+
+    # days
+    def days(self, table: str, after: str | None = None, upto: str | None = None) -> list[str]:
+        """Published days of ``table`` in ``(after, upto]`` (either bound open when None), sorted."""
+        return days(self.root, table, after, upto)
+
+    def day_before(self, table: str, ds: str, ready=None) -> str | None:
+        """The latest published day of ``table`` strictly before ``ds``: a stage's state, what yesterday
+        left. ``ready(day) -> bool`` excludes days whose state is incomplete. None if there is none."""
+        days = [d for d in self.days(table) if d < ds and (ready is None or ready(d))]
+        return days[-1] if days else None
+
+
+def previous_day(ds: str | dt.date) -> str:
+    """The calendar day before ``ds`` (ISO)."""
+    return (dt.date.fromisoformat(str(ds)) - dt.timedelta(days=1)).isoformat()
+
+
+def next_day(ds: str | dt.date) -> str:
+    """The calendar day after ``ds`` (ISO)."""
+    return (dt.date.fromisoformat(str(ds)) + dt.timedelta(days=1)).isoformat()
 
 
 def partition(root: Path, table: str, ds: str | dt.date) -> Path:
@@ -31,7 +128,7 @@ def partition(root: Path, table: str, ds: str | dt.date) -> Path:
 
 # Layers written by others (upstream log shippers, ``ingest``, the generator): their folders are input,
 # complete by contract, and need no ``_SUCCESS`` marker. Every other layer is written by this pipeline.
-EXTERNAL_LAYERS = ("raw",)
+EXTERNAL_LAYERS = (RAW,)
 PARQUET_SUFFIXES = (".parquet", ".parq")
 # Name parts of the hidden siblings of ``ds=D``: a partition being written, a replaced one (kept until
 # the new one is in place), a withdrawn day marker. Spark's staging folders are ``.run-*`` (jobs.spark).
@@ -49,6 +146,11 @@ def partitions(root: Path, table: str) -> list[str]:
         recover(base / aside.name[1:aside.name.index(OLD)], aside)
     return sorted(p.name[3:] for p in base.iterdir()
                   if p.is_dir() and p.name.startswith("ds=") and (external or (p / SUCCESS).is_file()))
+
+
+def days(root: Path, table: str, after: str | None = None, upto: str | None = None) -> list[str]:
+    """``partitions`` in ``(after, upto]`` (either bound open when None)."""
+    return [d for d in partitions(root, table) if (after is None or d > after) and (upto is None or d <= upto)]
 
 
 def staging_dir(final: Path) -> Path:
@@ -195,3 +297,21 @@ def other_files(part_dir: Path) -> list[Path]:
     data = set(data_files(part_dir))
     return sorted(p for p in Path(part_dir).iterdir()
                   if p.is_file() and not p.name.startswith(("_", ".")) and p not in data)
+
+
+def read_partition(root: Path, table: str, ds: str, columns: list[str] | None = None) -> pa.Table:
+    """One published partition read in this process (pyarrow): for tables bounded by configuration or
+    by one day's vocabulary, never a whole history."""
+    part = partition(root, table, ds)
+    if not part.is_dir():
+        raise FileNotFoundError(f"{part}: no published partition")
+    tables = [pq.read_table(f, columns=columns) for f in data_files(part)]
+    if not tables:
+        return pa.table({}) if columns is None else pa.table({c: pa.array([]) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+
+
+def read_meta(root: Path, table: str, ds: str, name: str) -> dict | None:
+    """A partition's JSON side file ``name`` (e.g. ``_collab.json``), None when absent."""
+    path = partition(root, table, ds) / name
+    return json.loads(path.read_text()) if path.is_file() else None

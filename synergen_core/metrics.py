@@ -14,7 +14,6 @@ tie-break), with ideal DCG from the labels sorted.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 

@@ -172,7 +172,7 @@ def download_model(cfg: Config, ref: str) -> tuple[Path, str, str]:
     else:
         mv = get_version(c, name, version, "download")
     key = (getattr(mv, "model_id", None) or mv.run_id or "x")[-12:]
-    cache = Path(cfg.registry.cache_dir or Path(cfg.lake.root) / "_registry_cache") / name / f"v{mv.version}-{key}"
+    cache = Path(cfg.registry.cache_dir or cfg.layout.registry_cache) / name / f"v{mv.version}-{key}"
     found = list(cache.glob(f"**/{checkpoint.MODEL}")) if cache.is_dir() else []
     if not found:
         tmp = cache.parent / f".{cache.name}.tmp"

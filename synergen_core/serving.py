@@ -388,7 +388,7 @@ def input_example(cfg: Config, ds: str, protocol: str, rows: int = 3):
 
     from synergen_core.data import load_test
 
-    req, _ = load_test(cfg, ds, protocol)
+    req, _ = load_test(cfg.layout, ds, protocol, cfg.model.max_seq_len)
     data: dict[str, list] = {c: [] for c in INPUT_COLUMNS}
     for r in range(min(rows, len(req))):
         n = int(req.lengths[r])

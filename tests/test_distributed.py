@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from synergen_core import checkpoint, distributed
+from synergen_core.lake import Layout
 from synergen_core.train import batch_order
 
 TESTS = Path(__file__).parent
@@ -134,7 +135,7 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     lake = tmp_path / "lake"
     ranks = [json.loads((lake / f"rank{r}.json").read_text()) for r in (0, 1)]
-    run_dir = checkpoint.run_dir(lake, "models", "2026-01-03", "loo", "synergen")
+    run_dir = Layout(lake).model_dir("2026-01-03", "loo", "synergen")
 
     # One model: both ranks ended with the same weights, which are the ones rank 0 saved.
     digests = {r["summary"]["weights_digest"] for r in ranks}
@@ -174,7 +175,7 @@ def test_torchrun_resumes_after_a_kill_with_the_same_weights(tmp_path):
     assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
     killed, _ = _torchrun(tmp_path / "killed", epochs, kill_at=5)  # synthetic_config checkpoints every 3 steps
     assert killed.returncode != 0
-    run_dir = checkpoint.run_dir(tmp_path / "killed" / "lake", "models", "2026-01-03", "loo", "synergen")
+    run_dir = Layout(tmp_path / "killed" / "lake").model_dir("2026-01-03", "loo", "synergen")
     assert checkpoint.load(run_dir / checkpoint.CHECKPOINT)["state"]["step"] == 3
     resumed, _ = _torchrun(tmp_path / "killed", epochs)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]

@@ -57,7 +57,7 @@ def publish_empty(cfg: Config, ds: str = DS) -> None:
 
 def put_model(cfg: Config, ds: str = DS) -> Path:
     """A tiny real model (two epochs on synthetic_training's split) as the day's synergen model.pt."""
-    d = checkpoint.run_dir(cfg.lake.root, cfg.train.output, ds, "temporal", "synergen")
+    d = cfg.layout.model_dir(ds, "temporal", "synergen")
     train_mod.train(synthetic_config(), synthetic_split(), synthetic_features(), d)
     return d
 

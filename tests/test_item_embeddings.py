@@ -110,7 +110,7 @@ def test_encoder_change_embeds_everything_again(emb, spark, tmp_path, monkeypatc
     out = text_vectors.embed_texts(spark, cfg, D2)
     for name in ("items", "queries"):
         assert out[name]["mode"].startswith("encoder changed") and out[name]["embedded"] == out[name]["rows"]
-    meta = text_vectors.read_meta(cfg.lake.root, "embeddings/items", D2, text_vectors.META_FILE)
+    meta = lake.read_meta(cfg.lake.root, cfg.layout.vectors("items"), D2, text_vectors.META_FILE)
     assert meta["fingerprint"] == "another-encoder"
 
 

@@ -140,7 +140,7 @@ def test_scoring_removes_what_its_killed_run_left(spark, tmp_path):
 
     cfg = Config()
     cfg.lake.root = tmp_path
-    staging = tmp_path / cfg.score.output / candidates.STAGING
+    staging = tmp_path / cfg.score.output / lake.STAGING
     (staging / ".ds=2026-01-01.tmp-0badc0de" / "surface=rec").mkdir(parents=True)
     schema = spark_schema(candidates_schema.CANDIDATES, with_ds=False).add(C.SURFACE, "string")
     lists = spark.createDataFrame([("u1", None, 1, "i1", 1.0, 1.0, "synergen", "1", "rec")], schema)

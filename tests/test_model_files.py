@@ -85,7 +85,7 @@ def test_registry_and_features_cache_refuse_files_that_would_run_code(crafted):
     # the pyfunc the registry serves, and what the promotion gate re-evaluates, load through load_model
     context = SimpleNamespace(artifacts={serving.ARTIFACT: str(model_dir / checkpoint.MODEL)})
     _refused(lambda: serving.SynerGenPyfunc().load_context(context), model_dir / checkpoint.MODEL, marker)
-    _refused(lambda: load_features(cfg, "2026-03-01", None, None, None, 41, 11, cache=features), features, marker)
+    _refused(lambda: load_features(cfg.layout, cfg.text_encoder, cfg.semantic_ids, "2026-03-01", None, None, None, 41, 11, cache=features), features, marker)
 
 
 def test_files_the_pipeline_writes_load_weights_only(tmp_path):

@@ -26,7 +26,7 @@ from jobs import cli
 from jobs import promote as promote_job
 from jobs import stages
 from jobs.evaluate import flat_metrics
-from synergen_core import checkpoint, lake, registry, serving
+from synergen_core import checkpoint, registry, serving
 from synergen_core.data import load_test
 from synergen_core.evaluate import ModelScorer, OlderVocabScorer, model_vocab
 from synergen_core.metrics import rank_stats
@@ -83,8 +83,8 @@ def trained(tmp_path_factory, spark):
     train.run(cfg, d2)
     evaluate.run(cfg, d2)
     worse = _variant(cfg, output="models_worse")
-    negated(checkpoint.run_dir(cfg.lake.root, "models", d2, "temporal", "synergen"),
-            checkpoint.run_dir(cfg.lake.root, "models_worse", d2, "temporal", "synergen"))
+    negated(cfg.layout.model_dir(d2, "temporal", "synergen"),
+            worse.layout.model_dir(d2, "temporal", "synergen"))
     evaluate.run(worse, d2)
     return cfg, d1, d2, worse
 
@@ -108,7 +108,8 @@ def test_training_requests_carry_the_logged_impressions(trained):
     from synergen_core.data import load_split
 
     cfg, _, d2, _ = trained
-    win = load_split(cfg, d2, "temporal").windows
+    win = load_split(cfg.layout, d2, "temporal", cfg.model.max_seq_len, cfg.train.max_windows,
+                     cfg.train.rank_impression_negatives).windows
     assert win.shown.shape[1] == cfg.train.rank_impression_negatives
     requests = win.target[:, -1] > 0
     logged = (win.shown > 0).any(1)
@@ -190,7 +191,7 @@ def test_download_model_by_alias_and_version(trained, gate):
     assert (name, version) == ("synergen", "3") and (path / checkpoint.MODEL).is_file()
     path2, _, version2 = registry.download_model(cfg, "models:/synergen/2")
     assert version2 == "2" and (path2 / checkpoint.MODEL).is_file() and path2 != path
-    src = checkpoint.run_dir(cfg.lake.root, "models", gate["r2"]["ds"], "temporal", "synergen") / checkpoint.MODEL
+    src = cfg.layout.model_dir(gate["r2"]["ds"], "temporal", "synergen") / checkpoint.MODEL
     assert (path2 / checkpoint.MODEL).read_bytes() == src.read_bytes()
     assert registry.download_model(cfg, "models:/synergen/2")[0] == path2  # cached
     with pytest.raises(registry.RegistryError, match="no version with alias"):
@@ -209,7 +210,7 @@ def test_pyfunc_loads_and_predicts_the_models_top_items(trained, gate):
     assert list(out.columns) == ["items", "scores"] and len(out) == len(example) == 3
     # the same top items as the evaluation code's scorer on the same requests
     model = checkpoint.load_model(registry.download_model(cfg, "models:/synergen/2")[0])
-    req, _ = load_test(cfg, d2, "temporal")
+    req, _ = load_test(cfg.layout, d2, "temporal", cfg.model.max_seq_len)
     top = ModelScorer(model).catalog(req.select(np.arange(3))).topk(5, dim=1)
     assert out["items"].tolist() == top.indices.tolist()
     assert np.allclose(np.array(out["scores"].tolist()), top.values.numpy(), atol=1e-4)
@@ -220,9 +221,9 @@ def test_pyfunc_loads_and_predicts_the_models_top_items(trained, gate):
 
 def test_older_vocab_scorer_pads_unknown_inputs_and_misses_unknown_targets(trained, gate):
     cfg, d1, d2, _ = trained
-    old = checkpoint.load_model(checkpoint.run_dir(cfg.lake.root, "models", d1, "temporal", "synergen"))
+    old = checkpoint.load_model(cfg.layout.model_dir(d1, "temporal", "synergen"))
     n_items, n_queries = model_vocab(old)
-    req, _ = load_test(cfg, d2, "temporal")
+    req, _ = load_test(cfg.layout, d2, "temporal", cfg.model.max_seq_len)
     new_queries = req.history["query_idx"] >= n_queries
     assert new_queries.any()  # d2's requests really hold queries v1 never saw
     with pytest.raises(IndexError):

@@ -30,7 +30,7 @@ import yaml
 
 from jobs import candidates, score, stages
 from schemas import C
-from schemas import candidates as K
+from schemas import candidates as candidate_schema
 from schemas.sequences import conforms
 from synergen_core import index as cindex
 from synergen_core import lake, serving
@@ -100,7 +100,7 @@ def test_contract_publication_and_tracking(published, trained, spark):
     assert not candidates.staged_dir(cfg, ds).exists()  # renamed, not copied
     assert sorted(p.name for p in part.glob("surface=*")) == ["surface=rec", "surface=search"]
     for f in pds.dataset(part, format="parquet", partitioning="hive").files:
-        assert conforms(pq.read_schema(f), K.CANDIDATES), f
+        assert conforms(pq.read_schema(f), candidate_schema.CANDIDATES), f
     for name in (candidates.SCORE_FILE, candidates.VALIDATION_FILE, candidates.GE_FILE):
         assert (part / name).is_file()
     assert json.loads((part / candidates.VALIDATION_FILE).read_text())["success"] and report["failed"] == []
@@ -166,7 +166,7 @@ def test_rerun_gives_the_same_lists(published, spark, trained):
     candidates.validate_candidates(again, ds)
     candidates.publish(again, ds)
     layer = Path(again.lake.root) / again.score.output
-    assert sorted(p.name for p in layer.iterdir()) == [candidates.STAGING, f"ds={ds}"]
+    assert sorted(p.name for p in layer.iterdir()) == [lake.STAGING, f"ds={ds}"]
     assert sorted(lists_of(candidates.published_dir(again, ds))[C.SURFACE].unique()) == ["search"]
 
 
@@ -263,7 +263,7 @@ def test_broken_lists_fail_each_check(published, spark):
     part = candidates.staged_dir(bad_cfg, ds)
     for surface, rows_ in broken.groupby(C.SURFACE):
         (part / f"surface={surface}").mkdir(parents=True)
-        table = pa.Table.from_pandas(rows_.drop(columns=C.SURFACE), schema=K.CANDIDATES, preserve_index=False)
+        table = pa.Table.from_pandas(rows_.drop(columns=C.SURFACE), schema=candidate_schema.CANDIDATES, preserve_index=False)
         pq.write_table(table, part / f"surface={surface}" / "part-0.parquet")
     shutil.copy(candidates.published_dir(cfg, ds) / candidates.SCORE_FILE, part / candidates.SCORE_FILE)
 

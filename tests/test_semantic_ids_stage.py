@@ -36,7 +36,7 @@ def codes(t: pa.Table, col: str) -> np.ndarray:
 
 
 def load_model(cfg, ds):
-    part = lake.partition(cfg.lake.root, semantic_ids.MODEL_TABLE, ds)
+    part = lake.partition(cfg.lake.root, lake.Layout.semantic_ids_model, ds)
     meta = json.loads((part / semantic_ids.MODEL_META).read_text())
     state = torch.load(part / semantic_ids.MODEL_FILE, weights_only=True)
     return build_rqvae(meta["text_dim"], meta["collab_dim"], cfg.semantic_ids, state).eval()
@@ -71,7 +71,7 @@ def test_spark_assignment_equals_driver_assign(sid, spark):
         assert np.array_equal(index, inputs.index)
         previous = None
         if prev_ds:  # yesterday's raw codes aligned to today's items, -1 rows for new items
-            prev = read(cfg.lake.root, semantic_ids.TABLE, prev_ds)
+            prev = read(cfg.lake.root, lake.Layout.semantic_ids, prev_ds)
             previous = np.full((len(index), raw.shape[1]), -1, np.int64)
             previous[np.searchsorted(index, prev[C.ITEM_INDEX].to_numpy())] = codes(prev, C.RAW_CODES)
         want = assign_with_candidates(model, inputs.text, inputs.collab, previous)
@@ -84,7 +84,7 @@ def test_ids_unique_in_range_and_cover_the_catalog(sid, ds):
     cfg = sid["warm_cfg"] if ds == "warm" else sid["cfg"]
     ds = D2 if ds == "warm" else ds
     root, s = cfg.lake.root, cfg.semantic_ids
-    t = read(root, semantic_ids.TABLE, ds)
+    t = read(root, lake.Layout.semantic_ids, ds)
     assert S.conforms(t.schema.remove_metadata(), sid_schema.SEMANTIC_IDS)
     vocab = read(root, "sessionized/item_vocab", ds)
     assert t[C.ITEM_INDEX].to_pylist() == vocab[C.ITEM_INDEX].to_pylist()
@@ -97,9 +97,9 @@ def test_ids_unique_in_range_and_cover_the_catalog(sid, ds):
             assert len(np.unique(c, axis=0)) == len(t)
     # views share the prefix: the shared codes are the same in both IDs
     assert np.array_equal(codes(t, C.SEARCH_CODES)[:, :s.shared_levels], codes(t, C.REC_CODES)[:, :s.shared_levels])
-    part = lake.partition(root, semantic_ids.TABLE, ds)
+    part = lake.partition(root, lake.Layout.semantic_ids, ds)
     assert json.loads((part / semantic_ids.VALIDATION_FILE).read_text())["success"]
-    assert (lake.partition(root, semantic_ids.MODEL_TABLE, ds) / semantic_ids.MODEL_FILE).is_file()
+    assert (lake.partition(root, lake.Layout.semantic_ids_model, ds) / semantic_ids.MODEL_FILE).is_file()
 
 
 def test_day1_trains_cold_with_sane_quality(sid):
@@ -117,7 +117,7 @@ def test_day2_reuses_the_model_keeps_ids_and_codes_new_items(sid):
     root, out = sid["root"], sid["out"][D2]
     assert out["mode"] == "reuse" and out["retrained"] == 0 and out["trained_ds"] == D1
     assert 0 < out["drift"]["new_item_share"] <= sid["cfg"].semantic_ids.retrain_drift_threshold
-    t1, t2 = read(root, semantic_ids.TABLE, D1), read(root, semantic_ids.TABLE, D2)
+    t1, t2 = read(root, lake.Layout.semantic_ids, D1), read(root, lake.Layout.semantic_ids, D2)
     n1 = len(t1)
     assert t2[C.ITEM_INDEX].to_pylist()[:n1] == t1[C.ITEM_INDEX].to_pylist()  # indices only grow
     assert out["new_items"] == len(t2) - n1 > 0
@@ -131,7 +131,7 @@ def test_day2_reuses_the_model_keeps_ids_and_codes_new_items(sid):
     assert set(t2[C.ID_DS].to_numpy(zero_copy_only=False)[:n1][same_input]) == {D1}
     assert set(t2[C.ID_DS].to_numpy(zero_copy_only=False)[n1:]) == {D2}
     assert out["existing_id_change_share"] <= 1 - same_input.mean()
-    meta = json.loads((lake.partition(root, semantic_ids.MODEL_TABLE, D2) / semantic_ids.MODEL_META).read_text())
+    meta = json.loads((lake.partition(root, lake.Layout.semantic_ids_model, D2) / semantic_ids.MODEL_META).read_text())
     assert meta["mode"] == "reuse" and meta["trained_ds"] == D1
 
 
@@ -141,7 +141,7 @@ def test_day2_warm_retrain_keeps_most_ids(sid):
     assert any("new_item_share" in r for r in out["reasons"])
     assert out["existing_id_change_share"] < 0.2
     assert out["search"]["old_items"] == out["items"] - out["new_items"]
-    part = lake.partition(cfg.lake.root, semantic_ids.MODEL_TABLE, D2)
+    part = lake.partition(cfg.lake.root, lake.Layout.semantic_ids_model, D2)
     meta = json.loads((part / semantic_ids.MODEL_META).read_text())
     assert meta["trained_ds"] == D2 and meta["trained_items"] == out["items"]
 
@@ -172,7 +172,7 @@ def _break(t: pa.Table, how: str) -> pa.Table:
                                         ("missing item", "item_covered")])
 def test_validation_catches_a_broken_table(sid, how, check):
     cfg = sid["cfg"]
-    t = read(cfg.lake.root, semantic_ids.TABLE, D1)
+    t = read(cfg.lake.root, lake.Layout.semantic_ids, D1)
     vocab = read(cfg.lake.root, "sessionized/item_vocab", D1)[C.ITEM_INDEX].to_numpy()
     assert semantic_ids.validate_ids(t, vocab, cfg.semantic_ids)["success"]
     with pytest.raises(semantic_ids.SemanticIdsInvalid) as e:
@@ -183,7 +183,7 @@ def test_validation_catches_a_broken_table(sid, how, check):
 
 def test_validation_catches_an_item_outside_the_vocabulary(sid):
     cfg = sid["cfg"]
-    t = read(cfg.lake.root, semantic_ids.TABLE, D1)
+    t = read(cfg.lake.root, lake.Layout.semantic_ids, D1)
     vocab = read(cfg.lake.root, "sessionized/item_vocab", D1)[C.ITEM_INDEX].to_numpy()
     with pytest.raises(semantic_ids.SemanticIdsInvalid) as e:
         semantic_ids.validate_ids(t, vocab[1:], cfg.semantic_ids)
