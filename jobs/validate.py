@@ -53,7 +53,7 @@ from jobs.raw_files import EVENT_TABLES, Batch, ValidationFailed, read_batch
 from schemas import suites
 from schemas.raw import EVENT_CONTENT
 from synergen_core import lake
-from synergen_core.config import Config, parse_ds
+from synergen_core.config import Config, ConfigError, parse_ds
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
     days whose tables all passed (in order, up to the first that failed) and mark them complete."""
     layout = cfg.layout
     root, layer = layout.root, layout.validated
+    if layer == lake.RAW:  # the validated layer is sessionize.source: raw would publish over the input
+        raise ConfigError("validate: sessionize.source is 'raw', so sessionize reads the raw logs unvalidated and "
+                          "validation has no layer to write; set sessionize.source to another layer (default 'validated')")
     chosen = [t for t in TABLES if not tables or t in tables]
     if last_ds < first_ds:
         raise ValidationFailed(f"validate: last day {last_ds} is before first day {first_ds}; give the first day first")

@@ -256,3 +256,27 @@ def test_tracked_stage_logs_counts_reports_and_failures_to_mlflow(broken_lake, t
         assert [a.path for a in client.list_artifacts(failed.info.run_id, f"validation/{table}/ds={DS}")] == [
             f"validation/{table}/ds={DS}/_validation.html", f"validation/{table}/ds={DS}/_validation.json"]
     assert failed.data.tags["synergen.failure"].count("\n") <= 1
+
+
+def test_validated_rows_go_to_the_layer_the_config_names(tmp_path):
+    """``sessionize.source`` names the validated layer: validation writes there and marks its days there."""
+    cfg = cfg_for(tmp_path)
+    cfg.sessionize.source = "checked"
+    write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
+    write_raw(cfg, "browse_events", [browse("b1")], BROWSE_EVENTS)
+    validate.run(cfg, DS)
+    assert lake.partitions(cfg.lake.root, "checked/browse_events") == [DS]
+    assert lake.completed_days(cfg.lake.root, "checked") == [DS]
+    assert not (cfg.lake.root / "validated").exists()
+
+
+def test_validation_refuses_to_write_over_raw_input(tmp_path):
+    """With ``sessionize.source: raw`` the validated layer would be the raw input itself: refused, input intact."""
+    cfg = cfg_for(tmp_path)
+    cfg.sessionize.source = "raw"
+    written = write_raw(cfg, "browse_events", [browse("b1"), browse("b2", **{C.USER_ID: None})], BROWSE_EVENTS)
+    before = sorted(p.name for p in written.parent.iterdir())
+    with pytest.raises(validate.ConfigError, match="sessionize.source is 'raw'"):
+        validate.run(cfg, DS)
+    assert sorted(p.name for p in written.parent.iterdir()) == before
+    assert pq.read_table(written).num_rows == 2
