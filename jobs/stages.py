@@ -108,10 +108,15 @@ def _validate_raw(cfg: Config, ds: str, last_ds: str | None = None) -> dict:
     return validate.run_range(cfg, ds, last_ds or ds)
 
 
+def _lineage(cfg: Config, ds: str, *tables: str, whole: list[str] = ()) -> str:
+    """The ``synergen.inputs`` tag: the day's partitions of ``tables`` and the ``whole`` tables read, comma-separated."""
+    return ",".join([str(cfg.layout.part(t, ds).relative_to(cfg.layout.root)) for t in tables] + list(whole))
+
+
 def _validate_raw_inputs(cfg: Config, ds: str, last_ds: str | None = None) -> dict:
     from jobs import validate
 
-    return {"synergen.inputs": ",".join(f"raw/{t}/ds={ds}" for t in validate.TABLES),
+    return {"synergen.inputs": _lineage(cfg, ds, *(cfg.layout.raw(t) for t in validate.TABLES)),
             "synergen.last_ds": last_ds or ds}
 
 
@@ -146,7 +151,7 @@ MAX_REPORT_DAYS = 31
 
 
 def _sessionize_inputs(cfg: Config, ds: str, from_ds: str | None = None) -> dict:
-    return {"synergen.inputs": ",".join(f"validated/{t}/ds={ds}" for t in ("search_events", "browse_events")),
+    return {"synergen.inputs": _lineage(cfg, ds, *(cfg.layout.valid(t) for t in ("search_events", "browse_events"))),
             "synergen.from_ds": from_ds or ""}
 
 
@@ -189,8 +194,9 @@ def item_vectors(spark, cfg: Config, ds: str, champion=None) -> dict:
 
 
 def _item_embeddings_inputs(cfg: Config, ds: str, champion=None) -> dict:
-    return {"synergen.inputs": f"{cfg.sessionize.output}/item_vocab/ds={ds},"
-                               f"{cfg.sessionize.output}/query_vocab/ds={ds},{cfg.sessionize.source}/catalog"}
+    layout = cfg.layout
+    return {"synergen.inputs": _lineage(cfg, ds, layout.sessions("item_vocab"), layout.sessions("query_vocab"),
+                                        whole=[layout.valid("catalog")])}
 
 
 def _log_item_embeddings(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
@@ -199,7 +205,7 @@ def _log_item_embeddings(run: StageRun, cfg: Config, ds: str, out: dict) -> None
 
 
 def _semantic_ids_inputs(cfg: Config, ds: str) -> dict:
-    return {"synergen.inputs": f"{cfg.embeddings.output}/items/ds={ds},{cfg.embeddings.output}/collab/ds={ds}"}
+    return {"synergen.inputs": _lineage(cfg, ds, cfg.layout.vectors("items"), cfg.layout.vectors("collab"))}
 
 
 def _log_semantic_ids(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
@@ -356,7 +362,7 @@ def _score(cfg: Config, ds: str, model_dir: str | Path | None = None) -> dict:
 
 
 def _score_inputs(cfg: Config, ds: str, model_dir: str | Path | None = None) -> dict:
-    return {"synergen.inputs": f"{cfg.sessionize.output}/sequences/ds={ds},{cfg.sessionize.output}/events",
+    return {"synergen.inputs": _lineage(cfg, ds, cfg.layout.sessions("sequences"), whole=[cfg.layout.sessions("events")]),
             "synergen.score.model_ref": str(model_dir or cfg.score.model),
             "synergen.score.retriever": cfg.score.retriever}
 
