@@ -27,7 +27,7 @@ from synergen_core import distributed, lake
 from synergen_core.baselines import variant_config
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import load_split
-from synergen_core.embeddings import TokenType
+from synergen_core.model.embeddings import TokenType
 from synergen_core.errors import PipelineError
 from synergen_core.features import load_features
 from synergen_core.train import train

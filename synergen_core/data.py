@@ -33,7 +33,7 @@ from schemas import C
 from schemas import sequences as S
 from schemas.raw import BROWSE_ACTIONS, SEARCH_ACTIONS
 from synergen_core import lake
-from synergen_core.embeddings import TokenType
+from synergen_core.model.embeddings import TokenType
 from synergen_core.model import RECOMMEND, SEARCH
 
 ACTIONS = tuple(sorted(set(SEARCH_ACTIONS) | set(BROWSE_ACTIONS)))  # index = position + 1

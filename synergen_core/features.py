@@ -35,7 +35,7 @@ from schemas import C
 from synergen_core import checkpoint, lake
 from synergen_core.config import SemanticIdConfig, TextEncoderConfig
 from synergen_core.data import Tokens, row_ids
-from synergen_core.embeddings import TokenType
+from synergen_core.model.embeddings import TokenType
 
 
 @dataclass

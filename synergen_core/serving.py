@@ -49,7 +49,7 @@ def assemble_requests(tok: Tokens, ends: np.ndarray, max_len: int, request_ts: f
     A request whose last token is a query is a search for that query, else a recommendation (the rule of
     ``SynerGen.request_is_search``). -> (``Requests`` of the rows with at least one token, their row numbers).
     """
-    from synergen_core.embeddings import TokenType
+    from synergen_core.model.embeddings import TokenType
     from synergen_core.model import RECOMMEND, SEARCH
 
     search = np.zeros(len(ends), bool) if search is None else search
@@ -211,7 +211,7 @@ class Scorer:
 
 def _known_tokens(tok, n_items: int, n_queries: int):
     """``tok`` without the tokens of items and queries the model has no row for (added after its training)."""
-    from synergen_core.embeddings import TokenType
+    from synergen_core.model.embeddings import TokenType
 
     ok = (((tok.token_type != TokenType.ITEM) | (tok.item_idx < n_items))
           & ((tok.token_type != TokenType.QUERY) | (tok.query_idx < n_queries)))
@@ -220,7 +220,7 @@ def _known_tokens(tok, n_items: int, n_queries: int):
 
 def _after_last_item(tok) -> np.ndarray:
     """[R] offset just after each row's last item token (the row's start when it has none)."""
-    from synergen_core.embeddings import TokenType
+    from synergen_core.model.embeddings import TokenType
 
     items = np.nonzero(tok.token_type == TokenType.ITEM)[0]  # ascending
     k = np.searchsorted(items, tok.offsets[1:]) - 1  # the last item token before each row's end
@@ -341,7 +341,7 @@ def tokens_from_frame(df, max_len: int) -> Tokens:
     and null cells filled with their defaults (see ``SynerGenPyfunc``)."""
     import pandas as pd
 
-    from synergen_core.embeddings import TokenType
+    from synergen_core.model.embeddings import TokenType
 
     columns: dict[str, list[np.ndarray]] = {c: [] for c in INPUT_COLUMNS}
     lengths = []

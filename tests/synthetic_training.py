@@ -7,7 +7,7 @@ import torch
 
 from synergen_core.config import Config, ModelConfig, TrainConfig
 from synergen_core.data import SplitData, Tokens, holdout_last, item_counts, make_windows
-from synergen_core.embeddings import TokenType
+from synergen_core.model.embeddings import TokenType
 from synergen_core.features import Features
 
 I, Q = int(TokenType.ITEM), int(TokenType.QUERY)

@@ -6,7 +6,7 @@ import torch
 from synergen_core.baselines import BM25, Popularity
 from synergen_core.config import EvaluateConfig, ModelConfig
 from synergen_core.data import HISTORY_KEYS, Requests
-from synergen_core.embeddings import TokenType
+from synergen_core.model.embeddings import TokenType
 from synergen_core.evaluate import ModelScorer, candidate_lists, evaluate_catalog, evaluate_scorer, ranking_lists
 from synergen_core.model import RECOMMEND, SEARCH, SynerGen
 

@@ -1,7 +1,7 @@
 """Trie-constrained beam search: never an invalid ID; exact on a tiny codebook."""
 import torch
 
-from synergen_core.decoding import SemanticIdTrie, constrained_beam_search
+from synergen_core.model.decoding import SemanticIdTrie, constrained_beam_search
 
 
 def _random_codes(n_items, levels, K, seed):

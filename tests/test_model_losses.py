@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from synergen_core.losses import hybrid_ranking_loss, info_nce, semantic_id_loss
+from synergen_core.model.losses import hybrid_ranking_loss, info_nce, semantic_id_loss
 
 E = math.e
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

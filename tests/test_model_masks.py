@@ -1,7 +1,7 @@
 """Each attention-mask rule of the sequence layout."""
 import torch
 
-from synergen_core.masks import attention_mask, last_valid_index
+from synergen_core.model.masks import attention_mask, last_valid_index
 
 
 def _mask(valid, cand_valid=None):

@@ -1,7 +1,7 @@
 """Time-aware rotary embeddings: attention depends only on position and time differences."""
 import torch
 
-from synergen_core.rope import RotaryEmbedding, apply_rotary
+from synergen_core.model.rope import RotaryEmbedding, apply_rotary
 
 HD, T = 16, 6
 

@@ -4,7 +4,7 @@ unless asked not to). Shared by tests/test_model_synergen.py and tests/test_scor
 import torch
 
 from synergen_core.config import ModelConfig
-from synergen_core.embeddings import TokenType
+from synergen_core.model.embeddings import TokenType
 from synergen_core.model import SynerGen
 
 N_ITEMS, N_QUERIES, N_ACTIONS, N_SURFACES, D_TEXT, LEVELS, K = 30, 10, 5, 4, 12, 2, 8

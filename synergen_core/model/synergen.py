@@ -46,14 +46,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from synergen_core.backbone import Backbone
 from synergen_core.config import ModelConfig
-from synergen_core.decoding import BeamResult, SemanticIdTrie, constrained_beam_search
-from synergen_core.embeddings import TokenEmbedding, TokenType
-from synergen_core.heads import RankingHead, RetrievalHead, SemanticIdHead
-from synergen_core.losses import hybrid_ranking_loss, info_nce, semantic_id_loss
-from synergen_core.masks import attention_mask, last_valid_index
-from synergen_core.rope import RotaryEmbedding
+from synergen_core.model.backbone import Backbone
+from synergen_core.model.decoding import BeamResult, SemanticIdTrie, constrained_beam_search
+from synergen_core.model.embeddings import TokenEmbedding, TokenType
+from synergen_core.model.heads import RankingHead, RetrievalHead, SemanticIdHead
+from synergen_core.model.losses import hybrid_ranking_loss, info_nce, semantic_id_loss
+from synergen_core.model.masks import attention_mask, last_valid_index
+from synergen_core.model.rope import RotaryEmbedding
 
 SEARCH, RECOMMEND = 1, 2  # prediction task of a position (``prediction_task``), 0 = none
 

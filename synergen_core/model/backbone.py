@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synergen_core.config import ModelConfig
-from synergen_core.rope import apply_rotary
+from synergen_core.model.rope import apply_rotary
 
 
 def make_norm(kind: str, d: int) -> nn.Module:
