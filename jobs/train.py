@@ -3,7 +3,8 @@
 For every protocol in ``train.protocols`` (each has its own training split, so its own models) and every
 variant in ``train.variants`` (``synergen_core.baselines.VARIANTS``): read the split, build or reuse the
 side inputs (text vectors, semantic IDs: ``features.pt`` per protocol), then train with checkpoints and
-early stopping into ``<lake>/<train.output>/ds=D/<protocol>/<variant>/`` (``synergen_core.checkpoint``).
+early stopping into ``<lake>/<train.output>/ds=D/<protocol>/<variant>/`` (``synergen_core.checkpoint``),
+then the order its lists are served in, chosen on the validation requests (``synergen_core.list_order``).
 A rerun after a kill resumes every unfinished model; finished ones are not retrained (``--fresh`` does).
 
 ``prepare`` (the DAG's ``build_training_data`` task) does the first half on its own: it reads each split,
@@ -23,14 +24,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from synergen_core import distributed, lake
+from synergen_core import distributed, lake, list_order
 from synergen_core.baselines import variant_config
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import load_split
 from synergen_core.model.embeddings import TokenType
 from synergen_core.errors import PipelineError
 from synergen_core.features import load_features
-from synergen_core.train import train
+from synergen_core.train import pick_device, train
 
 log = logging.getLogger(__name__)
 FEATURES = "features.pt"
@@ -137,5 +138,10 @@ def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
         for v, vcfg in todo:
             d = cfg.layout.model_dir(ds, protocol, v)
             log.info("train %s %s/%s -> %s", ds, protocol, v, d)
-            out[protocol]["models"][v] = train(vcfg, data, feats, d, on_step=on_step)
+            summary = train(vcfg, data, feats, d, on_step=on_step)
+            with distributed.main_first(ranks):  # rank 0 alone writes the model files
+                if ranks.is_main:  # which order its lists are served in, chosen on validation (issue 27)
+                    device = distributed.device(pick_device(vcfg.train), ranks)
+                    list_order.record_choice(vcfg, data, d, summary, device)
+            out[protocol]["models"][v] = summary
     return out

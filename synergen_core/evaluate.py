@@ -164,9 +164,21 @@ def evaluate_scorer(scorer, req: Requests, cand: np.ndarray, cfg: EvaluateConfig
     out = {"catalog": evaluate_catalog(scorer, req, cfg.ks, cfg.batch_size, tuple(cfg.exclude_consumed)),
            "ranking": evaluate_lists(scorer.candidates, scorer, req, cand, cfg.ks, cfg.batch_size)}
     if isinstance(scorer, ModelScorer) and scorer.use_ranking_head:
-        retrieval = lambda r, c: np.take_along_axis(scorer.catalog(r).numpy(), c, 1)  # noqa: E731
-        out["ranking_retrieval"] = evaluate_lists(retrieval, scorer, req, cand, cfg.ks, cfg.batch_size)
+        out["ranking_retrieval"] = evaluate_lists(retrieval_order(scorer), scorer, req, cand, cfg.ks, cfg.batch_size)
     return out
+
+
+def retrieval_order(scorer: ModelScorer):
+    """``(requests, cand) -> [n, C]``: the model's retrieval scores of the candidates, the order the lists
+    have without the ranking head (what the head is measured against)."""
+    return lambda req, cand: np.take_along_axis(scorer.catalog(req).numpy(), cand, 1)
+
+
+def validation_requests(req: Requests, max_rows: int, seed: int) -> Requests:
+    """At most ``max_rows`` of the validation requests, a seeded sample (``train.valid_max_rows``)."""
+    if len(req) <= max_rows:
+        return req
+    return req.select(np.sort(np.random.default_rng(seed).choice(len(req), max_rows, replace=False)))
 
 
 # ---- a model trained on smaller vocabularies ----------------------------------------------------

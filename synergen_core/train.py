@@ -40,7 +40,7 @@ from synergen_core import checkpoint, distributed
 from synergen_core.config import Config, TrainConfig
 from synergen_core.data import N_ACTIONS, N_SURFACES, SplitData, Windows, to_batch
 from synergen_core.errors import PipelineError
-from synergen_core.evaluate import ModelScorer, evaluate_catalog
+from synergen_core.evaluate import ModelScorer, evaluate_catalog, validation_requests
 from synergen_core.features import Features
 from synergen_core.model import RECOMMEND, SEARCH, SynerGen, prediction_task
 
@@ -181,9 +181,7 @@ def validation_figures(model: SynerGen, data: SplitData, tcfg: TrainConfig, batc
     search NDCG@10 is ~0.5 and recommendation's ~0.04, and an arithmetic mean would select the epoch
     best for search alone.
     """
-    req = data.valid
-    if len(req) > tcfg.valid_max_rows:
-        req = req.select(np.sort(np.random.default_rng(tcfg.seed).choice(len(req), tcfg.valid_max_rows, replace=False)))
+    req = validation_requests(data.valid, tcfg.valid_max_rows, tcfg.seed)
     k = int(tcfg.valid_metric.split("@")[1])
     was_training = model.training
     metrics = evaluate_catalog(ModelScorer(model), req, [k], batch_size, exclude_consumed)
