@@ -24,11 +24,10 @@
 #      SimpleAuthManager: POST /auth/token with user admin and the password that standalone generated in
 #      $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated; the token goes into the `_token`
 #      cookie, which is what the login page sets.
-#   3. Opens $PAGE in headless Chromium (Debian's /usr/bin/chromium: `apt-get install -y chromium`),
-#      driven over the DevTools protocol by a few lines of Python (the venv's `websockets`), waits for
-#      the page to render, and saves a PNG.
+#   3. Opens $PAGE in headless Chromium (Debian's /usr/bin/chromium: `apt-get install -y chromium`)
+#      with infra/ui_screenshot.py, which waits for the page to render and saves a PNG.
 #   4. Stops standalone with SIGINT to its PID (what Ctrl-C does; SIGTERM leaves orphaned workers), waits
-#      for it to exit, then kills what is left of its process group (and only that), and Chromium's.
+#      for it to exit, then kills what is left of its process group (and only that).
 #
 # Runs as root (Chromium gets --no-sandbox). Takes about 1-2 minutes, most of it standalone starting.
 set -euo pipefail
@@ -41,7 +40,7 @@ PAGE="${PAGE:-/dags/synergen_daily/runs}"
 WIDTH="${WIDTH:-1600}"
 HEIGHT="${HEIGHT:-1000}"
 SCHEDULE="${SCHEDULE:-0}"
-CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"  # read by infra/ui_screenshot.py too
 
 [[ -x "$BIN/airflow" ]] || { echo "no $BIN/airflow: run 'make setup' (or 'make run') first" >&2; exit 1; }
 [[ -x "$CHROMIUM" ]] || { echo "no $CHROMIUM: apt-get install -y chromium" >&2; exit 1; }
@@ -68,13 +67,8 @@ export AIRFLOW__API__BASE_URL="$URL"
 [[ "$SCHEDULE" == 1 ]] || export AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=False
 
 SA_PID=""
-CR_PID=""
 stop() {
     local rc=$?
-    if [[ -n "$CR_PID" ]] && kill -0 "$CR_PID" 2>/dev/null; then
-        kill -TERM -- "-$CR_PID" 2>/dev/null || true
-        wait "$CR_PID" 2>/dev/null || true
-    fi
     if [[ -n "$SA_PID" ]] && kill -0 "$SA_PID" 2>/dev/null; then
         echo "stopping airflow standalone (SIGINT to $SA_PID)" >&2
         kill -INT "$SA_PID" 2>/dev/null || true
@@ -134,68 +128,8 @@ for i in $(seq 120); do
     sleep 1
 done
 
-set -m
-"$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
-    --disable-background-networking --disable-component-update --disable-sync \
-    --hide-scrollbars --user-data-dir="$WORK/chromium" --remote-debugging-port=0 \
-    --window-size="$WIDTH,$HEIGHT" about:blank > "$WORK/chromium.log" 2>&1 &
-CR_PID=$!
-set +m
-
-mkdir -p "$(dirname "$OUT")"
-"$BIN/python" - "$WORK/chromium/DevToolsActivePort" "$URL" "$PAGE" "$TOKEN" "$OUT" "$WIDTH" "$HEIGHT" <<'PY'
-"""Set the login cookie, open the page, wait until it has rendered, save a PNG (Chrome DevTools protocol)."""
-import base64, itertools, json, sys, time, urllib.request
-from pathlib import Path
-from websockets.sync.client import connect
-
-port_file, base, page, token, out, width, height = sys.argv[1:]
-for _ in range(300):
-    if Path(port_file).exists() and len(Path(port_file).read_text().splitlines()) >= 2:
-        break
-    time.sleep(0.1)
-port = Path(port_file).read_text().splitlines()[0]
-targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
-ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-ids = itertools.count(1)
-
-with connect(ws_url, max_size=None, open_timeout=30) as ws:
-    def call(method, **params):
-        i = next(ids)
-        ws.send(json.dumps({"id": i, "method": method, "params": params}))
-        while True:
-            msg = json.loads(ws.recv(timeout=60))
-            if msg.get("id") == i:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-
-    def evaluate(expr):
-        return call("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
-
-    call("Network.enable")
-    call("Network.setCookie", name="_token", value=token, url=f"{base}/", path="/")
-    call("Emulation.setDeviceMetricsOverride", width=int(width), height=int(height), deviceScaleFactor=1,
-         mobile=False)
-    call("Page.enable")
-    call("Page.navigate", url=base + page)
-    # Rendered: the page names the DAG, the spinners are gone, and the text stopped changing for 3 s.
-    deadline, last, stable_since = time.time() + 90, None, time.time()
-    while time.time() < deadline:
-        time.sleep(1)
-        text = evaluate("document.body ? document.body.innerText : ''") or ""
-        busy = evaluate("document.querySelectorAll('.chakra-spinner, [aria-busy=true]').length") or 0
-        if text != last or busy or "synergen_daily" not in text:
-            last, stable_since = text, time.time()
-        elif time.time() - stable_since >= 3:
-            break
-    else:
-        print("warning: the page did not settle in 90 s; saving what is shown", file=sys.stderr)
-    if "/login" in (evaluate("location.pathname") or ""):
-        raise SystemExit("the UI shows its login page: the token was not accepted")
-    png = base64.b64decode(call("Page.captureScreenshot", format="png")["data"])
-    Path(out).write_bytes(png)
-    print(f"{out}: {len(png)} bytes, {evaluate('location.href')}", file=sys.stderr)
-    print("page text:", " | ".join(text.split("\n")[:60]), file=sys.stderr)
-PY
+# Chromium, the login cookie, waiting for the page to render and the PNG: infra/ui_screenshot.py (it
+# stops its Chromium by PID), as the loopback production test takes its pictures.
+"$BIN/python" "$REPO/infra/ui_screenshot.py" "$URL$PAGE" "$OUT" --cookie "_token=$TOKEN" \
+    --wait-text synergen_daily --width "$WIDTH" --height "$HEIGHT"
 echo "saved $OUT" >&2
