@@ -27,8 +27,10 @@ Both are scored at the end of ds (the lists serve the next day). Retrieval, by `
 ``dense`` searches the candidate index (``synergen_core.index``: exact up to ``score.exact_max_items``
 items, else IVF whose recall is measured on real request vectors) with the model's request vector;
 ``generative`` decodes semantic IDs with trie-constrained beam search (``SynerGen.generate``). The
-``score.retrieve_n`` best items not consumed (where excluded) are re-scored by the ranking head and the
-``score.top_k`` best kept. Consumed = every item of the user's ``events`` history up to ds.
+``score.retrieve_n`` best items not consumed (where excluded) are re-scored by the ranking head, for the
+tasks whose lists it orders (``score.order``; default: the choice recorded with the model on validation,
+``synergen_core.list_order``; the others keep the retrieval order), and the ``score.top_k`` best kept.
+Consumed = every item of the user's ``events`` history up to ds.
 
 Inference runs in Spark (``mapInArrow``): the model record and the serialized index are broadcast, built
 once per Python worker (``_scorer``), and every Arrow batch is scored in vectorized chunks of
@@ -283,12 +285,14 @@ def _query_indices(cfg: Config, ds: str, record: dict, pairs: DataFrame):
 # the job
 
 
-def _settings(cfg: Config, ds: str, n_queries: int) -> Settings:
+def _settings(cfg: Config, ds: str, n_queries: int, record: dict) -> Settings:
+    from synergen_core.list_order import served_orders
+
     sc = cfg.score
     if sc.retrieve_n < sc.top_k:
         raise ConfigError(f"score.retrieve_n ({sc.retrieve_n}) must be >= score.top_k ({sc.top_k})")
     return Settings(sc.top_k, sc.retrieve_n, sc.retriever, sc.batch_size, end_of_day(ds), n_queries, sc.threads,
-                    sc.progress, sc.precision)
+                    sc.progress, sc.precision, served_orders(record, sc.order))
 
 
 def build_index(scorer: Scorer, cfg: Config, sample: pa.Table):
@@ -319,7 +323,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
     record = checkpoint.load(ref.path)
     require_inputs(cfg, ds)
     prep = prepare(spark, cfg, ds, record)
-    settings = _settings(cfg, ds, prep.n_queries)
+    settings = _settings(cfg, ds, prep.n_queries, record)
     reqs = prep.requests.cache()  # read by the recall sample, the scoring and the counts
     try:
         t1 = time.perf_counter()
@@ -333,7 +337,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
             "catalog_items": int(record["dims"]["n_items"] - 1), "n_items": int(record["dims"]["n_items"]),
             "queries_added": prep.n_queries - record["dims"]["n_queries"], "request_ts": settings.request_ts,
             "index": cand_index.report if cand_index is not None else {"kind": "generative"},
-            "dropped": prep.dropped,
+            "dropped": prep.dropped, "list_order": {"setting": cfg.score.order, **settings.list_order},
         }
         payload = _broadcast(spark, prep.record, cand_index, settings, str(ref.path))
         try:

@@ -27,7 +27,9 @@ CANDIDATES = pa.schema(
         pa.field(C.RANK, pa.int32()),  # 1 = best
         pa.field(C.ITEM_ID, pa.string()),
         pa.field(C.RETRIEVAL_SCORE, pa.float32()),  # dense: cosine / temperature; generative: ID log-prob
-        pa.field(C.RANKING_SCORE, pa.float32()),  # the ranking head's logit (the retrieval score without one)
+        # the score the list is ordered by: the ranking head's logit, or the retrieval score where the list is
+        # in retrieval order (a model without the head, or a task where it lost on validation: score.order)
+        pa.field(C.RANKING_SCORE, pa.float32()),
         pa.field(C.MODEL_NAME, pa.string()),
         pa.field(C.MODEL_VERSION, pa.string()),  # registry version, or "path:<model file>"
     ]

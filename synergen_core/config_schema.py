@@ -331,6 +331,10 @@ class ScoreConfig(_Section):
     retriever: Literal["dense", "generative"] = "dense"  # faiss over item vectors, or semantic-ID beam search
     top_k: int = Field(50, ge=1)  # K: items kept per request
     retrieve_n: int = Field(200, ge=1)  # N: candidates retrieved, then re-scored by the ranking head (N >= K)
+    # The order of each task's lists: auto, the one recorded with the model (the ranking head's where it is at
+    # least as good as retrieval's on validation, synergen_core.list_order; a model without a record: the
+    # head), or ranking / retrieval for every task. A model without a ranking head serves retrieval order.
+    order: Literal["auto", "ranking", "retrieval"] = "auto"
     lookback_days: int | None = Field(30, ge=1)  # rec: users with an event in the N days up to ds; null: all
     exclude_consumed: bool = True  # rec lists leave out every item the user engaged with up to ds
     # Search lists keep them by default: finding again an item one bought is a legitimate search result.

@@ -5,8 +5,9 @@ latest tokens up to a chosen end, left-padded to the model's ``max_seq_len``; a 
 is a query asks for search, else recommendation.
 
 * ``Scorer``: a model (eval mode, CPU) and its candidate index scoring Arrow batches of requests into
-  candidate lists (retrieval by the index or by semantic-ID generation, consumed items left out, the
-  ranking head's order). ``jobs.score`` builds the batches on Spark and runs a ``Scorer`` per Python worker
+  candidate lists (retrieval by the index or by semantic-ID generation, consumed items left out, in the
+  ranking head's order or the retrieval order, per task: ``Settings.list_order``). ``jobs.score`` builds
+  the batches on Spark and runs a ``Scorer`` per Python worker
   (``build_scorer`` from a broadcast payload); pure torch, numpy and faiss, no Spark here.
 * ``SynerGenPyfunc``: ``model.pt`` as an ``mlflow.pyfunc`` model (token lists in, top-k items out).
   ``synergen_core.registry.register`` logs it with ``pyfunc_signature``, ``input_example`` and
@@ -89,6 +90,9 @@ class Settings:
     threads: int
     progress: bool
     precision: str = "float32"  # score.precision
+    # {task: "ranking" | "retrieval"} the order of each task's lists (list_order.served_orders of the model's
+    # record and score.order); None: the ranking head's where the model has one
+    list_order: dict[str, str] | None = None
 
 
 def end_of_day(ds: str) -> float:
@@ -107,7 +111,11 @@ class Scorer:
     def __init__(self, model, index, settings: Settings):
         self.model, self.index, self.settings = model.eval(), index, settings
         self.max_len = model.cfg.max_seq_len
-        self.rank_head = model.cfg.w_ranking > 0  # a variant trained without it ranks by retrieval
+        from synergen_core.data import TASK_NAMES
+
+        orders = settings.list_order or dict.fromkeys(TASK_NAMES.values(), "ranking")
+        head = model.cfg.w_ranking > 0  # a variant trained without it ranks by retrieval
+        self.head_tasks = [code for code, name in TASK_NAMES.items() if head and orders[name] == "ranking"]
 
     def requests(self, batch: pa.RecordBatch):
         """-> (``synergen_core.data.Requests`` of the rows that have a history, their row numbers)."""
@@ -179,7 +187,8 @@ class Scorer:
             retr = scores / temperature  # the model's retrieval logit
         cand, retr, valid = _first_valid(items, retr, _consumed_mask(items, consumed, self.model.n_items),
                                          self.settings.retrieve_n)
-        ranking = self._rank(cache, cand) if self.rank_head else retr.copy()
+        by_head = np.isin(req.task[chunk], self.head_tasks)  # [r] the rest keep the retrieval order
+        ranking = np.where(by_head[:, None], self._rank(cache, cand), retr) if by_head.any() else retr.copy()
         ranking[~valid] = -np.inf
         order = np.argsort(-ranking, axis=1, kind="stable")[:, : self.settings.top_k]  # ties keep the retrieval order
         take = lambda a: np.take_along_axis(a, order, 1)  # noqa: E731
@@ -303,13 +312,25 @@ class SynerGenPyfunc(_PythonModel):
     query_idx > 0), ``query_idx``, ``action``, ``surface``, ``position`` (default 0..n-1), ``ts`` (epoch
     seconds, default 0). A request whose last token is a query asks for search, else recommendation.
     Indices the model does not know are read as unknown. Params: ``k`` (default 10).
-    Output: DataFrame ``items`` (top-k item indices, best first) and ``scores`` (retrieval logits).
+    Output: DataFrame ``items`` (top-k item indices, best first) and ``scores`` (what they are ordered by).
+
+    The k best items by retrieval are served in the order the scoring stage serves the task's lists
+    (``synergen_core.list_order.served_orders`` of the model file's record, ``score.order`` auto): by
+    retrieval (``scores``: retrieval logits), or re-ordered by the ranking head (``scores``: its logits,
+    the request at the time of its latest token).
     """
 
     def load_context(self, context) -> None:
-        from synergen_core.checkpoint import load_model
+        from pathlib import Path
 
-        self.model = load_model(context.artifacts[ARTIFACT], "cpu")
+        from synergen_core.data import TASK_NAMES
+        from synergen_core.list_order import served_orders
+
+        path = Path(context.artifacts[ARTIFACT])
+        record = checkpoint.load(path if path.suffix == ".pt" else path / checkpoint.MODEL)
+        self.model = checkpoint.build_from_record(record, "cpu")
+        orders = served_orders(record)
+        self.head_tasks = [code for code, name in TASK_NAMES.items() if orders[name] == "ranking"]
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -330,10 +351,27 @@ class SynerGenPyfunc(_PythonModel):
                 hidden = model(batch)
                 logits = model.request_logits(batch, hidden).float()
                 top = logits.topk(min(k, logits.shape[1] - 1), dim=1)
+                items, scores = self._in_served_order(batch, req.task, top.indices, top.values)
             for j, r in enumerate(rows):
-                out_items[r] = top.indices[j].tolist()
-                out_scores[r] = [float(s) for s in top.values[j].tolist()]
+                out_items[r] = items[j].tolist()
+                out_scores[r] = [float(s) for s in scores[j].tolist()]
         return pd.DataFrame({"items": out_items, "scores": out_scores})
+
+    def _in_served_order(self, batch: dict, task: np.ndarray, items, scores):
+        """items, scores [n, k] in retrieval order -> the same, re-ordered by the ranking head (and its
+        logits) in the rows of the tasks it orders; ``batch`` the requests' histories (left-padded)."""
+        import torch
+
+        rows = torch.from_numpy(np.nonzero(np.isin(task, self.head_tasks))[0])
+        if len(rows) == 0 or items.shape[1] == 0:
+            return items, scores
+        sub = {key: v[rows] for key, v in batch.items()}
+        sub.update(candidates=items[rows], request_ts=sub["ts"][:, -1])  # the last column: the latest token
+        head = self.model.ranking_scores(sub, self.model(sub)).float()
+        order = head.argsort(dim=1, descending=True, stable=True)
+        items, scores = items.clone(), scores.clone()
+        items[rows], scores[rows] = items[rows].gather(1, order), head.gather(1, order)
+        return items, scores
 
 
 def tokens_from_frame(df, max_len: int) -> Tokens:
