@@ -4,7 +4,10 @@ For every protocol in ``train.protocols``: the ``test`` rows of ``split_<protoco
 any context are counted and left out: no sequence model can score them), the same popularity-sampled
 candidate lists for every scorer, then ``synergen_core.evaluate.evaluate_scorer`` for every trained
 variant found under ``<lake>/<train.output>/ds=D/<protocol>/`` and every baseline in
-``evaluate.baselines``. Full-catalog figures of the tasks in ``evaluate.exclude_consumed`` (default:
+``evaluate.baselines``. A trained model's candidate lists are ordered both by its ranking head (``ranking``)
+and by its retrieval scores (``ranking_retrieval``); ``served_order`` says which order the scoring stage
+serves per task (``score.order``, by default the choice recorded on validation: ``synergen_core.list_order``,
+whose figures are ``valid_order``). Full-catalog figures of the tasks in ``evaluate.exclude_consumed`` (default:
 recommendation) rank the catalog without the items the user already engaged with, as the served lists
 do; the result records which tasks those were. The result is returned and written to ``<lake>/<train.output>/ds=D/evaluation.json``.
 
@@ -25,13 +28,14 @@ import numpy as np
 
 from jobs.train import require_tables
 from schemas import C
-from synergen_core import checkpoint
+from synergen_core import checkpoint, list_order
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
 from synergen_core.data import Requests, item_counts, load_test, read_table, tokens_from_arrow, vocab_size
 from synergen_core.errors import PipelineError
 from synergen_core.evaluate import ModelScorer, evaluate_scorer, ranking_lists
 from synergen_core.features import catalog_texts
+from synergen_core.list_order import served_orders
 from synergen_core.model import SEARCH
 from synergen_core.train import pick_device
 
@@ -133,9 +137,12 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
                "exclude_consumed": list(cfg.evaluate.exclude_consumed), "scorers": {}}
         for v in names:
             t0 = time.perf_counter()
-            model = checkpoint.load_model(root / protocol / v, device)
+            record = checkpoint.load(root / protocol / v / checkpoint.MODEL)
+            model = checkpoint.build_from_record(record, device)
             scorer = ModelScorer(model, v, device, use_ranking_head=model.cfg.w_ranking > 0)
             res["scorers"][v] = {**evaluate_scorer(scorer, test, cand, cfg.evaluate),
+                                 "served_order": served_orders(record, cfg.score.order),
+                                 "valid_order": record.get(list_order.RECORD_KEY),
                                  "seconds": round(time.perf_counter() - t0, 2)}
         for b in cfg.evaluate.baselines:
             if b == "bm25" and not (test.task == SEARCH).any():
@@ -155,7 +162,9 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
 
 
 def headline(result: dict, k: int = 10) -> dict[str, float]:
-    """Flat ``<protocol>.<scorer>.<task>.<metric>`` figures: Recall/NDCG@k (catalog) and ranking AUC."""
+    """Flat ``<protocol>.<scorer>.<task>.<metric>`` figures: Recall/NDCG@k (catalog), the candidate lists' AUC
+    and NDCG@k (``rank_auc``, ``rank_ndcg@k``), and for a model with a ranking head the same lists in its
+    retrieval order (``retrieval_rank_auc``, ``retrieval_rank_ndcg@k``)."""
     flat = {}
     for protocol, res in result.items():
         if not isinstance(res, dict) or "scorers" not in res:
@@ -165,7 +174,9 @@ def headline(result: dict, k: int = 10) -> dict[str, float]:
                 for key in (f"recall@{k}", f"ndcg@{k}"):
                     if key in cm:
                         flat[f"{protocol}.{name}.{task}.{key}"] = cm[key]
-            for task, lm in m["ranking"].items():
-                if "auc" in lm:
-                    flat[f"{protocol}.{name}.{task}.rank_auc"] = lm["auc"]
+            for prefix, lists in (("", m["ranking"]), ("retrieval_", m.get("ranking_retrieval", {}))):
+                for task, lm in lists.items():  # the ranking head's order, then the same lists by retrieval
+                    for key in ("auc", f"ndcg@{k}"):
+                        if key in lm:
+                            flat[f"{protocol}.{name}.{task}.{prefix}rank_{key}"] = lm[key]
     return flat

@@ -168,7 +168,25 @@ def _evaluation_lines(path: Path, k: int = 10) -> list[str]:
                 c = m["catalog"].get(t, {})
                 cells.append(f"{c[f'ndcg@{k}']:.4f} / {c[f'recall@{k}']:.4f}" if f"ndcg@{k}" in c else "-")
             lines.append(f"  {name:<12}" + "".join(f"{cell:>20}" for cell in cells))
+        lines += _order_lines(res, tasks, k)
     return lines or [f"no scored protocol in {path}"]
+
+
+def _order_lines(res: dict, tasks: list[str], k: int) -> list[str]:
+    """Per model with a ranking head: its test lists' rank AUC / NDCG@k ordered by the head and by retrieval,
+    and the order the scoring stage serves per task (issue 27: the head has to earn its place)."""
+    lines = []
+    for name, m in res["scorers"].items():
+        if "ranking_retrieval" not in m:
+            continue
+        lines.append(f"  ranking stage of {name}: its candidate lists, rank AUC / NDCG@{k}")
+        for label, lists in (("by head", m["ranking"]), ("by retrieval", m["ranking_retrieval"])):
+            cells = [f"{lists[t]['auc']:.4f} / {lists[t][f'ndcg@{k}']:.4f}" if f"ndcg@{k}" in lists.get(t, {})
+                     else "-" for t in tasks]
+            lines.append(f"    {label:<14}" + "".join(f"{cell:>20}" for cell in cells))
+        served = m.get("served_order") or {}
+        lines.append(f"    {'served':<14}" + "".join(f"{served.get(t, '-'):>20}" for t in tasks))
+    return lines
 
 
 def _registry_line(cfg: Config) -> str:

@@ -242,10 +242,10 @@ def _rank_0_tracks(cfg: Config):
 
 
 def _log_train(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
-    """Per model: its best validation metric, steps and time, its training curves and summary."""
+    """Per model: its best validation metric, steps and time, its list order's choice, curves and summary."""
     import math
 
-    from synergen_core import checkpoint, plots
+    from synergen_core import checkpoint, list_order, plots
 
     for protocol, res in out.items():
         if not isinstance(res, dict) or "models" not in res:
@@ -253,14 +253,14 @@ def _log_train(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
         for variant, s in res["models"].items():
             key = f"{protocol}.{variant}"
             run.metrics({f"{key}.train_seconds": s["train_seconds"], f"{key}.steps": s["steps"]})
+            list_order.log_choice(run, key, s.get("list_order"))  # the order its lists are served in (issue 27)
             if s["best_valid"] is not None:
                 run.metrics({f"{key}.valid_{cfg.train.valid_metric.replace('@', '_at_')}": s["best_valid"]})
             for h in s["history"]:  # the training curves: one point per epoch
                 curve = {f"{key}.loss": h.get("loss"), f"{key}.valid": h.get(cfg.train.valid_metric)}
                 run.metrics({k: v for k, v in curve.items() if v is not None and math.isfinite(v)}, step=h["epoch"])
             if s["history"]:
-                run.figure(plots.training_curves(s["history"], cfg.train.valid_metric, key),
-                           f"plots/training_{key}.png")
+                run.figure(plots.training_curves(s["history"], cfg.train.valid_metric, key), f"plots/training_{key}.png")
             run.artifact(Path(s["out_dir"]) / checkpoint.SUMMARY, f"train/{protocol}/{variant}")
 
 
@@ -307,13 +307,13 @@ def _evaluate_metrics(out: dict) -> dict:
 def _log_evaluate(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
     """The full result as an artifact; Recall@K per scorer as a figure per protocol."""
     from jobs.evaluate import result_path
-    from synergen_core import plots
+    from synergen_core import list_order, plots
 
     run.artifact(result_path(cfg, ds), "evaluate")
     for protocol, res in out.items():
         if isinstance(res, dict) and res.get("scorers"):
-            run.figure(plots.recall_at_k(res["scorers"], cfg.evaluate.ks, protocol),
-                       f"plots/recall_at_k_{protocol}.png")
+            run.figure(plots.recall_at_k(res["scorers"], cfg.evaluate.ks, protocol), f"plots/recall_at_k_{protocol}.png")
+            list_order.log_served(run, protocol, res["scorers"])  # which order each model's lists are served in
 
 
 # ---------------------------------------------------------------- register, promote

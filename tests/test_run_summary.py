@@ -36,3 +36,23 @@ def test_summary_names_counts_scorers_registry_and_where_things_are(tmp_path):
     assert "no champion" in text
     assert "/lake/candidates/ds=2026-01-03" in text and "make mlflow" in text and "/var/synergen-run.json" in text
     assert not text.lstrip().startswith("{")  # a summary, not the JSON blob
+
+
+def test_summary_shows_both_orders_of_the_ranking_stage_and_the_one_served(tmp_path):
+    """Issue 27: per model with a ranking head, its test lists by the head and by retrieval, and which is served."""
+    path = tmp_path / "evaluation.json"
+    lists = lambda s, r: {"search": {"auc": s, "ndcg@10": s / 2}, "rec": {"auc": r, "ndcg@10": r / 2}}  # noqa: E731
+    path.write_text(json.dumps({"ds": "2026-01-03", "temporal": {
+        "test_targets": {"search": 5, "rec": 7},
+        "scorers": {"synergen": {"catalog": {}, "ranking": lists(0.649, 0.651),
+                                 "ranking_retrieval": lists(0.976, 0.859),
+                                 "served_order": {"search": "retrieval", "rec": "retrieval"}},
+                    "popularity": {"catalog": {}, "ranking": lists(0.5, 0.5)}}}}))
+
+    lines = pipeline._evaluation_lines(path)
+
+    rows = {line[4:18].strip(): line[18:] for line in lines if line.startswith("    ")}
+    assert rows["by head"].split() == ["0.6490", "/", "0.3245", "0.6510", "/", "0.3255"]  # search, rec
+    assert rows["by retrieval"].split() == ["0.9760", "/", "0.4880", "0.8590", "/", "0.4295"]
+    assert rows["served"].split() == ["retrieval", "retrieval"]
+    assert sum("ranking stage of" in line for line in lines) == 1  # popularity has no head
