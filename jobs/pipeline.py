@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs import generate, stages
+from jobs import generate, served_lists, stages
 from synergen_core import lake
 from synergen_core.config import Config, parse_ds
 from synergen_core.tracking import close_parent
@@ -169,7 +169,7 @@ def _evaluation_lines(path: Path, k: int = 10) -> list[str]:
                 cells.append(f"{c[f'ndcg@{k}']:.4f} / {c[f'recall@{k}']:.4f}" if f"ndcg@{k}" in c else "-")
             lines.append(f"  {name:<12}" + "".join(f"{cell:>20}" for cell in cells))
         lines += _order_lines(res, tasks, k)
-    return lines or [f"no scored protocol in {path}"]
+    return (lines or [f"no scored protocol in {path}"]) + served_lists.summary_lines(evaluation.get("served"), k)
 
 
 def _order_lines(res: dict, tasks: list[str], k: int) -> list[str]:

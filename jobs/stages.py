@@ -305,10 +305,12 @@ def _evaluate_metrics(out: dict) -> dict:
 
 
 def _log_evaluate(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
-    """The full result as an artifact; Recall@K per scorer as a figure per protocol."""
+    """The result as an artifact; Recall@K per scorer, a figure per protocol; served lists' figures as metrics."""
+    from jobs import served_lists
     from jobs.evaluate import result_path
     from synergen_core import list_order, plots
 
+    run.metrics(served_lists.metrics(out.get("served")))
     run.artifact(result_path(cfg, ds), "evaluate")
     for protocol, res in out.items():
         if isinstance(res, dict) and res.get("scorers"):
@@ -404,8 +406,9 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("build_training_data", _lazy("jobs.train:prepare"), "Training windows and side inputs of every "
           "protocol (jobs.train.prepare).", metrics=None, log=_log_training_data),
     Stage("train", _lazy("jobs.train:run"), train.__doc__, metrics=None, log=_log_train, tracks=_rank_0_tracks),
-    Stage("evaluate", _lazy("jobs.evaluate:run"), "Every trained variant and baseline on the same test targets "
-          "(jobs.evaluate).", metrics=_evaluate_metrics, log=_log_evaluate),
+    Stage("evaluate", _lazy("jobs.served_lists:evaluate_stage"), "Every trained variant and baseline on the "
+          "same test targets (jobs.evaluate); the lists served on the day (jobs.served_lists).",
+          metrics=_evaluate_metrics, log=_log_evaluate),
     Stage("register", _lazy("jobs.register:register"), "The day's model as a new version of the registered "
           "model (jobs.register).", metrics=None, log=_log_register, in_run=True),
     Stage("promote", _promote, "The promotion gate: champion if not worse than the current one on the same data "
