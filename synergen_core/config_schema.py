@@ -276,10 +276,25 @@ class SemanticIdConfig(_Section):
         return v
     shared_levels: int = Field(2, ge=0)
     specific_levels: int = Field(1, ge=1)  # without one the two views' IDs would be the same ID
-    codebook_size: int = Field(256, ge=2)  # every level, as in TIGER
+    codebook_size: int = Field(256, ge=2)  # every level but the last, as in TIGER
+    # ID capacity (issue 29). With collision=reassign IDs stay fixed-length, so each prefix of the first
+    # L-1 codes (L = shared_levels + specific_levels) holds at most as many items as the last level has
+    # codes. The last level (the last specific codebook of each view) therefore grows with the catalog:
+    # it keeps codebook_size while n_items / codebook_size**(L-1) <= capacity_load * codebook_size, and
+    # otherwise takes the smallest power of two last_size with n_items / codebook_size**(L-1) <=
+    # capacity_load * last_size. The load is the planned average fill of a prefix; the rest is headroom
+    # for skew (Beauty's worst prefix held ~150x the average). A larger last codebook rather than one
+    # more level: IDs keep their length, so the model's sequence layout, head and trie are unchanged and
+    # its per-level vocabulary is simply the largest level's size. The default keeps 256 up to ~2M
+    # items (2 + 1 levels of 256; 10M items get 2048). A new last size needs a cold start (the model's shape).
+    capacity_load: float = Field(0.125, gt=0.0, le=1.0)
+    last_codebook_size: int | None = Field(None, ge=2)  # null: by the rule above; a number pins it
+    # The RQ-VAE is trained (cold or warm) on a seeded sample of this many items (every item below it);
+    # every item is still coded (jobs.semantic_ids assigns on Spark).
+    train_sample: int = Field(200_000, ge=1)
     beta: float = Field(0.25, ge=0.0)  # commitment weight
     epochs: int = Field(80, ge=1)
-    batch_size: int = Field(1024, ge=2)  # the first batch seeds k-means: keep it >= codebook_size
+    batch_size: int = Field(1024, ge=2)  # the first batch seeds k-means (at least the largest level's rows)
     lr: float = Field(1e-3, gt=0)
     warm_epochs: int = Field(20, ge=0)  # a daily run fine-tunes yesterday's model this long
     warm_lr: float = Field(1e-4, gt=0)

@@ -13,9 +13,13 @@ Codebooks are trained with the straight-through estimator plus the VQ-VAE codebo
 (not EMA): every parameter stays under one optimizer, so a warm start is just ``load_state_dict`` plus a short
 low-lr fine-tune; k-means initialization and dead-code reset cover the collapse that EMA is usually chosen for.
 
+Every codebook has ``codebook_size`` codes except the last specific level of each view, whose size grows
+with the catalog (``synergen_core.rqvae_capacity``: the rule, and the seeded sample of at most
+``train_sample`` items the model trains on).
+
 Collisions (two items with the same view ID) are resolved per view on the driver, after ``assign``:
 - "reassign": a colliding item moves to its next-nearest last-level code that is free under its prefix,
-  keeping IDs at S + T codes; it fails only if a prefix holds more items than the codebook has codes.
+  keeping IDs at S + T codes; it fails only if a prefix holds more items than the last level has codes.
 - "extra_code": TIGER's approach, one more code (0, 1, ...) that numbers the items sharing an ID; its range is
   the largest collision group (``max_extra_code`` in the metrics), which the generative model's vocabulary needs.
 With a ``previous`` assignment both are sticky: an item whose prefix is unchanged keeps its old ID when it can.
@@ -35,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from synergen_core.config import SemanticIdConfig
+from synergen_core.rqvae_capacity import last_size, level_sizes, train_rows, with_capacity
 from synergen_core.vectors import unit_rows
 
 
@@ -65,12 +70,12 @@ class RQVAE(nn.Module):
     def __init__(self, text_dim: int, collab_dim: int, cfg: SemanticIdConfig):
         super().__init__()
         self.cfg, self.text_dim, self.collab_dim = cfg, text_dim, collab_dim
-        d, h, K = cfg.latent_dim, list(cfg.hidden_dims), cfg.codebook_size
+        d, h, K, S = cfg.latent_dim, list(cfg.hidden_dims), level_sizes(cfg), cfg.shared_levels
         self.enc_t, self.enc_c = _mlp([text_dim, *h, d]), _mlp([collab_dim, *h, d])
         self.dec_t, self.dec_c = _mlp([d, *h[::-1], text_dim]), _mlp([d, *h[::-1], collab_dim])
-        self.shared = nn.ParameterList([nn.Parameter(torch.zeros(K, 2 * d)) for _ in range(cfg.shared_levels)])
-        self.spec_t = nn.ParameterList([nn.Parameter(torch.zeros(K, d)) for _ in range(cfg.specific_levels)])
-        self.spec_c = nn.ParameterList([nn.Parameter(torch.zeros(K, d)) for _ in range(cfg.specific_levels)])
+        self.shared = nn.ParameterList([nn.Parameter(torch.zeros(K[j], 2 * d)) for j in range(S)])
+        self.spec_t = nn.ParameterList([nn.Parameter(torch.zeros(K[S + j], d)) for j in range(cfg.specific_levels)])
+        self.spec_c = nn.ParameterList([nn.Parameter(torch.zeros(K[S + j], d)) for j in range(cfg.specific_levels)])
         self.register_buffer("initialized", torch.tensor(False))
 
     def codebooks(self) -> list[nn.Parameter]:
@@ -135,7 +140,12 @@ class RQVAE(nn.Module):
 
 
 def build_rqvae(text_dim: int, collab_dim: int, cfg: SemanticIdConfig, state: dict | None = None) -> RQVAE:
-    """A new model, or yesterday's (``state`` = its ``state_dict()``) for a warm start."""
+    """A new model, or yesterday's (``state`` = its ``state_dict()``) for a warm start; unless ``cfg`` pins
+    the last level's size, a state's own size is kept (``model.cfg`` then has it)."""
+    last = f"spec_t.{cfg.specific_levels - 1}"
+    if state is not None and cfg.last_codebook_size is None and last in state \
+            and state[last].shape[0] != cfg.codebook_size:
+        cfg = cfg.model_copy(update={"last_codebook_size": int(state[last].shape[0])})
     model = RQVAE(text_dim, collab_dim, cfg)
     if state is not None:
         model.load_state_dict(state)
@@ -158,9 +168,10 @@ def train_rqvae(
     log_every: int = 0,
 ) -> tuple[RQVAE, list[dict]]:
     """Train from scratch, or fine-tune ``state`` (warm start: warm_epochs at warm_lr, no k-means re-init,
-    no dead-code reset).
+    no dead-code reset). A cold start sizes the last level for the ``len(text_vecs)`` items given
+    (``rqvae_capacity.with_capacity``, unless ``cfg`` pins it); either trains on ``train_rows`` of them.
 
-    Returns the model (eval mode) and per-epoch mean losses. Trains on one torch thread: with more, float
+    Returns the model (eval mode, ``model.cfg`` with the size it has) and per-epoch mean losses. Trains on one torch thread: with more, float
     sums are split differently from run to run, weights differ by ~1e-6, and some items' codes (and so
     every downstream model and list) would change on a rerun of the same day. The model is small.
     """
@@ -175,6 +186,11 @@ def train_rqvae(
 def _train_rqvae(text_vecs, collab_vecs, cfg: SemanticIdConfig, state: dict | None, log_every: int):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    if state is None:
+        cfg = with_capacity(cfg, len(text_vecs))  # the whole catalog's capacity, not the sample's
+    rows = train_rows(len(text_vecs), cfg)
+    if rows is not None:
+        text_vecs, collab_vecs = np.asarray(text_vecs)[rows], np.asarray(collab_vecs)[rows]
     xt_all = torch.as_tensor(np.asarray(text_vecs, np.float32))  # [n, text_dim]
     xc_all = torch.as_tensor(np.asarray(collab_vecs, np.float32))  # [n, collab_dim]
     n = xt_all.shape[0]
@@ -182,6 +198,7 @@ def _train_rqvae(text_vecs, collab_vecs, cfg: SemanticIdConfig, state: dict | No
     epochs, lr = (cfg.warm_epochs, cfg.warm_lr) if state is not None else (cfg.epochs, cfg.lr)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     usage = [torch.zeros(cb.shape[0], dtype=torch.long) for cb in model.codebooks()]
+    seed_rows = max(level_sizes(model.cfg))  # k-means seeds every level from one batch of at least this
     history, step = [], 0
     model.train()
     for epoch in range(epochs):
@@ -192,7 +209,8 @@ def _train_rqvae(text_vecs, collab_vecs, cfg: SemanticIdConfig, state: dict | No
             init = not bool(model.initialized)
             if init:
                 with torch.no_grad():
-                    model(xt_all[idx], xc_all[idx], init=True)
+                    seed = perm[:max(len(idx), seed_rows)]  # = idx unless a level outgrows batch_size
+                    model(xt_all[seed], xc_all[seed], init=True)
                 model.initialized.fill_(True)
             out = model(xt_all[idx], xc_all[idx])
             opt.zero_grad(set_to_none=True)
@@ -233,7 +251,7 @@ def _assign_batches(model: RQVAE, text_vecs: np.ndarray, collab_vecs: np.ndarray
             cand_d.append(np.stack([t.values.numpy() for t in out["last_top"]], 1))
     if not topk:
         return np.concatenate(codes), None, None
-    k = min(topk, model.cfg.codebook_size)
+    k = min(topk, last_size(model.cfg))
     cands = cands or [np.zeros((0, 2, k), np.int64)]
     cand_d = cand_d or [np.zeros((0, 2, k), np.float32)]
     return np.concatenate(codes), np.concatenate(cands), np.concatenate(cand_d)
@@ -294,9 +312,10 @@ def _previous_ok(previous: np.ndarray | None, n: int, width: int) -> tuple[np.nd
 
 
 def _reassign(codes: np.ndarray, cands: np.ndarray, dists: np.ndarray, K: int, prev: np.ndarray | None,
-              same_raw: np.ndarray | None = None) -> np.ndarray:
+              same_raw: np.ndarray | None = None, base: int | None = None) -> np.ndarray:
     # codes [n, L], cands/dists [n, k] last-level candidates nearest first, same_raw [n]: raw codes as
-    # yesterday's -> unique IDs [n, L]
+    # yesterday's -> unique IDs [n, L]; K: the last level's codes, base: above every level's codes
+    base = base or K
     n = len(codes)
     prev, has_prev = _previous_ok(prev, n, codes.shape[1])
     ids = codes.copy()
@@ -308,14 +327,14 @@ def _reassign(codes: np.ndarray, cands: np.ndarray, dists: np.ndarray, K: int, p
     sticky = same_prefix & (in_cands | (False if same_raw is None else same_raw))
     ids[sticky, -1] = prev[sticky, -1]
     prio[sticky] = -1.0
-    key = _keys(ids, K)
+    key = _keys(ids, base)
     order = np.lexsort((prio, key))  # by ID, then priority
     first = np.ones(n, bool)
     first[1:] = key[order][1:] != key[order][:-1]
     movers = order[~first]
     if len(movers) == 0:
         return ids
-    prefix = key // K
+    prefix = key // base
     mover_set = set(movers.tolist())
     taken: dict[int, set[int]] = {}
     hit = np.isin(prefix, np.unique(prefix[movers]))
@@ -329,8 +348,8 @@ def _reassign(codes: np.ndarray, cands: np.ndarray, dists: np.ndarray, K: int, p
             free = [c for c in range(K) if c not in used]  # beyond its candidates: any free code
         if not free:
             raise ValueError(
-                f"prefix {codes[i, :-1].tolist()} holds more than codebook_size={K} items: use "
-                "semantic_ids.collision=extra_code or a larger codebook")
+                f"prefix {codes[i, :-1].tolist()} holds more than the last level's {K} codes: use "
+                "semantic_ids.collision=extra_code, a lower capacity_load or a larger last_codebook_size")
         ids[i, -1] = free[0]
         used.add(free[0])
     return ids
@@ -373,16 +392,17 @@ def resolve_collisions(
 
     ``previous``: yesterday's IDs aligned to these rows (-1 rows for new items); their holders keep them when
     the prefix is unchanged, so a retrain moves few IDs and new items never take an old item's ID.
+    ``cfg``: the assigning model's (``model.cfg``), whose last level may be larger than ``codebook_size``.
     """
-    out = []
+    out, base = [], max(level_sizes(cfg))
     prev_raw = None if previous is None else view_codes(np.asarray(previous.raw), cfg)
     for v, codes in enumerate(view_codes(raw, cfg)):
         prev = None if previous is None else (previous.search, previous.rec)[v]
         if cfg.collision == "reassign":
             same_raw = None if prev_raw is None else (prev_raw[v] == codes).all(1)
-            out.append(_reassign(codes, cands[:, v], dists[:, v], cfg.codebook_size, prev, same_raw))
+            out.append(_reassign(codes, cands[:, v], dists[:, v], last_size(cfg), prev, same_raw, base))
         else:
-            out.append(_extra_code(codes, dists[:, v, 0], cfg.codebook_size, prev))
+            out.append(_extra_code(codes, dists[:, v, 0], base, prev))
     return SemanticIds(raw=raw, search=out[0], rec=out[1])
 
 
@@ -445,8 +465,8 @@ def id_metrics(
     names = ([f"shared_{j}" for j in range(cfg.shared_levels)] + [f"text_{j}" for j in range(cfg.specific_levels)]
              + [f"collab_{j}" for j in range(cfg.specific_levels)])
     levels = {}
-    for j, name in enumerate(names):
-        u, ppl = _utilization(ids.raw[:, j], cfg.codebook_size)
+    for j, (name, size) in enumerate(zip(names, level_sizes(cfg))):
+        u, ppl = _utilization(ids.raw[:, j], size)
         levels[name] = {"utilization": u, "perplexity": ppl}
     rng = np.random.default_rng(seed)
     views = {}
@@ -457,7 +477,7 @@ def id_metrics(
             "unique_id_share": len(np.unique(final, axis=0)) / max(n, 1),
             # differs from the raw codes: moved off a collision, or held at yesterday's code
             "moved_by_resolution": float((final[:, :raw_v.shape[1]] != raw_v).any(1).mean()) if n else 0.0,
-            # headroom of "reassign": it fails once a prefix holds more than codebook_size items
+            # headroom of "reassign": it fails once a prefix holds more than the last level has codes
             "max_prefix_group": int(np.unique(raw_v[:, :-1], axis=0, return_counts=True)[1].max()) if n else 0,
             "max_extra_code": int(final[:, -1].max()) if n and final.shape[1] > raw_v.shape[1] else None,
             "prefix_similarity": _prefix_similarity(

@@ -4,9 +4,10 @@ import torch
 
 from synergen_core.config import ConfigError, SemanticIdConfig, load_config
 from synergen_core.rqvae import (
-    SemanticIds, _reset_dead_codes, assign, assign_with_candidates, build_rqvae, id_metrics,
+    RQVAE, SemanticIds, _reset_dead_codes, assign, assign_with_candidates, build_rqvae, id_metrics,
     resolve_collisions, semantic_ids, train_rqvae,
 )
+from synergen_core.rqvae_capacity import capacity_size, level_sizes, train_rows
 from synergen_core.vectors import unit_rows
 
 CFG = SemanticIdConfig(
@@ -223,3 +224,59 @@ def test_config_sections_load_and_reject_bad_values():
     assert cfg.semantic_ids.shared_levels == 2 and cfg.semantic_ids.specific_levels == 1
     with pytest.raises(ConfigError, match="semantic_ids.collision"):
         load_config(environ={"SYNERGEN__SEMANTIC_IDS__COLLISION": "hash"})
+
+
+def test_capacity_rule_keeps_todays_size_until_the_catalog_needs_more():
+    d = SemanticIdConfig()  # 2 shared + 1 specific levels of 256, capacity_load 0.125: 2**21 items fit
+    assert [capacity_size(d, n) for n in (1, 12_101, 2**21)] == [256, 256, 256]  # Beauty: 12,101 items
+    assert [capacity_size(d, n) for n in (2**21 + 1, 2**22, 10_000_000)] == [512, 512, 2048]
+    assert capacity_size(d.model_copy(update={"last_codebook_size": 300}), 10) == 300
+    assert level_sizes(d.model_copy(update={"last_codebook_size": 512})) == [256, 256, 512, 512]
+    two = d.model_copy(update={"specific_levels": 2, "last_codebook_size": 512})
+    assert level_sizes(two) == [256, 256, 256, 512, 256, 512]
+
+
+def test_a_catalog_that_overflows_todays_capacity_gets_a_larger_last_level(data):
+    # 4 codes a level: 16 prefixes of 4 last codes hold 64 items, 600 items overflow them ("reassign" raised)
+    cfg = CFG.model_copy(update={"codebook_size": 4, "epochs": 5})
+    model, _ = train_rqvae(*data, cfg)
+    # 600 / 4**2 = 37.5 items per prefix <= 0.125 * 512
+    assert model.cfg.last_codebook_size == 512
+    assert [cb.shape[0] for cb in model.codebooks()] == [4, 4, 512, 512]
+    ids = semantic_ids(model, *data)
+    m = id_metrics(model, *data, ids)
+    for view, final in (("search", ids.search), ("rec", ids.rec)):
+        assert m[view]["max_prefix_group"] > 4  # more than the old last level had codes
+        assert m[view]["collision_rate_after"] == 0.0 and len(np.unique(final, axis=0)) == 600
+        assert final.shape == (600, 3) and final[:, :2].max() < 4 and final[:, 2].max() < 512
+    # a warm start keeps the stored size, with or without it in the config
+    again = build_rqvae(32, 16, cfg, state=model.state_dict())
+    assert again.cfg.last_codebook_size == 512
+    np.testing.assert_array_equal(semantic_ids(again, *data).search, ids.search)
+    tuned, _ = train_rqvae(*data, cfg, state=model.state_dict())
+    assert tuned.cfg.last_codebook_size == 512
+
+
+def test_training_sees_at_most_train_sample_rows(data, trained, monkeypatch):
+    seen: list[int] = []
+    forward = RQVAE.forward
+
+    def counting(self, xt, xc, init=False):
+        if not init:
+            seen.append(xt.shape[0])
+        return forward(self, xt, xc, init)
+
+    monkeypatch.setattr(RQVAE, "forward", counting)
+    cfg = CFG.model_copy(update={"train_sample": 200, "epochs": 2})
+    model, history = train_rqvae(*data, cfg)
+    assert len(history) == 2 and sum(seen) == 2 * 200  # each epoch sees the sample, not the 600 items
+    assert len(train_rows(600, cfg)) == 200 and len(np.unique(train_rows(600, cfg))) == 200
+    again, _ = train_rqvae(*data, cfg)  # seeded: the same sample, the same model
+    np.testing.assert_array_equal(assign(model, *data), assign(again, *data))
+    assert assign(model, *data).shape == (600, 4)  # every item is still coded
+    seen.clear()
+    # up to train_sample items: every row, as before the sample existed (the default is 200,000)
+    whole, _ = train_rqvae(*data, CFG.model_copy(update={"train_sample": 600}))
+    assert train_rows(600, CFG) is None and sum(seen) == CFG.epochs * 600
+    np.testing.assert_array_equal(assign(whole, *data), assign(trained[0], *data))
+    assert all(torch.equal(v, trained[0].state_dict()[k]) for k, v in whole.state_dict().items())
