@@ -8,7 +8,8 @@ of the day's vocabulary) and the previous run's outputs. Outputs (``schemas.sema
 The model of a day, by ``mode``:
 
 * ``cold``: trained from scratch. First run, or yesterday's model cannot take today's inputs (another
-  RQ-VAE shape or collision mode, another text encoder, other vector widths).
+  RQ-VAE shape or collision mode, another text encoder, other vector widths), or today's catalog needs
+  another ID capacity (reason ``ID capacity changed``).
 * ``warm``: yesterday's model fine-tuned (``semantic_ids.warm_epochs`` at ``warm_lr``), then the catalog is
   re-coded, when since its last training the share of new items (indices above the largest it was trained
   on, over the items it was trained on) or the relative rise of its reconstruction loss on today's items
@@ -17,6 +18,14 @@ The model of a day, by ``mode``:
 * ``reuse``: otherwise yesterday's model as it is. An item whose vectors did not change gets the same raw
   codes as yesterday (same model, same input; hysteresis covers float noise), so with the sticky collision
   handling it keeps its IDs; new items are coded by the same model and take free IDs.
+
+ID capacity and training sample (issue 29; ``synergen_core.rqvae_capacity``): IDs keep their length, and
+the last level of each view has ``codebook_size`` codes until the catalog's expected items per prefix
+(``n_items / codebook_size**(levels-1)``) pass ``capacity_load`` of it; then it takes the smallest power
+of two that holds them at that load (``last_codebook_size`` in the model's ``arch`` and ``_stats.json``).
+The size is chosen from the day's catalog; a size other than yesterday model's is a cold start. The
+RQ-VAE trains (cold or warm) on a seeded sample of ``semantic_ids.train_sample`` items (every item of a
+smaller catalog); every item is assigned on Spark.
 
 Assignment at scale: the state dict is broadcast and every partition of the joined vectors runs
 ``assign_with_candidates`` in ``mapInArrow`` (one torch thread per task; yesterday's raw codes are joined
@@ -88,8 +97,19 @@ class Previous:
 
 
 def arch(cfg: SemanticIdConfig) -> dict:
-    """The settings a stored model and its IDs depend on: another value needs a cold start."""
-    return {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    """The settings a stored model and its IDs depend on: another value needs a cold start. The last level's
+    size only when it is not ``codebook_size`` (so a model of today's capacity keeps its arch)."""
+    from synergen_core.rqvae_capacity import last_size
+
+    grown = last_size(cfg) != cfg.codebook_size
+    return {k: getattr(cfg, k) for k in ARCH_FIELDS} | ({"last_codebook_size": last_size(cfg)} if grown else {})
+
+
+def day_config(cfg: Config, inputs: Inputs) -> SemanticIdConfig:
+    """``semantic_ids`` with the last level sized for the day's catalog (``rqvae_capacity.with_capacity``)."""
+    from synergen_core.rqvae_capacity import with_capacity
+
+    return with_capacity(cfg.semantic_ids, len(inputs.index))
 
 
 def id_widths(cfg: SemanticIdConfig) -> tuple[int, int]:
@@ -181,14 +201,20 @@ def recon(model, text: np.ndarray, collab: np.ndarray) -> dict:
 def decide(cfg: Config, inputs: Inputs, prev: Previous | None) -> tuple[str, list[str], dict]:
     """(mode, reasons, drift figures): see the module doc."""
     from synergen_core.rqvae import build_rqvae
+    from synergen_core.rqvae_capacity import last_size
 
-    sid = cfg.semantic_ids
+    sid = day_config(cfg, inputs)
     if prev is None:
         return "cold", ["no previous model"], {}
     m = prev.meta
     cold = []
-    if m.get("arch") != json.loads(json.dumps(arch(sid))):
+    old, new = m.get("arch") or {}, json.loads(json.dumps(arch(sid)))
+    other = lambda a: {k: v for k, v in a.items() if k != "last_codebook_size"}  # noqa: E731
+    if m.get("arch") is None or other(old) != other(new):
         cold.append(f"semantic_ids settings changed: {m.get('arch')} -> {arch(sid)}")
+    elif old != new:  # the same settings, another catalog size: yesterday's codebook has another shape
+        cold.append(f"ID capacity changed: last codebook {old.get('last_codebook_size', old['codebook_size'])} -> "
+                    f"{last_size(sid)} codes for {len(inputs.index)} items (capacity_load {sid.capacity_load})")
     if (m.get("text_dim"), m.get("collab_dim")) != (inputs.text.shape[1], inputs.collab.shape[1]):
         cold.append(f"vector widths changed: {(m.get('text_dim'), m.get('collab_dim'))} -> "
                     f"{(inputs.text.shape[1], inputs.collab.shape[1])}")
@@ -217,7 +243,7 @@ def model_of_day(cfg: Config, inputs: Inputs, prev: Previous | None, mode: str):
     from synergen_core.rqvae import build_rqvae, train_rqvae
 
     t0 = time.perf_counter()
-    sid = cfg.semantic_ids
+    sid = day_config(cfg, inputs)
     if mode == "reuse":
         model = build_rqvae(inputs.text.shape[1], inputs.collab.shape[1], sid, prev.state).eval()
         return model, [], 0.0
@@ -346,12 +372,15 @@ def validate_ids(ids: pa.Table, vocab_index: np.ndarray, cfg: SemanticIdConfig) 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    from synergen_core.rqvae_capacity import level_sizes
+
     frame = check_frame(ids, vocab_index, cfg)
     id_len, raw_len = id_widths(cfg)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_def = ctx.data_sources.add_pandas("semantic_ids").add_dataframe_asset("semantic_ids").add_batch_definition_whole_dataframe("b")
-    suite = ctx.suites.add(sid_schema.suite(id_len, raw_len, cfg.codebook_size, cfg.collision == "extra_code"))
+    # one range for every code column: the largest level's (the last one's when it grew with the catalog)
+    suite = ctx.suites.add(sid_schema.suite(id_len, raw_len, max(level_sizes(cfg)), cfg.collision == "extra_code"))
     result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
     failed = []
     for r in result.results:
@@ -378,14 +407,16 @@ def validate_ids(ids: pa.Table, vocab_index: np.ndarray, cfg: SemanticIdConfig) 
 def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
     """Semantic IDs of ``ds``; see the module doc. Returns the run's figures (also ``_stats.json``)."""
     from synergen_core.rqvae import id_metrics, resolve_collisions
+    from synergen_core.rqvae_capacity import last_size
 
     ds = parse_ds(ds).isoformat()
     t0 = time.perf_counter()
-    sid, root = cfg.semantic_ids, Path(cfg.lake.root)
+    root = Path(cfg.lake.root)
     inputs = load_inputs(cfg, ds)
     prev = load_previous(cfg, ds, inputs)
     mode, reasons, drift = decide(cfg, inputs, prev)
     model, history, train_s = model_of_day(cfg, inputs, prev, mode)
+    sid = model.cfg  # the day's settings with the size its last level has
     sticky = prev if mode != "cold" else None  # a new model's codes are unrelated to yesterday's
 
     t1 = time.perf_counter()
@@ -422,7 +453,8 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
         "retrained": int(trained), "items": int(len(index)), "new_items": new_items,
         "trained_ds": meta["trained_ds"], "drift": drift,
         "train": ({"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"},
-                   "seconds": round(train_s, 3)} if history else {}),
+                   "rows": min(len(index), sid.train_sample), "seconds": round(train_s, 3)} if history else {}),
+        "last_codebook_size": last_size(sid),
         **metrics,
         "existing_id_change_share": metrics.get("either_id_change_share"),
         "raw_codes_changed_share": (float((prev.ids.raw[prev.found] != ids.raw[prev.found]).any(1).mean())

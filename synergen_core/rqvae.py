@@ -394,7 +394,8 @@ def resolve_collisions(
     the prefix is unchanged, so a retrain moves few IDs and new items never take an old item's ID.
     ``cfg``: the assigning model's (``model.cfg``), whose last level may be larger than ``codebook_size``.
     """
-    out, base = [], max(level_sizes(cfg))
+    # key base above every code, also when cfg lost a grown last size (features' extra_code fallback)
+    out, base = [], max(*level_sizes(cfg), int(raw.max(initial=0)) + 1, int(np.max(cands, initial=0)) + 1)
     prev_raw = None if previous is None else view_codes(np.asarray(previous.raw), cfg)
     for v, codes in enumerate(view_codes(raw, cfg)):
         prev = None if previous is None else (previous.search, previous.rec)[v]

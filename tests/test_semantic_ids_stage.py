@@ -23,6 +23,7 @@ from schemas import semantic_ids as sid_schema
 from schemas import sequences as S
 from synergen_core import lake
 from synergen_core.rqvae import assign_with_candidates, build_rqvae
+from synergen_core.rqvae_capacity import capacity_size
 from synergen_core.vectors import list_array
 
 
@@ -154,6 +155,38 @@ def test_settings_change_forces_a_cold_start(sid):
     cfg.semantic_ids.codebook_size = 64
     mode, reasons, _ = semantic_ids.decide(cfg, inputs, prev)
     assert mode == "cold" and "settings changed" in reasons[0]
+
+
+def test_a_capacity_change_forces_a_cold_start_with_its_reason(sid):
+    cfg = sid["cfg"].model_copy(deep=True)
+    inputs = semantic_ids.load_inputs(cfg, D2)
+    prev = semantic_ids.load_previous(cfg, D2, inputs)
+    cfg.semantic_ids.capacity_load = 0.001  # ~0.3 items per prefix need 512 last codes at this load
+    mode, reasons, _ = semantic_ids.decide(cfg, inputs, prev)
+    assert mode == "cold" and reasons == [
+        f"ID capacity changed: last codebook 32 -> 512 codes for {len(inputs.index)} items (capacity_load 0.001)"]
+
+
+def test_a_grown_capacity_and_a_training_sample_work_end_to_end(sid, spark, tmp_path_factory):
+    cfg = stage3_config(copy_lake(sid["root"], tmp_path_factory.mktemp("sid_grown") / "lake"))
+    cfg.semantic_ids.capacity_load, cfg.semantic_ids.train_sample = 0.004, 200
+    out = semantic_ids.run(spark, cfg, D1)
+    size = capacity_size(cfg.semantic_ids, out["items"])
+    assert size > 32 and out["last_codebook_size"] == size and out["train"]["rows"] == 200
+    assert out["search"]["collision_rate_after"] == out["rec"]["collision_rate_after"] == 0
+    t = read(cfg.lake.root, lake.Layout.semantic_ids, D1)
+    raw = codes(t, C.RAW_CODES)
+    assert raw[:, :2].max() < 32 and 32 <= raw[:, 2:].max() < size  # the larger last level is used
+    for col in (C.SEARCH_CODES, C.REC_CODES):
+        assert len(np.unique(codes(t, col), axis=0)) == len(t)
+    part = lake.partition(cfg.lake.root, lake.Layout.semantic_ids_model, D1)
+    assert json.loads((part / semantic_ids.MODEL_META).read_text())["arch"]["last_codebook_size"] == size
+    assert json.loads((lake.partition(cfg.lake.root, lake.Layout.semantic_ids, D1)
+                       / semantic_ids.VALIDATION_FILE).read_text())["success"]
+    cfg.semantic_ids.capacity_load, cfg.semantic_ids.train_sample = 0.125, 200_000  # the defaults: 32 codes
+    out = semantic_ids.run(spark, cfg, D2)
+    assert out["mode"] == "cold" and out["reasons"][0].startswith(f"ID capacity changed: last codebook {size} -> 32")
+    assert out["last_codebook_size"] == 32 and out["train"]["rows"] == out["items"]
 
 
 def _break(t: pa.Table, how: str) -> pa.Table:
