@@ -144,7 +144,7 @@ def semantic_codes(cfg: SemanticIdConfig, text: np.ndarray, collab: np.ndarray) 
     except ValueError:
         # "reassign" fails when one prefix holds more items than a codebook has codes (a collapsed
         # RQ-VAE on a small or skewed catalog); TIGER's extra code has no such limit below K per ID.
-        model.cfg = cfg.model_copy(update={"collision": "extra_code"})
+        model.cfg = model.cfg.model_copy(update={"collision": "extra_code"})  # keeps a grown last level
         ids = semantic_ids(model, text[1:], collab[1:])
     pad = lambda c: np.concatenate([np.zeros((1, c.shape[1]), np.int64), c.astype(np.int64)])  # noqa: E731
     return pad(ids.rec), pad(ids.search), {"rqvae_final_loss": history[-1]["loss"] if history else None,
