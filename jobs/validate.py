@@ -34,7 +34,6 @@ still gets its own partitions and counts.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import shutil
@@ -86,12 +85,13 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
     layout = cfg.layout
     root, layer = layout.root, layout.validated
     if layer == lake.RAW:  # the validated layer is sessionize.source: raw would publish over the input
-        raise ConfigError("validate: sessionize.source is 'raw', so sessionize reads the raw logs unvalidated and "
-                          "validation has no layer to write; set sessionize.source to another layer (default 'validated')")
+        raise ConfigError("validate: sessionize.source is 'raw' (sessionize reads unvalidated logs), so validation would "
+                          "write over its input; set sessionize.source to another layer (default 'validated')")
     chosen = [t for t in TABLES if not tables or t in tables]
+    first_ds, last_ds = parse_ds(first_ds).isoformat(), parse_ds(last_ds).isoformat()  # a bad day: one line
     if last_ds < first_ds:
         raise ValidationFailed(f"validate: last day {last_ds} is before first day {first_ds}; give the first day first")
-    days = _days(first_ds, last_ds)
+    days = lake.day_range(first_ds, last_ds)
     # what a killed run left aside; runs are serialized, so nothing live is removed
     for table in [*(area(t) for t in chosen for area in (layout.valid, layout.quarantine)), layout.valid(lake.DAYS)]:
         lake.remove_stale(root, table)
@@ -210,7 +210,7 @@ def _check_days_have_events(layout: lake.Layout, first_ds: str, last_ds: str) ->
     wrong lake root or wrong dates, not a quiet success). One events table may be absent on a day
     (sources without search logs, days without tags)."""
     present = set().union(*(layout.days(layout.raw(t)) for t in EVENT_TABLES))
-    days = _days(first_ds, last_ds)
+    days = lake.day_range(first_ds, last_ds)
     missing = [d for d in days if d not in present]
     hint = "write raw/<table>/ds=YYYY-MM-DD/*.parquet there first, or check lake.root and the dates"
     if missing and first_ds == last_ds:
@@ -219,12 +219,6 @@ def _check_days_have_events(layout: lake.Layout, first_ds: str, last_ds: str) ->
         raise ValidationFailed(f"{layout.root / lake.RAW}: no search_events or browse_events partition from {first_ds} to "
                                f"{last_ds}; {hint}")
     return missing
-
-
-def _days(first_ds: str, last_ds: str) -> list[str]:
-    first, last = parse_ds(first_ds), parse_ds(last_ds)
-    return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
-
 
 
 # ---------------------------------------------------------------- checks

@@ -121,6 +121,12 @@ def next_day(ds: str | dt.date) -> str:
     return (dt.date.fromisoformat(str(ds)) + dt.timedelta(days=1)).isoformat()
 
 
+def day_range(first_ds: str, last_ds: str) -> list[str]:
+    """Every calendar day from ``first_ds`` to ``last_ds``, both included (ISO)."""
+    first, last = dt.date.fromisoformat(first_ds), dt.date.fromisoformat(last_ds)
+    return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
 def partition(root: Path, table: str, ds: str | dt.date) -> Path:
     """``<root>/<table>/ds=YYYY-MM-DD``; ``table`` may be nested, e.g. ``raw/search_events``."""
     return Path(root) / table / f"ds={ds}"
