@@ -1,4 +1,4 @@
-"""What is served, measured: day D-1's published candidate lists against day D's engagements (issue 27).
+"""What is served, measured: day D-1's published candidate lists against day D's engagements.
 
 The lists published for D-1 (``cfg.layout.candidates_part(D-1)``, scored at the end of D-1) are what users
 saw on D. ``run`` measures them on the engagements of D, per surface, so the figure users see is a figure

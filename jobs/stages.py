@@ -253,7 +253,7 @@ def _log_train(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
         for variant, s in res["models"].items():
             key = f"{protocol}.{variant}"
             run.metrics({f"{key}.train_seconds": s["train_seconds"], f"{key}.steps": s["steps"]})
-            list_order.log_choice(run, key, s.get("list_order"))  # the order its lists are served in (issue 27)
+            list_order.log_choice(run, key, s.get("list_order"))  # the order its lists are served in
             if s["best_valid"] is not None:
                 run.metrics({f"{key}.valid_{cfg.train.valid_metric.replace('@', '_at_')}": s["best_valid"]})
             for h in s["history"]:  # the training curves: one point per epoch

@@ -140,7 +140,7 @@ def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
             log.info("train %s %s/%s -> %s", ds, protocol, v, d)
             summary = train(vcfg, data, feats, d, on_step=on_step)
             with distributed.main_first(ranks):  # rank 0 alone writes the model files
-                if ranks.is_main:  # which order its lists are served in, chosen on validation (issue 27)
+                if ranks.is_main:  # which order its lists are served in, chosen on validation
                     device = distributed.device(pick_device(vcfg.train), ranks)
                     list_order.record_choice(vcfg, data, d, summary, device)
             out[protocol]["models"][v] = summary

@@ -277,7 +277,7 @@ class SemanticIdConfig(_Section):
     shared_levels: int = Field(2, ge=0)
     specific_levels: int = Field(1, ge=1)  # without one the two views' IDs would be the same ID
     codebook_size: int = Field(256, ge=2)  # every level but the last, as in TIGER
-    # ID capacity (issue 29). With collision=reassign IDs stay fixed-length, so each prefix of the first
+    # ID capacity. With collision=reassign IDs stay fixed-length, so each prefix of the first
     # L-1 codes (L = shared_levels + specific_levels) holds at most as many items as the last level has
     # codes. The last level (the last specific codebook of each view) therefore grows with the catalog:
     # it keeps codebook_size while n_items / codebook_size**(L-1) <= capacity_load * codebook_size, and

@@ -1,4 +1,4 @@
-"""Which order a served candidate list is in: the ranking head's, or the model's retrieval scores (issue 27).
+"""Which order a served candidate list is in: the ranking head's, or the model's retrieval scores.
 
 The ranking stage re-scores the retrieved candidates with the ranking head, and it has to earn that place.
 After training, the model's best weights order the validation requests' candidate lists (the evaluation's

@@ -1,4 +1,4 @@
-"""How large the RQ-VAE's codebooks are for a catalog, and which items it trains on (issue 29).
+"""How large the RQ-VAE's codebooks are for a catalog, and which items it trains on.
 
 ID capacity. With ``collision: reassign`` a view ID keeps ``L = shared_levels + specific_levels`` codes, so
 the items sharing a prefix (its first L-1 codes) must get different last codes: a prefix holds at most
