@@ -92,6 +92,7 @@ def run(spark, cfg: Config, ds: str) -> dict:
     part = cfg.layout.candidates_part(before)
     lists = read_lists(spark, part)
     events = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("events"), ds, EVENTS)
+    # one aggregate row per surface (two at most), whatever the number of users, lists or events
     rows = {r[C.SURFACE]: r.asDict() for r in figures(requests_frame(lists, engagements(events, ds)), ks).collect()}
     surfaces = [s for s in (SURFACE_REC, SURFACE_SEARCH) if s in cfg.score.surfaces or s in rows]
     return {"ds": ds, "lists_ds": before, "available": True, "ks": ks, "model": _model(part / SCORE_FILE),

@@ -88,15 +88,16 @@ def _lake_vectors(part: Path, index: str, n: int) -> np.ndarray | None:
 
 
 def text_vectors(layout: lake.Layout, encoder: TextEncoderConfig, ds: str, item_vocab, query_vocab, n_items: int,
-                 n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (item vectors [n_items, d], query vectors [n_queries, d]), rows at vocabulary indices, row 0 zeros:
-    the item-embedding stage's tables of ``ds`` where published, else ``encode_texts``."""
+                 n_queries: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """-> (item vectors [n_items, d], query vectors [n_queries, d], where they came from), rows at vocabulary
+    indices, row 0 zeros: the item-embedding stage's tables of ``ds`` where published, else ``encode_texts``."""
     items = _lake_vectors(layout.part(layout.vectors("items"), ds), C.ITEM_INDEX, n_items)
     queries = (_lake_vectors(layout.part(layout.vectors("queries"), ds), C.QUERY_INDEX, n_queries)
                if items is not None else None)
     if items is not None and (queries is not None or query_vocab.num_rows == 0):
-        return items, queries if queries is not None else np.zeros((n_queries, items.shape[1]), np.float32)
-    return encode_texts(layout, encoder, ds, item_vocab, query_vocab, n_items, n_queries)
+        queries = queries if queries is not None else np.zeros((n_queries, items.shape[1]), np.float32)
+        return items, queries, f"{layout.vectors('items')},queries ds={ds}"
+    return (*encode_texts(layout, encoder, ds, item_vocab, query_vocab, n_items, n_queries), "in-process from the catalog")
 
 
 def encode_texts(layout: lake.Layout, encoder: TextEncoderConfig, ds: str, item_vocab, query_vocab, n_items: int,
@@ -189,11 +190,9 @@ def load_features(
     notes: dict = {}
     item_text = query_text = rec = search = None
     if need_text or need_codes:
-        it, qt = text_vectors(layout, encoder, ds, item_vocab, query_vocab, n_items, n_queries)
+        it, qt, source = text_vectors(layout, encoder, ds, item_vocab, query_vocab, n_items, n_queries)
         item_text, query_text = torch.from_numpy(it), torch.from_numpy(qt)
-        from_lake = _lake_vectors(layout.part(layout.vectors("items"), ds), C.ITEM_INDEX, n_items) is not None
-        notes["text"] = (f"{encoder.kind}, {it.shape[1]}-d, "
-                         + (f"{layout.vectors('items')},queries ds={ds}" if from_lake else "in-process from the catalog"))
+        notes["text"] = f"{encoder.kind}, {it.shape[1]}-d, {source}"  # the stage's tables are read once
     if need_codes:
         found = lake_semantic_codes(layout, ds, n_items) if protocol == "temporal" else None
         if found is not None:

@@ -455,6 +455,7 @@ def _end_epoch(run: _Run, stop: bool) -> bool:
     if run.ranks.active:  # rank 0 validates and decides; every rank continues with its state
         run.state["epoch_loss"] = distributed.mean_over_ranks(loss_sum, loss_n)
         verdict = _keep_best(run) if run.ranks.is_main else None
+        # pickled between this job's own ranks (no file): counters and the per-epoch history, bounded by epochs
         run.state, verdict = distributed.broadcast((run.state, verdict))
         stop = verdict or stop
     else:
