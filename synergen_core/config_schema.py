@@ -327,6 +327,14 @@ class EmbeddingsConfig(_Section):
     # Items without a collaborative vector get the similarity-weighted mean of their k text-nearest
     # neighbours' vectors (among items that have one).
     fallback_neighbours: int = Field(10, ge=1)
+    # The neighbours are searched among at most fallback_max_anchors items with a vector (the most engaged
+    # ones when there are more): their index is built in one process and read by every task of the cold
+    # items, so this bounds its memory (anchors x (text + collaborative width) x 4 bytes), whatever the
+    # catalog's size. Exact search up to fallback_exact_max_anchors anchors; IVF beyond (about sqrt(anchors)
+    # lists), probing fallback_nprobe of them.
+    fallback_max_anchors: int = Field(100_000, ge=1)
+    fallback_exact_max_anchors: int = Field(20_000, ge=1)
+    fallback_nprobe: int = Field(16, ge=1)
     # Parquet file or folder (item_id, vector) of the champion model's item embeddings; when set (or when a
     # loader is passed to jobs.collab.run) they replace ALS. Null: ALS on the first run, then carried.
     champion_vectors: Path | None = None

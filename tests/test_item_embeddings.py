@@ -201,3 +201,95 @@ def test_python_stages_run_on_this_interpreter(spark):
 
     seen = {r.python for r in spark.range(2).mapInPandas(executable, "python string").collect()}
     assert seen == {sys.executable}
+
+
+def _exact_fallback_as_before(anchor_text, anchor_vecs, text, k):
+    """The fallback as it ran in one process before it ran in Spark: an exact faiss search of every anchor."""
+    import faiss
+
+    index = faiss.IndexFlatIP(anchor_text.shape[1])
+    index.add(unit_rows(anchor_text))
+    k = min(k, len(anchor_text))
+    sims, nn = index.search(unit_rows(text), k)
+    w = np.clip(sims, 0.0, None)
+    v = (w[..., None] * anchor_vecs[nn]).sum(1)
+    v[w.sum(1) <= 1e-6] = anchor_vecs.mean(0)
+    return unit_rows(v)
+
+
+def _fallback_rows(c: pa.Table, text_by_id: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(anchor mask, text [n, d], collab [n, d]) of a collab table, text aligned to its rows."""
+    anchor = np.array([s != sid_schema.SOURCE_TEXT for s in c[C.VECTOR_SOURCE].to_pylist()])
+    return anchor, np.stack([text_by_id[i] for i in c[C.ITEM_ID].to_pylist()]), vecs(c)
+
+
+def test_distributed_fallback_equals_the_exact_one_and_ivf_probing_every_list(emb, spark, tmp_path):
+    root, cfg = emb["root"], emb["cfg"]
+    t1 = read(root, "embeddings/items", D1)
+    text_by_id = dict(zip(t1[C.ITEM_ID].to_pylist(), vecs(t1)))
+    c1 = read(root, "embeddings/collab", D1)
+    anchor, text, v = _fallback_rows(c1, text_by_id)
+    k = cfg.embeddings.fallback_neighbours
+    assert emb["out"][D1]["collab"]["fallback"] == {"anchors": int(anchor.sum()), "items_with_vector": int(anchor.sum()),
+                                                    "index": "exact"}
+    assert np.allclose(v[~anchor], _exact_fallback_as_before(text[anchor], v[anchor], text[~anchor], k), atol=1e-5)
+
+    # an IVF index of the anchors probing every list finds the exact neighbours: the same table
+    ivf = stage3_config(copy_lake(root, tmp_path / "lake"))
+    ivf.embeddings.fallback_exact_max_anchors, ivf.embeddings.fallback_nprobe = 10, 10_000
+    out = collab.run(spark, ivf, D1)
+    assert out["fallback"]["index"] == "ivf" and out["fallback"]["nprobe"] == out["fallback"]["nlist"] > 1
+    again = read(ivf.lake.root, "embeddings/collab", D1)
+    assert again[C.ITEM_ID].to_pylist() == c1[C.ITEM_ID].to_pylist()
+    assert again[C.VECTOR_SOURCE].to_pylist() == c1[C.VECTOR_SOURCE].to_pylist()
+    assert again[C.COMPUTED_DS].to_pylist() == c1[C.COMPUTED_DS].to_pylist()
+    assert np.allclose(vecs(again), v, atol=1e-5)
+
+
+def test_anchors_bounded_by_config_are_the_most_engaged(emb, spark, tmp_path):
+    root, cfg = emb["root"], emb["cfg"]
+    capped = stage3_config(copy_lake(root, tmp_path / "lake"))
+    capped.embeddings.fallback_max_anchors = 40
+    out = collab.run(spark, capped, D2)  # carried from D1, then the fallback over the 40 most engaged
+    assert out["fallback"]["anchors"] == 40 < out["fallback"]["items_with_vector"]
+    c2 = read(capped.lake.root, "embeddings/collab", D2)
+    t2 = read(root, "embeddings/items", D2)
+    anchor, text, v = _fallback_rows(c2, dict(zip(t2[C.ITEM_ID].to_pylist(), vecs(t2))))
+    vocab = read(root, "sessionized/item_vocab", D2)
+    count = dict(zip(vocab[C.ITEM_INDEX].to_pylist(), vocab[C.COUNT].to_pylist()))
+    index = np.asarray(c2[C.ITEM_INDEX].to_pylist())
+    ranked = sorted(index[anchor], key=lambda i: (-count[i], i))[:40]
+    top = np.isin(index, ranked)
+    want = _exact_fallback_as_before(text[top], v[top], text[~anchor], capped.embeddings.fallback_neighbours)
+    assert np.allclose(v[~anchor], want, atol=1e-5)
+    # the carried vectors are untouched by the cap
+    assert np.array_equal(v[anchor], vecs(read(root, "embeddings/collab", D2))[anchor])
+
+
+def test_als_factors_are_the_string_indexer_ones(emb, spark):
+    """The users are numbered by a distributed sort instead of StringIndexer (which holds every user on the
+    driver); the numbering, hence the factors, are the same."""
+    from pyspark.ml.feature import StringIndexer
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import functions as F
+
+    from jobs.spark import read_days
+    from schemas.sequences import EVENTS
+
+    root, cfg = emb["root"], emb["cfg"]
+    e = cfg.embeddings
+    events = read_days(spark, root, cfg.layout.sessions("events"), EVENTS, upto=D1)
+    eng = (events.where(F.col(C.ITEM_INDEX).isNotNull())
+           .groupBy(C.USER_ID, C.ITEM_INDEX).agg(F.count("*").cast("float").alias("_weight")))
+    users = StringIndexer(inputCol=C.USER_ID, outputCol="_user", stringOrderType="alphabetAsc").fit(eng)
+    ratings = users.transform(eng).select(F.col("_user").cast("int").alias("_user"), C.ITEM_INDEX, "_weight")
+    als = ALS(rank=e.als_rank, maxIter=e.als_max_iter, regParam=e.als_reg, alpha=e.als_alpha, implicitPrefs=True,
+              userCol="_user", itemCol=C.ITEM_INDEX, ratingCol="_weight", seed=cfg.semantic_ids.seed,
+              numUserBlocks=cfg.spark.shuffle_partitions, numItemBlocks=cfg.spark.shuffle_partitions)
+    f = als.fit(ratings).itemFactors.toArrow()
+    want = dict(zip(f["id"].to_pylist(), unit_rows(vectors_matrix(f["features"]))))
+    c1 = read(root, "embeddings/collab", D1)
+    got = {i: v for i, v, s in zip(c1[C.ITEM_INDEX].to_pylist(), vecs(c1), c1[C.VECTOR_SOURCE].to_pylist())
+           if s == sid_schema.SOURCE_ALS}
+    assert set(got) == set(want)
+    assert max(np.abs(got[i] - want[i]).max() for i in got) < 1e-4
