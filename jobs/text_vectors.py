@@ -19,7 +19,8 @@ same encoder made it (``encoder_fingerprint``, kept in ``_embeddings.json``; the
 Without a usable state (first run, or another encoder) every text is embedded, from the full catalog.
 
 The encoder runs inside ``mapInArrow``: loaded once per partition, and only by a partition that has a
-text to embed. ``embedded_ds`` says when each vector was computed, which gives the embedded/carried counts.
+text to embed. ``embedded_ds`` says when each vector was computed, which gives the embedded/carried counts;
+Spark counts them on the staged partition (joined to yesterday's keys), so no key column reaches the driver.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -183,24 +183,25 @@ def query_frame(spark, cfg: Config, ds: str, prev: str | None, fingerprint: str)
     return carry.unionByName(fresh)
 
 
-def _counts(part: Path, key: str, ds: str, prev_keys: np.ndarray | None) -> dict:
-    """Rows, embedded (computed today), carried and new of a staged partition, from its key columns."""
-    files = lake.data_files(part)
-    t = (pa.concat_tables([pq.read_table(f, columns=[key, C.EMBEDDED_DS]) for f in files]) if files else
-         pa.table({key: pa.array([], pa.int32()), C.EMBEDDED_DS: pa.array([], pa.string())}))
-    keys = t[key].to_numpy()
-    embedded = int(np.sum(np.asarray(t[C.EMBEDDED_DS].to_pylist(), dtype=object) == ds))
-    new = int(len(keys) - (np.isin(keys, prev_keys).sum() if prev_keys is not None else 0))
-    dim = None
-    for f in files:
-        first = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=[C.VECTOR]), None)
-        if first is not None and first.num_rows:
-            dim = len(first.column(0)[0])
-            break
-    if len(np.unique(keys)) != len(keys):
-        raise RuntimeError(f"{part}: {len(keys) - len(np.unique(keys))} duplicate {key} values")
-    return {"rows": len(keys), "embedded": embedded, "carried": len(keys) - embedded, "new": new,
-            "changed": embedded - new, "dim": dim}
+def _counts(spark, part: Path, key: str, ds: str, prev: DataFrame | None) -> dict:
+    """Rows, embedded (computed today), carried and new of a staged partition, counted by Spark (``prev``:
+    yesterday's snapshot, unique by key as this check made it)."""
+    if not lake.data_files(part):
+        return {"rows": 0, "embedded": 0, "carried": 0, "new": 0, "changed": 0, "dim": None}
+    df = spark.read.parquet(str(part))
+    old = F.lit(False)
+    if prev is not None:
+        df = df.join(prev.select(key, F.lit(True).alias("_old")), key, "left")
+        old = F.coalesce(F.col("_old"), F.lit(False))
+    r = df.agg(F.count("*").alias("rows"), F.count_distinct(key).alias("keys"),
+               F.sum((F.col(C.EMBEDDED_DS) == ds).cast("int")).alias("embedded"),
+               F.sum(old.cast("int")).alias("old"), F.max(F.size(C.VECTOR)).alias("dim")).first()
+    if r["keys"] != r["rows"]:
+        raise RuntimeError(f"{part}: {r['rows'] - r['keys']} duplicate {key} values")
+    rows, embedded = int(r["rows"]), int(r["embedded"] or 0)
+    new = rows - int(r["old"] or 0)
+    return {"rows": rows, "embedded": embedded, "carried": rows - embedded, "new": new,
+            "changed": embedded - new, "dim": r["dim"]}
 
 
 def embed_texts(spark: SparkSession, cfg: Config, ds: str) -> dict:
@@ -214,8 +215,9 @@ def embed_texts(spark: SparkSession, cfg: Config, ds: str) -> dict:
             t0 = time.perf_counter()
             prev, why = state_day(cfg, name, ds, fingerprint)
             staging.write_day(frame(spark, cfg, ds, prev, fingerprint), cfg.layout.vectors(name), ds)
-            prev_keys = lake.read_partition(cfg.lake.root, cfg.layout.vectors(name), prev, [key])[key].to_numpy() if prev else None
-            counts = _counts(staging.staged(cfg.layout.vectors(name), ds), key, ds, prev_keys)
+            contract = ITEM_EMBEDDINGS if name == ITEMS else QUERY_EMBEDDINGS
+            prev_df = spark_partition(spark, cfg.lake.root, cfg.layout.vectors(name), prev, contract) if prev else None
+            counts = _counts(spark, staging.staged(cfg.layout.vectors(name), ds), key, ds, prev_df)
             counts.update(previous_ds=prev, mode=why, seconds=round(time.perf_counter() - t0, 3))
             staging.add_side_file(cfg.layout.vectors(name), ds, META_FILE,
                                   json.dumps({"ds": ds, "fingerprint": fingerprint, **counts}, indent=1))
