@@ -101,9 +101,11 @@ def _true(column: str, check: str, notes: str):
     return gxe.ExpectColumnValuesToBeInSet(column=column, value_set=[True], meta={"check": check, "notes": notes})
 
 
-def expectations(id_length: int, raw_length: int, codebook_size: int, extra_code: bool) -> list:
-    """``id_length``: codes per view ID; ``extra_code``: its last code numbers the items sharing an ID
-    (collision=extra_code), bounded by the catalog, not by the codebook."""
+def expectations(sizes: dict[str, list[int]], extra_code: bool) -> list:
+    """``sizes``: per view (search, rec, raw), the codes of each position's level, so each code is checked
+    against its own level (the last level may be larger than the others); ``extra_code``: the view IDs
+    have one more code that numbers the items sharing an ID (collision=extra_code), bounded by the
+    catalog, not by a codebook."""
     import great_expectations.expectations as gxe
 
     out = [
@@ -111,23 +113,24 @@ def expectations(id_length: int, raw_length: int, codebook_size: int, extra_code
         _true(IN_VOCAB, "item_known", "every row of the IDs is an item of the day's vocabulary"),
         gxe.ExpectColumnValuesToBeUnique(column=C.ITEM_INDEX, meta={"check": "one_row_per_item"}),
     ]
-    for view, length in (("search", id_length), ("rec", id_length), ("raw", raw_length)):
+    for view in VIEWS:
+        levels = sizes[view]
+        length = len(levels) + (extra_code and view != "raw")
         out.append(gxe.ExpectColumnValuesToBeInSet(
             column=length_column(view), value_set=[length], meta={"check": f"{view}_id_length"}))
         for j in range(length):
-            last_extra = extra_code and view != "raw" and j == length - 1
+            last_extra = j == len(levels)
             out.append(gxe.ExpectColumnValuesToBeBetween(
-                column=code_column(view, j), min_value=0, max_value=None if last_extra else codebook_size - 1,
+                column=code_column(view, j), min_value=0, max_value=None if last_extra else levels[j] - 1,
                 meta={"check": "code_in_range", "notes": "extra code >= 0" if last_extra else
-                      f"0 <= code < codebook_size={codebook_size}"}))
+                      f"0 <= code < {levels[j]} (the codes of level {j})"}))
         if view != "raw":
             out.append(gxe.ExpectCompoundColumnsToBeUnique(
                 column_list=[code_column(view, j) for j in range(length)], meta={"check": f"unique_{view}_id"}))
     return out
 
 
-def suite(id_length: int, raw_length: int, codebook_size: int, extra_code: bool):
+def suite(sizes: dict[str, list[int]], extra_code: bool):
     import great_expectations as gx
 
-    return gx.ExpectationSuite(name="semantic_ids",
-                               expectations=expectations(id_length, raw_length, codebook_size, extra_code))
+    return gx.ExpectationSuite(name="semantic_ids", expectations=expectations(sizes, extra_code))

@@ -17,7 +17,8 @@ Every codebook has ``codebook_size`` codes except the last specific level of eac
 with the catalog (``synergen_core.rqvae_capacity``: the rule, and the seeded sample of at most
 ``train_sample`` items the model trains on).
 
-Collisions (two items with the same view ID) are resolved per view on the driver, after ``assign``:
+Collisions (two items with the same view ID) are resolved per view after ``assign``, in process
+(``resolve_collisions``) or per prefix on Spark (``jobs.semantic_ids_spark``), with the same rules:
 - "reassign": a colliding item moves to its next-nearest last-level code that is free under its prefix,
   keeping IDs at S + T codes; it fails only if a prefix holds more items than the last level has codes.
 - "extra_code": TIGER's approach, one more code (0, 1, ...) that numbers the items sharing an ID; its range is
@@ -165,11 +166,12 @@ def _reset_dead_codes(model: RQVAE, usage: list[torch.Tensor], residuals: list[t
 
 def train_rqvae(
     text_vecs: np.ndarray, collab_vecs: np.ndarray, cfg: SemanticIdConfig, state: dict | None = None,
-    log_every: int = 0,
+    log_every: int = 0, n_items: int | None = None,
 ) -> tuple[RQVAE, list[dict]]:
     """Train from scratch, or fine-tune ``state`` (warm start: warm_epochs at warm_lr, no k-means re-init,
-    no dead-code reset). A cold start sizes the last level for the ``len(text_vecs)`` items given
-    (``rqvae_capacity.with_capacity``, unless ``cfg`` pins it); either trains on ``train_rows`` of them.
+    no dead-code reset). A cold start sizes the last level for ``n_items`` (default: the rows given; a
+    caller that passes a sample gives the catalog's size) unless ``cfg`` pins it; either trains on
+    ``train_rows`` of the rows given.
 
     Returns the model (eval mode, ``model.cfg`` with the size it has) and per-epoch mean losses. Trains on one torch thread: with more, float
     sums are split differently from run to run, weights differ by ~1e-6, and some items' codes (and so
@@ -178,16 +180,17 @@ def train_rqvae(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_rqvae(text_vecs, collab_vecs, cfg, state, log_every)
+        return _train_rqvae(text_vecs, collab_vecs, cfg, state, log_every, n_items)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_rqvae(text_vecs, collab_vecs, cfg: SemanticIdConfig, state: dict | None, log_every: int):
+def _train_rqvae(text_vecs, collab_vecs, cfg: SemanticIdConfig, state: dict | None, log_every: int,
+                 n_items: int | None):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    if state is None:
-        cfg = with_capacity(cfg, len(text_vecs))  # the whole catalog's capacity, not the sample's
+    if state is None:  # the whole catalog's capacity, not the sample's
+        cfg = with_capacity(cfg, len(text_vecs) if n_items is None else n_items)
     rows = train_rows(len(text_vecs), cfg)
     if rows is not None:
         text_vecs, collab_vecs = np.asarray(text_vecs)[rows], np.asarray(collab_vecs)[rows]
@@ -264,8 +267,8 @@ def assign(
     """Raw codes [n, S + 2T] int64 for items [n, text_dim], [n, collab_dim]: per row, batched, CPU, no state.
 
     ``previous``: yesterday's raw codes for these rows ([n, S + 2T], -1 rows for new items), for hysteresis.
-    Safe in Spark ``mapInPandas`` (ship the model, call per partition). Collisions are not resolved here:
-    that needs every item at once (``resolve_collisions`` on the driver).
+    Safe in Spark ``mapInArrow`` (ship the model, call per partition). Collisions are not resolved here:
+    that needs every item of a prefix at once (``resolve_collisions``).
     """
     return _assign_batches(model, text_vecs, collab_vecs, previous, 0, batch_size or model.cfg.assign_batch_size)[0]
 
@@ -388,7 +391,7 @@ def resolve_collisions(
     raw: np.ndarray, cands: np.ndarray, dists: np.ndarray, cfg: SemanticIdConfig,
     previous: SemanticIds | None = None,
 ) -> SemanticIds:
-    """Unique search and rec IDs for the whole catalog (driver side), from ``assign_with_candidates`` output.
+    """Unique search and rec IDs for a catalog in one process, from ``assign_with_candidates`` output.
 
     ``previous``: yesterday's IDs aligned to these rows (-1 rows for new items); their holders keep them when
     the prefix is unchanged, so a retrain moves few IDs and new items never take an old item's ID.

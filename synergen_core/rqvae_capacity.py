@@ -18,9 +18,12 @@ shape, and its per-level vocabulary is the largest level's size (``features.load
 ``K = max(codebook_size, codes.max() + 1)``). A model trained with one last size cannot be warm-started
 with another (its codebook has another shape): ``jobs.semantic_ids.decide`` starts cold and says why.
 
-Training sample. The RQ-VAE trains on at most ``train_sample`` items, a seeded uniform sample without
-replacement (ascending rows); a catalog up to that size trains on every item in its order, exactly as
-before the sample existed. Assignment always codes every item.
+Training sample. The RQ-VAE trains on at most ``train_sample`` items; a catalog up to that size trains on
+every item in its order, exactly as before the sample existed. The daily stage picks a larger catalog's
+sample on Spark by a hash of (item_id, seed), so membership is stable from day to day
+(``jobs.semantic_ids_spark.sample_index``), and passes only the sample; ``train_rows`` is the in-process
+choice (``train_rqvae`` given more rows than that): a seeded uniform sample without replacement,
+ascending rows. Assignment always codes every item.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from rqvae_catalog import catalog
 
 from synergen_core.config import ConfigError, SemanticIdConfig, load_config
 from synergen_core.rqvae import (
@@ -8,25 +9,11 @@ from synergen_core.rqvae import (
     resolve_collisions, semantic_ids, train_rqvae,
 )
 from synergen_core.rqvae_capacity import capacity_size, level_sizes, train_rows
-from synergen_core.vectors import unit_rows
 
 CFG = SemanticIdConfig(
     latent_dim=8, hidden_dims=[32], shared_levels=2, specific_levels=1, codebook_size=32, epochs=25,
     batch_size=128, dead_code_interval=10, warm_epochs=3, seed=0,
 )
-
-
-def catalog(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    # items on a 6-d manifold around 12 topics, seen through a text-like and a collaborative-like view
-    rng = np.random.default_rng(seed)
-    topics = 2 * np.random.default_rng(100).normal(size=(12, 6))
-    to_text = np.random.default_rng(101).normal(size=(6, 32))
-    to_collab = np.random.default_rng(102).normal(size=(6, 16))
-    z = topics[rng.integers(0, 12, n)] + rng.normal(size=(n, 6))
-    t = np.tanh(z @ to_text / 3) + 0.05 * rng.normal(size=(n, 32))
-    c = z @ to_collab + 0.05 * rng.normal(size=(n, 16))
-    # normalized in float64, then float32
-    return unit_rows(t, None).astype(np.float32), unit_rows(c, None).astype(np.float32)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -280,3 +267,13 @@ def test_training_sees_at_most_train_sample_rows(data, trained, monkeypatch):
     assert train_rows(600, CFG) is None and sum(seen) == CFG.epochs * 600
     np.testing.assert_array_equal(assign(whole, *data), assign(trained[0], *data))
     assert all(torch.equal(v, trained[0].state_dict()[k]) for k, v in whole.state_dict().items())
+
+
+def test_a_sample_of_the_catalog_trains_with_the_catalogs_capacity(data):
+    # the daily stage passes only its sample: the last level is sized for the catalog (n_items), not the sample
+    cfg = CFG.model_copy(update={"capacity_load": 0.004, "epochs": 1})
+    sample = (data[0][:300], data[1][:300])
+    assert capacity_size(cfg, 300) == 128 and capacity_size(cfg, 600) == 256
+    assert train_rqvae(*sample, cfg)[0].cfg.last_codebook_size == 128
+    model, _ = train_rqvae(*sample, cfg, n_items=600)
+    assert model.cfg.last_codebook_size == 256 and model.codebooks()[-1].shape[0] == 256

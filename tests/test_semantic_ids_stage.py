@@ -18,13 +18,14 @@ import torch
 from stage3_lake import D1, D2, copy_lake, sessionized_lake, stage3_config
 
 from jobs import semantic_ids, stages
+from jobs import semantic_ids_spark as sids
 from schemas import C
 from schemas import semantic_ids as sid_schema
 from schemas import sequences as S
 from synergen_core import lake
 from synergen_core.rqvae import assign_with_candidates, build_rqvae
 from synergen_core.rqvae_capacity import capacity_size
-from synergen_core.vectors import list_array
+from synergen_core.vectors import list_array, vectors_matrix
 
 
 def read(root, table, ds) -> pa.Table:
@@ -33,7 +34,7 @@ def read(root, table, ds) -> pa.Table:
 
 
 def codes(t: pa.Table, col: str) -> np.ndarray:
-    return semantic_ids._codes_matrix(t[col])
+    return sids.codes_matrix(t[col])
 
 
 def load_model(cfg, ds):
@@ -67,15 +68,23 @@ def test_spark_assignment_equals_driver_assign(sid, spark):
     cfg = sid["cfg"]
     model = load_model(cfg, D1)
     for ds, prev_ds in ((D1, None), (D2, D1)):
-        inputs = semantic_ids.load_inputs(cfg, ds)
-        index, raw, cands, dists = semantic_ids.assign_spark(spark, cfg, ds, model, prev_ds)
-        assert np.array_equal(index, inputs.index)
+        text = vectors_matrix(read(cfg.lake.root, "embeddings/items", ds)[C.VECTOR])
+        collab = vectors_matrix(read(cfg.lake.root, "embeddings/collab", ds)[C.VECTOR])
+        rows = sids.with_previous(spark, cfg, sids.item_vectors(spark, cfg, ds), prev_ds)
+        assigned, payload = sids.assign(rows, model, hysteresis=prev_ds is not None)
+        got = assigned.toArrow().sort_by(C.ITEM_INDEX)  # the test's small catalog only
+        payload.destroy()
+        index = got[C.ITEM_INDEX].to_numpy()
+        assert index.tolist() == read(cfg.lake.root, "embeddings/items", ds)[C.ITEM_INDEX].to_pylist()
+        raw = codes(got, "raw")
+        cands = np.stack([codes(got, "cand_text"), codes(got, "cand_collab")], 1)
+        dists = np.stack([vectors_matrix(got["dist_text"]), vectors_matrix(got["dist_collab"])], 1)
         previous = None
         if prev_ds:  # yesterday's raw codes aligned to today's items, -1 rows for new items
             prev = read(cfg.lake.root, lake.Layout.semantic_ids, prev_ds)
             previous = np.full((len(index), raw.shape[1]), -1, np.int64)
             previous[np.searchsorted(index, prev[C.ITEM_INDEX].to_numpy())] = codes(prev, C.RAW_CODES)
-        want = assign_with_candidates(model, inputs.text, inputs.collab, previous)
+        want = assign_with_candidates(model, text, collab, previous)
         assert np.array_equal(raw, want[0]) and np.array_equal(cands, want[1])
         assert np.allclose(dists, want[2], rtol=1e-4, atol=1e-5)
 
@@ -147,24 +156,24 @@ def test_day2_warm_retrain_keeps_most_ids(sid):
     assert meta["trained_ds"] == D2 and meta["trained_items"] == out["items"]
 
 
-def test_settings_change_forces_a_cold_start(sid):
+def test_settings_change_forces_a_cold_start(sid, spark):
     cfg = sid["cfg"].model_copy(deep=True)
-    inputs = semantic_ids.load_inputs(cfg, D2)
-    prev = semantic_ids.load_previous(cfg, D2, inputs)
+    inputs = semantic_ids.load_inputs(spark, cfg, D2)
+    prev = semantic_ids.load_previous(cfg, D2)
     assert semantic_ids.decide(cfg, inputs, prev)[0] == "reuse"
     cfg.semantic_ids.codebook_size = 64
     mode, reasons, _ = semantic_ids.decide(cfg, inputs, prev)
     assert mode == "cold" and "settings changed" in reasons[0]
 
 
-def test_a_capacity_change_forces_a_cold_start_with_its_reason(sid):
+def test_a_capacity_change_forces_a_cold_start_with_its_reason(sid, spark):
     cfg = sid["cfg"].model_copy(deep=True)
-    inputs = semantic_ids.load_inputs(cfg, D2)
-    prev = semantic_ids.load_previous(cfg, D2, inputs)
+    inputs = semantic_ids.load_inputs(spark, cfg, D2)
+    prev = semantic_ids.load_previous(cfg, D2)
     cfg.semantic_ids.capacity_load = 0.001  # ~0.3 items per prefix need 512 last codes at this load
     mode, reasons, _ = semantic_ids.decide(cfg, inputs, prev)
     assert mode == "cold" and reasons == [
-        f"ID capacity changed: last codebook 32 -> 512 codes for {len(inputs.index)} items (capacity_load 0.001)"]
+        f"ID capacity changed: last codebook 32 -> 512 codes for {inputs.n} items (capacity_load 0.001)"]
 
 
 def test_a_grown_capacity_and_a_training_sample_work_end_to_end(sid, spark, tmp_path_factory):
@@ -201,26 +210,47 @@ def _break(t: pa.Table, how: str) -> pa.Table:
     return t.set_column(t.schema.get_field_index(col), col, list_array(c, pa.int32()))
 
 
+def _validate(spark, t: pa.Table, vocab: pa.Table, cfg):
+    return semantic_ids.validate_ids(spark.createDataFrame(t), spark.createDataFrame(vocab), cfg)
+
+
 @pytest.mark.parametrize("how, check", [("duplicate ID", "unique_search_id"), ("code out of range", "code_in_range"),
                                         ("missing item", "item_covered")])
-def test_validation_catches_a_broken_table(sid, how, check):
+def test_validation_catches_a_broken_table(sid, spark, how, check):
     cfg = sid["cfg"]
     t = read(cfg.lake.root, lake.Layout.semantic_ids, D1)
-    vocab = read(cfg.lake.root, "sessionized/item_vocab", D1)[C.ITEM_INDEX].to_numpy()
-    assert semantic_ids.validate_ids(t, vocab, cfg.semantic_ids)["success"]
+    vocab = read(cfg.lake.root, "sessionized/item_vocab", D1).select([C.ITEM_INDEX])
+    assert _validate(spark, t, vocab, cfg.semantic_ids)["success"]
     with pytest.raises(semantic_ids.SemanticIdsInvalid) as e:
-        semantic_ids.validate_ids(_break(t, how), vocab, cfg.semantic_ids)
+        _validate(spark, _break(t, how), vocab, cfg.semantic_ids)
     assert [f["check"] for f in e.value.summary["failed"]] == [check]
     assert e.value.summary["failed"][0]["unexpected_count"] >= 1
 
 
-def test_validation_catches_an_item_outside_the_vocabulary(sid):
+def test_validation_catches_an_item_outside_the_vocabulary(sid, spark):
     cfg = sid["cfg"]
     t = read(cfg.lake.root, lake.Layout.semantic_ids, D1)
-    vocab = read(cfg.lake.root, "sessionized/item_vocab", D1)[C.ITEM_INDEX].to_numpy()
+    vocab = read(cfg.lake.root, "sessionized/item_vocab", D1).select([C.ITEM_INDEX])
     with pytest.raises(semantic_ids.SemanticIdsInvalid) as e:
-        semantic_ids.validate_ids(t, vocab[1:], cfg.semantic_ids)
+        _validate(spark, t, vocab.slice(1), cfg.semantic_ids)
     assert [f["check"] for f in e.value.summary["failed"]] == ["item_known"]
+
+
+def test_validation_checks_each_code_against_its_own_level(sid, spark):
+    """With a grown last level (64 codes), a shared-level code of 40 is out of range (its level has 32)."""
+    cfg = sid["cfg"].semantic_ids.model_copy(update={"last_codebook_size": 64})
+    t = read(sid["cfg"].lake.root, lake.Layout.semantic_ids, D1)
+    vocab = read(sid["cfg"].lake.root, "sessionized/item_vocab", D1).select([C.ITEM_INDEX])
+    assert _validate(spark, t, vocab, cfg)["success"]
+    c = codes(t, C.RAW_CODES)
+    c[0, 0] = 40  # < 64, the largest level, but not < 32
+    broken = t.set_column(t.schema.get_field_index(C.RAW_CODES), C.RAW_CODES, list_array(c, pa.int32()))
+    with pytest.raises(semantic_ids.SemanticIdsInvalid) as e:
+        _validate(spark, broken, vocab, cfg)
+    assert [(f["check"], f["columns"]) for f in e.value.summary["failed"]] == [("code_in_range", ["raw_0"])]
+    c[0, 0], c[0, 2] = 0, 40  # the last text-specific level has 64 codes: in range
+    ok = t.set_column(t.schema.get_field_index(C.RAW_CODES), C.RAW_CODES, list_array(c, pa.int32()))
+    assert _validate(spark, ok, vocab, cfg)["success"]
 
 
 def test_tracked_stage_logs_quality_metrics(sid):
