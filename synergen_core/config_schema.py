@@ -289,8 +289,9 @@ class SemanticIdConfig(_Section):
     # items (2 + 1 levels of 256; 10M items get 2048). A new last size needs a cold start (the model's shape).
     capacity_load: float = Field(0.125, gt=0.0, le=1.0)
     last_codebook_size: int | None = Field(None, ge=2)  # null: by the rule above; a number pins it
-    # The RQ-VAE is trained (cold or warm) on a seeded sample of this many items (every item below it);
-    # every item is still coded (jobs.semantic_ids assigns on Spark).
+    # The RQ-VAE is trained (cold or warm) on a sample of this many items (every item below it), the
+    # items of smallest hash of (item_id, seed), so the sample is stable from day to day; the driver holds
+    # only these rows; every item is still coded, made unique and checked on Spark (jobs.semantic_ids).
     train_sample: int = Field(200_000, ge=1)
     beta: float = Field(0.25, ge=0.0)  # commitment weight
     epochs: int = Field(80, ge=1)
