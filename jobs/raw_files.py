@@ -1,26 +1,35 @@
-"""Raw partitions -> contract-shaped Arrow batches, or a one-line error naming the file and field.
+"""Raw partitions -> the files' footers checked against the contract, then the rows read by Spark.
 
-``read_batch`` reads ``raw/<table>/ds=D`` for some days: every Parquet file cast to the raw contract
-(``schemas/raw.py``), with each row's day, source file and row number, so validate can check rows and
-quarantine them with their origin. What cannot be read that way stops the stage with ``ValidationFailed``:
-a file that is not Parquet or cannot be read, a required field missing, a type that does not convert,
+``inspect_files`` looks at ``raw/<table>/ds=D`` for some days through Parquet footers only (schema, row
+count, key-value metadata: bounded per file, whatever the day's size) and stops the stage with
+``ValidationFailed`` on what cannot be read as the raw contract (``schemas/raw.py``): a file that is not
+Parquet or whose footer cannot be read, a required field missing, a type that cannot convert at all,
 numbers where a timestamp belongs (the message names the likely epoch unit), an empty events partition.
+
+``read_rows`` reads the rows with Spark: each file is read by one task, batch by batch, and cast to the
+contract with Arrow's casts (``conform``, the same rules as the footer check), with each row's day, source
+file and row number in that file, so validation can check rows and quarantine them with their origin. A
+value that does not convert (text in a number field) is found there and raised as the same one-line
+``ValidationFailed`` by ``conformed``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import RAW_TABLES
+from schemas import RAW_TABLES, C
 from schemas.raw import OPTIONAL
 from synergen_core import lake
 from synergen_core.errors import PipelineError
 
 EVENT_TABLES = ("search_events", "browse_events")
+BATCH_ROWS = 65_536  # rows per Arrow batch a reading task holds: bounds its memory, whatever the file's size
 
 
 class ValidationFailed(PipelineError):
@@ -32,27 +41,31 @@ class ValidationFailed(PipelineError):
         self.report_dirs = report_dirs or []
 
 
+@dataclass(frozen=True)
+class RawFile:
+    path: str  # absolute: the reading task opens it (lake.root is on a filesystem every worker mounts)
+    rel: str  # relative to the lake root: what _source_file says
+    ds: str
+    rows: int  # from the footer
+
+
 @dataclass
-class Batch:
-    """Rows of one table over one or more days, cast to the contract, with their origin."""
+class RawFiles:
+    """The files of one table over one or more days, checked against the contract by their footers."""
 
     table: str
-    data: pa.Table  # contract columns only
-    ds: np.ndarray  # partition day per row, "YYYY-MM-DD"
-    source_file: np.ndarray  # path relative to the lake root, per row
-    source_row: np.ndarray  # row number within that file
+    days: list[str]  # every day asked for has a partition, with or without files
+    files: list[RawFile]
     metadata: dict[bytes, bytes] = field(default_factory=dict)
     extra_fields: list[str] = field(default_factory=list)
     missing_optional: list[str] = field(default_factory=list)  # optional fields some file left out
 
-    def rows_of(self, day: str) -> np.ndarray:
-        """Row numbers of one day (read_batch concatenates days in order, so they are contiguous)."""
-        lo, hi = np.searchsorted(self.ds, [day, day + "~"])  # "~" sorts after any digit
-        return np.arange(lo, hi)
+    def source_files(self, day: str) -> list[str]:
+        """The day's files that hold rows (what the day's report lists)."""
+        return sorted({f.rel for f in self.files if f.ds == day and f.rows})
 
 
-
-def _one_line(e: Exception, path: Path | None = None, limit: int = 160) -> str:
+def _one_line(e: Exception, path: Path | str | None = None, limit: int = 160) -> str:
     """An Arrow error's first line without the path it repeats, cut short: the message names the file
     already, Arrow's detail is a hint."""
     text = str(e).replace(f" '{path}'", "") if path is not None else str(e)
@@ -60,11 +73,11 @@ def _one_line(e: Exception, path: Path | None = None, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- footers (driver)
 
-def read_batch(layout: lake.Layout, table: str, days: list[str]) -> Batch:
+def inspect_files(layout: lake.Layout, table: str, days: list[str]) -> RawFiles:
     contract = RAW_TABLES[table]
-    parts, ds_col, files, rows, meta, extra, missing = [], [], [], [], {}, set(), set()
+    files, meta, extra, missing = [], {}, set(), set()
     for day in days:
         part_dir = layout.part(layout.raw(table), day)
         others = lake.other_files(part_dir)
@@ -79,63 +92,78 @@ def read_batch(layout: lake.Layout, table: str, days: list[str]) -> Batch:
                                    f"(a day without events of this table needs no folder)")
         day_rows = 0
         for path in day_files:
-            t = read_parquet(path)
-            extra |= set(t.column_names) - set(contract.names)
-            missing |= set(OPTIONAL[table]) - set(t.column_names)
-            meta.update({k: v for k, v in (t.schema.metadata or {}).items() if k.startswith(b"synergen.")})
-            parts.append(conform(t, contract, path, OPTIONAL[table]))
-            rel = str(path.relative_to(layout.root))
-            ds_col.append(np.full(t.num_rows, day, dtype=object))
-            files.append(np.full(t.num_rows, rel, dtype=object))
-            rows.append(np.arange(t.num_rows, dtype=np.int64))
-            day_rows += t.num_rows
+            pf = open_parquet(path)
+            schema = pf.schema_arrow
+            extra |= set(schema.names) - set(contract.names)
+            missing |= set(OPTIONAL[table]) - set(schema.names)
+            meta.update({k: v for k, v in (schema.metadata or {}).items() if k.startswith(b"synergen.")})
+            check_schema(pf, contract, path, OPTIONAL[table])
+            files.append(RawFile(str(path), str(path.relative_to(layout.root)), day, pf.metadata.num_rows))
+            day_rows += pf.metadata.num_rows
         if table in EVENT_TABLES and day_rows == 0:
             raise ValidationFailed(f"{part_dir}: empty partition (0 rows in {len(day_files)} file(s)); re-deliver the "
                                    f"day's events (a day without events of this table needs no folder)")
-    # one chunk, not one per file: per-day takes over thousands of chunks are quadratic
-    data = pa.concat_tables(parts).combine_chunks() if parts else contract.empty_table()
-    cat = lambda xs, dtype: np.concatenate(xs) if xs else np.array([], dtype=dtype)  # noqa: E731
-    return Batch(table, data, cat(ds_col, "U10"), cat(files, object), cat(rows, np.int64), meta, sorted(extra),
-                 sorted(missing))
+    return RawFiles(table, days, files, meta, sorted(extra), sorted(missing))
 
 
-def read_parquet(path: Path) -> pa.Table:
-    """The file's table, or a one-line failure naming it (a truncated or corrupt file, or not Parquet)."""
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """The file's footer, or a one-line failure naming it (a truncated or corrupt file, or not Parquet)."""
     try:
-        return pq.read_table(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise ValidationFailed(
-            f"{path}: not a readable Parquet file ({_one_line(e, path)}); re-deliver it or move it out of the partition"
-        ) from None
+        raise _unreadable(path, e) from None
 
 
-def conform(t: pa.Table, contract: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> pa.Table:
-    """Select and cast the contract's fields, or fail naming the file and field. An ``optional`` field
-    the file leaves out is filled with nulls."""
-    columns = []
+def _unreadable(path, e: Exception) -> ValidationFailed:
+    return ValidationFailed(
+        f"{path}: not a readable Parquet file ({_one_line(e, path)}); re-deliver it or move it out of the partition")
+
+
+def check_schema(pf: pq.ParquetFile, contract: pa.Schema, path: Path, optional: tuple[str, ...] = ()) -> None:
+    """Fail naming the file and field where the file's schema cannot become the contract's: a required
+    field missing, numbers for a timestamp, a type Arrow has no cast for. Values that do not convert (text
+    in a number field) are found while reading (``conform``)."""
+    schema = pf.schema_arrow
     for f in contract:
-        if f.name not in t.column_names:
+        if f.name not in schema.names:
             if f.name in optional:
-                columns.append(pa.nulls(t.num_rows, f.type))
                 continue
             raise ValidationFailed(
                 f"{path}: missing field {f.name!r} ({f.type}) required by the raw contract (schemas/raw.py); "
-                f"the file has {t.column_names}"
+                f"the file has {schema.names}"
             )
-        col = t.column(f.name)
-        if pa.types.is_timestamp(f.type) and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        typ = schema.field(f.name).type
+        if pa.types.is_timestamp(f.type) and (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
             # Arrow would cast integers as microseconds: epoch seconds would become January 1970 and every
             # row quarantined as out of its day. The unit is not in the data, so ask for real timestamps.
+            # The example values come from the first row group: bounded, and enough to name the unit.
+            col = (pf.read_row_group(0, columns=[f.name]).column(0) if pf.num_row_groups
+                   else pa.chunked_array([], typ))
             raise ValidationFailed(_numeric_timestamp_message(path, f, col))
-        if col.type != f.type:
-            try:
-                col = col.cast(f.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise ValidationFailed(
-                    f"{path}: field {f.name!r} has type {col.type}, which does not convert to the contract's "
-                    f"{f.type}: {_one_line(e)}"
-                ) from None
-        columns.append(col)
+        if typ != f.type:
+            _cast(pa.array([], typ), f, path)  # an empty column: only whether a cast exists
+
+
+def _cast(col: pa.ChunkedArray, f: pa.Field, path) -> pa.ChunkedArray:
+    try:
+        return col.cast(f.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValidationFailed(
+            f"{path}: field {f.name!r} has type {col.type}, which does not convert to the contract's "
+            f"{f.type}: {_one_line(e)}"
+        ) from None
+
+
+def conform(t: pa.Table, contract: pa.Schema, path: Path | str, optional: tuple[str, ...] = ()) -> pa.Table:
+    """Select and cast the contract's fields (``check_schema`` passed), or fail naming the file and field.
+    An ``optional`` field the file leaves out is filled with nulls."""
+    columns = []
+    for f in contract:
+        if f.name not in t.column_names:
+            columns.append(pa.nulls(t.num_rows, f.type))
+            continue
+        col = t.column(f.name)
+        columns.append(col if col.type == f.type else _cast(col, f, path))
     return pa.Table.from_arrays(columns, schema=contract)
 
 
@@ -154,3 +182,65 @@ def _numeric_timestamp_message(path: Path, f: pa.Field, col: pa.ChunkedArray) ->
     name, unit, _ = min(EPOCH_UNITS, key=lambda u: abs(np.log10(max(typical, 1.0)) - np.log10(u[2])))
     return (f"{head}; e.g. {values[0].item()!r}, which looks like {name} since the epoch: convert it to {f.type} "
             f"(e.g. pandas.to_datetime({f.name}, unit={unit!r}, utc=True)) and write the file again")
+
+
+# ---------------------------------------------------------------- rows (Spark)
+
+def row_schema(table: str) -> pa.Schema:
+    """The contract plus the row's day and origin: what ``read_rows`` gives."""
+    return (RAW_TABLES[table].append(pa.field(C.DS, pa.string())).append(pa.field(C.SOURCE_FILE, pa.string()))
+            .append(pa.field(C.SOURCE_ROW, pa.int64())))
+
+
+def read_rows(spark, raw: RawFiles):
+    """Every row of ``raw``'s files as a Spark DataFrame (``row_schema``), read by the executors: the
+    driver holds the list of files only."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    listing = [(f.path, f.rel, f.ds) for f in raw.files if f.rows]
+    spark_rows = from_arrow_schema(row_schema(raw.table))
+    if not listing:
+        return spark.createDataFrame([], spark_rows)
+    files = spark.createDataFrame(listing, "path string, rel string, ds string")
+    # one file per task where the cluster has room: a file's rows stay in one task, in batches
+    n = min(len(listing), 4 * spark.sparkContext.defaultParallelism)
+    return files.repartition(n).mapInArrow(partial(_read_files, raw.table), spark_rows)
+
+
+def _read_files(table: str, batches):
+    """Executor side: each listed file, batch by batch, conformed, with its day and row numbers."""
+    contract, schema = RAW_TABLES[table], row_schema(table)
+    for listing in batches:
+        for path, rel, ds in zip(*(listing.column(k).to_pylist() for k in ("path", "rel", "ds"))):
+            offset = 0
+            try:
+                pf = pq.ParquetFile(path)
+                parts = pf.iter_batches(batch_size=BATCH_ROWS, columns=[n for n in contract.names
+                                                                        if n in pf.schema_arrow.names])
+                for part in parts:
+                    t = conform(pa.Table.from_batches([part]), contract, path, OPTIONAL[table])
+                    n = t.num_rows
+                    t = (t.append_column(C.DS, pa.array([ds] * n, pa.string()))
+                         .append_column(C.SOURCE_FILE, pa.array([rel] * n, pa.string()))
+                         .append_column(C.SOURCE_ROW, pa.array(np.arange(offset, offset + n), pa.int64())))
+                    offset += n
+                    yield from t.cast(schema).combine_chunks().to_batches()
+            except ValidationFailed as e:
+                raise RuntimeError(f"{FAILED_MARK}{e}{FAILED_MARK}") from None
+            except (pa.ArrowException, OSError) as e:  # pages the footer did not show were corrupt
+                raise RuntimeError(f"{FAILED_MARK}{_unreadable(path, e)}{FAILED_MARK}") from None
+
+
+FAILED_MARK = "<<validation failed>>"  # brackets an executor's one-line message inside Spark's error text
+
+
+def conformed(action):
+    """Run ``action`` (a Spark action over ``read_rows``); an executor's ``ValidationFailed`` comes back as
+    itself, one line, not as Spark's stack of Java and Python tracebacks."""
+    try:
+        return action()
+    except Exception as e:  # Spark wraps it (PythonException, Py4JJavaError) with the worker's traceback
+        found = re.search(re.escape(FAILED_MARK) + "(.*?)" + re.escape(FAILED_MARK), str(e))
+        if found is None:
+            raise
+        raise ValidationFailed(found.group(1)) from None

@@ -25,10 +25,18 @@ a file that does not match the contract (a required field missing, a type that d
 numbers where a timestamp belongs), an events partition that is empty, a day with no events partition in
 either events table (for a one-day run; for a range, a range with none at all). A day over
 ``validate.max_bad_row_share`` fails after its quarantine and report are written.
-Reading the raw files into contract-shaped batches (and its one-line errors) is ``jobs/raw_files.py``.
+Checking the raw files' footers against the contract (and its one-line errors) and reading their rows
+with Spark is ``jobs/raw_files.py``; the row checks, the catalog as of a day and the suite run are
+``jobs/validate_checks.py``.
 
-The catalog is validated first: events are checked against the catalog as of their day (the published
-one, with this run's days replaced by their staged rows). A range of days is validated as one batch (one
+The stage is a Spark job (``jobs.spark.session``: ``local[*]`` or a cluster): rows are read, checked
+(window functions and a join with the catalog), counted, quarantined and written by Spark, and Great
+Expectations runs on the Spark DataFrame. The driver holds the list of files with their footers, the
+counts per day and reason, and GE's summary: never a day's rows nor the catalog's history.
+
+The catalog is validated first: events are checked against the catalog as of their day (the compacted
+state of the day before the run, the published partitions after it, and this run's valid catalog rows,
+which replace the published partitions of their days). A range of days is validated as one batch (one
 GE run per table), which keeps long histories such as MovieLens (thousands of days) fast; every day
 still gets its own partitions and counts.
 """
@@ -36,28 +44,25 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
-from schemas import C, quarantine_schema
-from jobs.raw_files import EVENT_TABLES, Batch, ValidationFailed, read_batch
-from schemas import suites
-from schemas.raw import EVENT_CONTENT
+from jobs import validate_checks as checks
+from jobs.raw_files import EVENT_TABLES, RawFiles, ValidationFailed, conformed, inspect_files, read_rows
+from jobs.spark import Staging, session
+from schemas import RAW_TABLES, C, quarantine_schema
 from synergen_core import lake
 from synergen_core.config import Config, ConfigError, parse_ds
 
 log = logging.getLogger(__name__)
 
 TABLES = ("catalog", "search_events", "browse_events")
-DAY_US = 86_400 * 1_000_000
+ORDER = (C.DS, C.SOURCE_FILE, C.SOURCE_ROW)  # rows are written in the order they were delivered
 
 
 @dataclass
@@ -93,7 +98,8 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
         raise ValidationFailed(f"validate: last day {last_ds} is before first day {first_ds}; give the first day first")
     days = lake.day_range(first_ds, last_ds)
     # what a killed run left aside; runs are serialized, so nothing live is removed
-    for table in [*(area(t) for t in chosen for area in (layout.valid, layout.quarantine)), layout.valid(lake.DAYS)]:
+    for table in [*(area(t) for t in chosen for area in (layout.valid, layout.quarantine)), layout.valid(lake.DAYS),
+                  checks.state_table(cfg)]:
         lake.remove_stale(root, table)
     # The days' contents are about to change: their markers go first, so downstream never sees a marked
     # day half replaced (a crash leaves them unmarked, and the rerun marks them again).
@@ -101,36 +107,71 @@ def run_range(cfg: Config, first_ds: str, last_ds: str, tables: list[str] | None
         lake.unmark_day(root, layer, day)
     days_without_events = _check_days_have_events(layout, first_ds, last_ds)
     present = {t: layout.days(layout.raw(t), lake.previous_day(first_ds), last_ds) for t in chosen}
-    # Every file is read before any GE run: unreadable or off-contract input fails in seconds, and
-    # before anything is staged.
-    batches = {t: read_batch(layout, t, present[t]) for t in chosen if present[t]}
-
-    result: dict = {"days_without_events": len(days_without_events)}
-    staged: list[StagedDay] = []
-    try:
-        staged_catalog = None
-        for table in chosen:
-            t0 = time.perf_counter()
-            if table not in batches:  # e.g. the catalog on a day nothing changed, or a source with no search logs
-                result[table] = {"days": 0, "rows_in": 0, "rows_valid": 0, "rows_quarantined": 0, "reasons": {}}
-                continue
-            batch = batches.pop(table)  # staged on disk once validated: free it
-            counts, table_days, valid_ids = validate_batch(cfg, batch, present[table], staged_catalog)
-            if table == "catalog":
-                staged_catalog = valid_ids
-            staged += table_days
-            result[table] = {**counts, "seconds": round(time.perf_counter() - t0, 3)}
-        failures, report_dirs = _publish(layout, chosen, days, staged)
-    finally:
-        for s in staged:  # whatever was not published
-            for tmp in (s.quarantine, s.valid):
-                if tmp is not None and tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-    for table in chosen:
-        result[table]["report_dirs"] = [d for d in report_dirs if d.parent.name == table]
+    # Every file's footer is checked before Spark starts: unreadable or off-contract input fails in
+    # seconds, and before anything is staged.
+    raws = {t: inspect_files(layout, t, present[t]) for t in chosen if present[t]}
+    if "catalog" in raws:  # catalog partitions are about to change: the states holding them go first
+        checks.withdraw_states(cfg, first_ds)
+    with session(cfg) as spark:
+        staging = Staging(spark, root)
+        try:
+            result, failures, report_dirs = _validate(spark, cfg, staging, chosen, days, raws)
+        finally:
+            staging.discard()  # whatever was not published
     if failures:
         raise ValidationFailed(_failure_message(failures, days), report_dirs)
-    return result
+    return {"days_without_events": len(days_without_events), **result}
+
+
+def _validate(spark, cfg: Config, staging: Staging, chosen: list[str], days: list[str], raws: dict[str, RawFiles]
+              ) -> tuple[dict, list[StagedDay], list[Path]]:
+    """Read, check and stage every chosen table, publish the days that passed and the catalog state.
+    -> the tables' counts, the failed table-days and where each table-day's report is."""
+    cached: list[DataFrame] = []
+    try:
+        # Every row is read (and cast) before any GE run: a value that does not convert fails here.
+        rows = {}
+        for table, raw in raws.items():
+            rows[table] = read_rows(spark, raw).persist()
+            cached.append(rows[table])
+            conformed(rows[table].count)
+        result: dict = {}
+        staged: list[StagedDay] = []
+        catalog = None  # the catalog as of the last day, once the catalog table is checked
+        for table in chosen:
+            t0 = time.perf_counter()
+            if table not in raws:  # e.g. the catalog on a day nothing changed, or a source with no search logs
+                result[table] = {"days": 0, "rows_in": 0, "rows_valid": 0, "rows_quarantined": 0, "reasons": {}}
+                continue
+            if table in EVENT_TABLES and catalog is None:
+                catalog = _catalog(spark, cfg, days, None, raws, cached)
+            checked = checks.with_checks(cfg, table, rows[table], catalog).persist()
+            cached.append(checked)
+            counts, table_days = validate_table(cfg, staging, raws[table], checked)
+            if table == "catalog":
+                valid = checked.where(F.col(C.REASON) == "").select(C.ITEM_ID, C.DS)
+                catalog = _catalog(spark, cfg, days, valid, raws, cached)
+            staged += table_days
+            result[table] = {**counts, "seconds": round(time.perf_counter() - t0, 3)}
+        failures, report_dirs = _publish(cfg.layout, chosen, days, staged)
+        published = [d for d in days if any(s.day == d and s.summary["published"] for s in staged)]
+        if "catalog" in chosen and published:
+            if catalog is None:
+                catalog = _catalog(spark, cfg, days, None, raws, cached)
+            checks.write_state(staging, cfg, catalog, published[-1])
+    finally:
+        for df in cached:
+            df.unpersist()
+    for table in chosen:
+        result[table]["report_dirs"] = [d for d in report_dirs if d.parent.name == table]
+    return result, failures, report_dirs
+
+
+def _catalog(spark, cfg: Config, days: list[str], valid: DataFrame | None, raws: dict, cached: list) -> DataFrame:
+    revalidated = set(raws["catalog"].days) if valid is not None else set()
+    catalog = checks.catalog_as_of(spark, cfg, days[0], days[-1], valid, revalidated).persist()
+    cached.append(catalog)
+    return catalog
 
 
 def _publish(layout: lake.Layout, chosen: list[str], days: list[str], staged: list[StagedDay]
@@ -221,178 +262,65 @@ def _check_days_have_events(layout: lake.Layout, first_ds: str, last_ds: str) ->
     return missing
 
 
-# ---------------------------------------------------------------- checks
+# ---------------------------------------------------------------- one table
 
-def check_frame(cfg: Config, batch: Batch, catalog_first_ds: pd.Series | None) -> pd.DataFrame:
-    """The columns the table's suite reads, plus computed check columns, as pandas for GE."""
-    t = batch.data
-    frame = {suites.ROW_ID: np.arange(t.num_rows)}
-    for col in suites.check_columns(batch.table):
-        if col in t.column_names:
-            frame[col] = t.column(col).to_pandas()
-    if batch.table == "catalog":
-        ids = t.column(C.ITEM_ID).to_pandas()
-        # duplicates are judged within a partition, nulls are reported by their own rule
-        first = ~pd.DataFrame({"id": ids, "ds": batch.ds}).duplicated(keep="first")
-        frame[suites.FIRST_OF_ID] = first.where(ids.notna(), None).astype(object)
-    else:
-        frame[suites.TS_IN_WINDOW] = _ts_in_window(t, batch.ds, cfg.validation.late_days)
-        frame[suites.ITEM_IN_CATALOG] = _item_in_catalog(t, batch.ds, catalog_first_ds)
-        frame[suites.EVENT_ID_CONSISTENT] = _event_id_consistent(t, batch.ds, EVENT_CONTENT[batch.table])
-        if batch.table == "browse_events":
-            frame[suites.VALUE_IN_RANGE] = _value_in_range(t, cfg.validation.max_value)
-    return pd.DataFrame(frame)
-
-
-def _event_id_consistent(t: pa.Table, ds: np.ndarray, content: tuple[str, ...]) -> np.ndarray:
-    """False for every row of an event id that has rows of different content in its partition.
-
-    All rows of such an id fail, not all but one: nothing says which is right. Exact copies pass (they
-    are re-deliveries; sessionize keeps one). The check is per partition, like duplicate catalog ids,
-    so its outcome does not depend on how days are grouped into runs; a conflict across days (with an
-    already published day) is not seen here: that row is out already, and quarantining only the newcomer
-    would keep an arbitrary one of the two."""
-    ids = t.column(C.EVENT_ID).to_pandas()
-    ok = np.ones(len(ids), dtype=bool)
-    shared = pd.DataFrame({"ds": ds, "id": ids}).duplicated(keep=False).to_numpy() & ids.notna().to_numpy()
-    if shared.any():  # usually a handful of re-deliveries: compare content on those rows only
-        rows = np.flatnonzero(shared)
-        idx = pa.array(rows)
-        sub = pd.DataFrame({"ds": ds[rows], "id": ids.to_numpy()[rows],
-                            **{c: t.column(c).take(idx).to_pandas() for c in content}})
-        distinct = sub.drop_duplicates()  # pandas compares nulls (None, NaN, NaT) as equal here
-        conflicting = distinct.loc[distinct.duplicated(["ds", "id"], keep=False), ["ds", "id"]].drop_duplicates()
-        hit = sub[["ds", "id"]].merge(conflicting.assign(_hit=True), how="left", on=["ds", "id"])["_hit"]
-        ok[rows[hit.notna().to_numpy()]] = False
-    return _with_nulls(ok, t.column(C.EVENT_ID).is_null())
+def validate_table(cfg: Config, staging: Staging, raw: RawFiles, checked: DataFrame) -> tuple[dict, list[StagedDay]]:
+    """Run the table's suite on ``checked`` (its rows with check columns and ``_reason``) and stage each
+    day's validated rows and quarantine. -> the table's counts and staged days (``failure`` set on days
+    over the bad-row share)."""
+    layout, table = cfg.layout, raw.table
+    days = raw.days
+    # collected: one row per day and combination of reasons, whatever the number of rows
+    by_day: dict[str, dict[str, int]] = {d: {} for d in days}
+    for r in checked.groupBy(C.DS, C.REASON).count().collect():
+        by_day[r[C.DS]][r[C.REASON]] = r["count"]
+    result = checks.run_suite(table, checked)
+    _slim(result)
+    report = Report(layout, table, days, result)
+    summaries = {d: _day_summary(raw, d, by_day[d], cfg) for d in days}
+    failed = {d: _too_many_bad(layout, raw, checked, s, cfg) for d, s in summaries.items()
+              if s["bad_share"] > cfg.validation.max_bad_row_share}
+    bad = F.col(C.REASON) != ""
+    quarantine, valid = layout.quarantine(table), layout.valid(table)
+    _write(staging, checked.where(bad), quarantine, days, quarantine_schema(table))
+    ok_days = [d for d in days if d not in failed]
+    if ok_days:
+        _write(staging, checked.where(~bad & F.col(C.DS).isin(ok_days)), valid, ok_days, RAW_TABLES[table])
+    report.write_range()
+    staged = [StagedDay(table, d, summaries[d], report, staging.staged(quarantine, d),
+                        None if d in failed else staging.staged(valid, d), failed.get(d)) for d in days]
+    n_in = sum(n for counts in by_day.values() for n in counts.values())
+    n_bad = sum(n for counts in by_day.values() for code, n in counts.items() if code)
+    counts = {
+        "days": len(days),
+        "rows_in": n_in,
+        "rows_valid": n_in - n_bad,
+        "rows_quarantined": n_bad,
+        "reasons": _count_reasons(_merge(by_day.values())),
+        "extra_fields_ignored": raw.extra_fields,
+        "optional_fields_missing": raw.missing_optional,
+    }
+    return counts, staged
 
 
-def _ts_in_window(t: pa.Table, ds: np.ndarray, late_days: int) -> np.ndarray:
-    ts = pc.cast(t.column(C.TS), pa.int64()).to_numpy(zero_copy_only=False)  # null -> nan
-    day_start = pd.to_datetime(pd.Series(ds), utc=True).astype("int64").to_numpy() // 1000
-    ok = (ts >= day_start - late_days * DAY_US) & (ts < day_start + DAY_US)
-    return _with_nulls(ok, t.column(C.TS).is_null())
-
-
-def _item_in_catalog(t: pa.Table, ds: np.ndarray, catalog_first_ds: pd.Series | None) -> np.ndarray:
-    items = t.column(C.ITEM_ID).to_pandas()
-    first_seen = items.map(catalog_first_ds) if catalog_first_ds is not None else pd.Series(np.nan, index=items.index)
-    ok = first_seen.notna().to_numpy() & (first_seen.fillna("9999").to_numpy() <= ds)
-    return _with_nulls(ok, t.column(C.ITEM_ID).is_null())
-
-
-def _value_in_range(t: pa.Table, max_value: float) -> np.ndarray:
-    v = t.column(C.VALUE).to_numpy(zero_copy_only=False).astype(float)  # null -> nan
-    ok = np.isfinite(v) & (v >= 0) & (v <= max_value)
-    return _with_nulls(ok, t.column(C.VALUE).is_null())
-
-
-def _with_nulls(ok: np.ndarray, is_null: pa.ChunkedArray) -> np.ndarray:
-    """Rules do not apply where the field is null: GE's in-set check skips None."""
-    out = ok.astype(object)
-    out[is_null.to_numpy(zero_copy_only=False)] = None
+def _merge(per_day) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for counts in per_day:
+        for code, n in counts.items():
+            out[code] = out.get(code, 0) + n
     return out
 
 
-def catalog_first_ds(layout: lake.Layout, last_ds: str, staged: pd.DataFrame | None = None) -> pd.Series | None:
-    """item_id -> first day it is in the validated catalog, over partitions up to ``last_ds``.
-
-    ``staged``: this run's valid catalog rows (columns ``id``, ``ds``), not published yet; they stand
-    for the published partitions of their days (a rerun replaces those)."""
-    replaced = set(staged["ds"]) if staged is not None else set()
-    days = [d for d in layout.days(layout.valid("catalog"), upto=last_ds) if d not in replaced]
-    ids = [
-        pd.DataFrame({"id": pq.read_table(f, columns=[C.ITEM_ID]).column(0).to_pandas(), "ds": d})
-        for d in days
-        for f in lake.data_files(layout.part(layout.valid("catalog"), d))
-    ]
-    if staged is not None:
-        ids.append(staged[staged["ds"] <= last_ds])
-    if not ids:
-        return None
-    both = pd.concat(ids, ignore_index=True)
-    return both.groupby("id")["ds"].min()
-
-
-# ---------------------------------------------------------------- GE run and outputs
-
-def run_suite(table: str, frame: pd.DataFrame):
-    """Run the table's suite on ``frame``; returns the GE validation result."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep task logs readable
-    asset = ctx.data_sources.add_pandas("raw").add_dataframe_asset(table)
-    batch_def = asset.add_batch_definition_whole_dataframe("batch")
-    suite = ctx.suites.add(suites.suite(table))
-    return batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(
-        suite,
-        result_format={
-            "result_format": "COMPLETE",
-            "unexpected_index_column_names": [suites.ROW_ID],
-            "partial_unexpected_count": 20,
-        },
-    )
-
-
-def row_reasons(result, n_rows: int) -> np.ndarray:
-    """Per row, the ``;``-joined reasons of every expectation it failed ('' when it passed all)."""
-    reasons = np.full(n_rows, "", dtype=object)
-    for r in result.results:
-        if r.success or not r.result.get("unexpected_index_list"):
-            continue
-        rows = np.fromiter((u[suites.ROW_ID] for u in r.result["unexpected_index_list"]), dtype=np.int64)
-        code = r.expectation_config.meta["reason"]
-        reasons[rows] = np.where(reasons[rows] == "", code, reasons[rows] + ";" + code)
-    return reasons
-
-
-def validate_batch(cfg: Config, batch: Batch, days: list[str], staged_catalog: pd.DataFrame | None = None
-                   ) -> tuple[dict, list[StagedDay], pd.DataFrame]:
-    """Run the table's suite over the batch and stage each day's validated rows and quarantine.
-
-    Returns the table's counts, its staged days (``failure`` set on days over the bad-row share) and
-    the batch's valid ``item_id`` per day (what events of this run are checked against, for the catalog)."""
-    layout = cfg.layout
-    first_ds = catalog_first_ds(layout, days[-1], staged_catalog) if batch.table in EVENT_TABLES else None
-    frame = check_frame(cfg, batch, first_ds)
-    result = run_suite(batch.table, frame)
-    reasons = row_reasons(result, batch.data.num_rows)
-    bad = reasons != ""
-    _slim(result)
-    report = Report(layout, batch.table, days, result)
-
-    staged = []
-    try:
-        for day in days:
-            rows = batch.rows_of(day)
-            summary = _day_summary(batch, day, rows, bad, reasons, cfg)
-            failed = summary["bad_share"] > cfg.validation.max_bad_row_share
-            failure = _too_many_bad(layout, batch, day, rows, bad, reasons, summary, cfg) if failed else None
-            staged.append(_stage_day(layout, batch, day, rows, bad, reasons, summary, report, failure))
-        report.write_range()
-    except BaseException:
-        for s in staged:
-            for tmp in (s.quarantine, s.valid):
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    valid_ids = None
-    if batch.table == "catalog":
-        ok = ~bad
-        valid_ids = pd.DataFrame({"id": batch.data.column(C.ITEM_ID).to_pandas()[ok].to_numpy(),
-                                  "ds": batch.ds[ok]})
-    counts = {
-        "days": len(days),
-        "rows_in": int(batch.data.num_rows),
-        "rows_valid": int((~bad).sum()),
-        "rows_quarantined": int(bad.sum()),
-        "reasons": _count_reasons(reasons[bad]),
-        "extra_fields_ignored": batch.extra_fields,
-        "optional_fields_missing": batch.missing_optional,
-    }
-    return counts, staged, valid_ids
+def _write(staging: Staging, df: DataFrame, table: str, days: list[str], schema) -> None:
+    """Stage ``df``'s rows as one partition per day of ``days`` in the order they were delivered (range
+    partitions, sorted within: files of a day follow each other in that order); a day without rows gets
+    an empty file with the schema, as a reader of the partition expects."""
+    ordered = df.repartitionByRange(*ORDER).sortWithinPartitions(*ORDER)
+    staging.write_days(ordered.select(*schema.names, C.DS), table, days, shuffle_by_day=False)
+    for d in days:
+        part = staging.staged(table, d)
+        if not lake.data_files(part):
+            pq.write_table(schema.empty_table(), part / "part-00000.parquet")
 
 
 class Report:
@@ -419,72 +347,51 @@ class Report:
             (self.range_dir / "validation.html").write_text(self.html)
 
 
-def _day_summary(batch: Batch, day: str, rows: np.ndarray, bad, reasons, cfg: Config) -> dict:
-    bad_rows = rows[bad[rows]]
-    n, n_bad = len(rows), len(bad_rows)
+def _day_summary(raw: RawFiles, day: str, by_reason: dict[str, int], cfg: Config) -> dict:
+    n = sum(by_reason.values())
+    n_bad = n - by_reason.get("", 0)
     return {
-        "table": batch.table,
+        "table": raw.table,
         "ds": day,
-        "suite": f"raw_{batch.table}",
+        "suite": f"raw_{raw.table}",
         "rows_in": n,
         "rows_valid": n - n_bad,
         "rows_quarantined": n_bad,
         "bad_share": n_bad / n if n else 0.0,
         "max_bad_row_share": cfg.validation.max_bad_row_share,
-        "reasons": _count_reasons(reasons[bad_rows]),
-        "source_files": sorted(set(batch.source_file[rows])),
-        "extra_fields_ignored": batch.extra_fields,
-        "optional_fields_missing": batch.missing_optional,
+        "reasons": _count_reasons(by_reason),
+        "source_files": raw.source_files(day),
+        "extra_fields_ignored": raw.extra_fields,
+        "optional_fields_missing": raw.missing_optional,
     }
 
 
-def _too_many_bad(layout, batch, day, rows, bad, reasons, summary, cfg) -> str:
-    first = rows[bad[rows]][0]
+def _too_many_bad(layout: lake.Layout, raw: RawFiles, checked: DataFrame, summary: dict, cfg: Config) -> str:
+    day = summary["ds"]
+    # collected: the day's first bad row, which the message names
+    first = (checked.where((F.col(C.DS) == day) & (F.col(C.REASON) != "")).orderBy(*ORDER)
+             .select(C.SOURCE_FILE, C.SOURCE_ROW, C.REASON).first())
     counts = ", ".join(f"{code} {n:,}" for code, n in summary["reasons"].items())
     return (
-        f"{layout.part(layout.raw(batch.table), day)}: {summary['rows_quarantined']:,} of {summary['rows_in']:,} rows "
+        f"{layout.part(layout.raw(raw.table), day)}: {summary['rows_quarantined']:,} of {summary['rows_in']:,} rows "
         f"({summary['bad_share']:.1%}) failed validation, over validate.max_bad_row_share="
-        f"{cfg.validation.max_bad_row_share:.1%}; by reason (field): {counts}; first: {batch.source_file[first]} "
-        f"row {batch.source_row[first]}: {reasons[first]}. Quarantined rows are in "
-        f"{layout.part(layout.quarantine(batch.table), day)}"
+        f"{cfg.validation.max_bad_row_share:.1%}; by reason (field): {counts}; first: {first[C.SOURCE_FILE]} "
+        f"row {first[C.SOURCE_ROW]}: {first[C.REASON]}. Quarantined rows are in "
+        f"{layout.part(layout.quarantine(raw.table), day)}"
     )
 
 
-def _stage_day(layout, batch, day, rows, bad, reasons, summary, report, failure: str | None) -> StagedDay:
-    """Write the day's quarantine and (unless it failed) validated rows aside; ``run_range`` publishes them
-    once every table of the day is known."""
-    idx_bad = rows[bad[rows]]
-    quarantined = batch.data.take(idx_bad)
-    quarantined = quarantined.append_column(C.REASON, pa.array(reasons[idx_bad], pa.string()))
-    quarantined = quarantined.append_column(C.SOURCE_FILE, pa.array(batch.source_file[idx_bad], pa.string()))
-    quarantined = quarantined.append_column(C.SOURCE_ROW, pa.array(batch.source_row[idx_bad], pa.int64()))
-    q_tmp = _stage(quarantined.cast(quarantine_schema(batch.table)),
-                   layout.part(layout.quarantine(batch.table), day), batch.metadata)
-    valid_tmp = None
-    if failure is None:
-        valid_tmp = _stage(batch.data.take(rows[~bad[rows]]), layout.part(layout.valid(batch.table), day),
-                           batch.metadata)
-    return StagedDay(batch.table, day, summary, report, q_tmp, valid_tmp, failure)
-
-
-def _stage(table: pa.Table, final: Path, metadata: dict[bytes, bytes]) -> Path:
-    tmp = lake.staging_dir(final)
-    if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    pq.write_table(table, tmp / "part-00000.parquet", compression="zstd")
-    return tmp
-
-
-def _count_reasons(reasons: np.ndarray) -> dict[str, int]:
+def _count_reasons(by_joined: dict[str, int]) -> dict[str, int]:
+    """Rows per reason code, from rows per ``;``-joined combination ('' = valid, not counted)."""
     counts: dict[str, int] = {}
-    for joined, n in zip(*np.unique(reasons.astype(str), return_counts=True)) if len(reasons) else []:
-        for code in joined.split(";"):
+    for joined, n in by_joined.items():
+        for code in joined.split(";") if joined else []:
             counts[code] = counts.get(code, 0) + int(n)
     return dict(sorted(counts.items()))
 
 
 def _slim(result) -> None:
-    """Drop GE's per-row lists once used: the quarantine table holds the rows, reports keep counts."""
+    """Drop GE's per-row lists if any: the quarantine table holds the rows, reports keep counts."""
     for r in result.results:
         for key in ("unexpected_index_list", "unexpected_list", "unexpected_index_query"):
             r.result.pop(key, None)

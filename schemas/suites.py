@@ -1,9 +1,11 @@
 """Great Expectations suites for the raw tables: the row-level rules of the raw contract.
 
 Every row-level expectation carries ``meta["reason"]``, the quarantine code (schemas/reasons.py) a
-failing row gets. Checks that need context GE cannot express per row (the partition's day, the catalog
-as of that day, duplicates keeping the first, conflicting event ids) are computed by validation into boolean check columns
-named below, and the suite expects them to be true, so every rule is reported by GE the same way.
+failing row gets; validation derives each row's reasons from these expectations (jobs/validate_checks.py),
+so only the kinds it knows are used here: not null, in set, not matching a regex. Checks that need
+context GE cannot express per row (the partition's day, the catalog as of that day, duplicates keeping
+the first, conflicting event ids) are computed by validation into boolean check columns named below, and
+the suite expects them to be true, so every rule is reported by GE the same way.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ VALUE_IN_RANGE = "check_value_in_range"
 FIRST_OF_ID = "check_first_of_item_id"
 EVENT_ID_CONSISTENT = "check_event_id_consistent"
 
-ROW_ID = "_row"  # the batch's row number, used to map GE's unexpected rows back
+# A query of nothing but white space. The suites run on Spark (Java regexes): (?U) makes \s any Unicode
+# white space (no-break and ideographic spaces too), as Python's \s was when they ran on pandas.
+BLANK = r"(?U)^\s*$"
 
 
 def _true(column: str, reason: str, notes: str) -> gxe.Expectation:
@@ -49,7 +53,7 @@ def expectations(table: str) -> list[gxe.Expectation]:
         ]
     if table == "search_events":
         return _events(table, SEARCH_ACTIONS) + [
-            gxe.ExpectColumnValuesToNotMatchRegex(column=C.QUERY, regex=r"^\s*$", meta={"reason": R.EMPTY_QUERY}),
+            gxe.ExpectColumnValuesToNotMatchRegex(column=C.QUERY, regex=BLANK, meta={"reason": R.EMPTY_QUERY}),
         ]
     if table == "browse_events":
         return _events(table, BROWSE_ACTIONS) + [

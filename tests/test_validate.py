@@ -16,6 +16,13 @@ DS = "2026-01-02"
 T0 = dt.datetime(2026, 1, 2, 12, tzinfo=dt.timezone.utc)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _spark(spark):
+    """Validation runs on the test session's Spark (its stage session reuses an active one): a JVM per
+    run would cost seconds each."""
+    yield spark
+
+
 def cfg_for(tmp_path, **validate_overrides) -> Config:
     cfg = Config()
     cfg.lake.root = tmp_path / "lake"

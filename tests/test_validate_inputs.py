@@ -25,6 +25,13 @@ SCHEMAS = {"catalog": CATALOG, "search_events": SEARCH_EVENTS, "browse_events": 
 ID_FIELD = {"catalog": C.ITEM_ID, "search_events": C.EVENT_ID, "browse_events": C.EVENT_ID}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _spark(spark):
+    """Validation runs on the test session's Spark (its stage session reuses an active one): a JVM per
+    run would cost seconds each."""
+    yield spark
+
+
 def cfg_for(tmp_path, max_bad_row_share=1.0) -> Config:
     cfg = Config()
     cfg.lake.root = tmp_path / "lake"
@@ -88,8 +95,10 @@ ROW_CASES = {
     "unknown-action": ("search_events", [search("act-1", action="view")], [R.UNKNOWN_ACTION], None, None),
     "unknown-item": ("browse_events", [browse("unk-1", item_id="i999"), browse("unk-2", item_id="i-dup-bad")],
                      [R.UNKNOWN_ITEM] * 2, None, None),
-    "blank-query": ("search_events", [search("blank-1", query=""), search("blank-2", query="  \t")],
-                    [R.EMPTY_QUERY] * 2, None, None),
+    # white space of any kind: no-break and ideographic spaces too
+    "blank-query": ("search_events", [search("blank-1", query=""), search("blank-2", query="  \t"),
+                                      search("blank-3", query="\u00a0\u3000")],
+                    [R.EMPTY_QUERY] * 3, None, None),
     "two-faults": ("browse_events", [browse("two-1", action="clik", item_id="i999")],
                    [f"{R.UNKNOWN_ACTION};{R.UNKNOWN_ITEM}"], None, None),
     "duplicate-catalog-id": ("catalog", [item("i-dup"), item("i-dup", title="second row of i-dup")],
