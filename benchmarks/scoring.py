@@ -144,6 +144,7 @@ def big_lake(src_root: Path, work: Path, ds: str, n_items: int, max_users: int |
     seqs = _users(pq.read_table(_sessionized(src_root, "sequences", ds)), max_users)
     lake.write_partition(seqs, _sessionized(root, "sequences", ds))
     _link(_sessionized(src_root, "query_vocab", ds), _sessionized(root, "query_vocab", ds))
+    _link(_sessionized(src_root, "consumed", ds), _sessionized(root, "consumed", ds))
     _link(src_root / lake.Layout.sessionized / "events", root / lake.Layout.sessionized / "events")
     return root
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from jobs.spark import read_days, session, spark_partition, spark_schema
+from jobs.spark import session, spark_partition, spark_schema
 from schemas import C
 from schemas import candidates as candidates_schema
 from schemas import sequences as sequences_schema
@@ -194,6 +194,14 @@ def _check_files(part: Path) -> None:
                                         {"partition": str(part), "file": str(f)})
 
 
+def consumed_pairs(spark: SparkSession, cfg: Config, ds: str, n_items: int) -> DataFrame:
+    """(user_id, item_index): each catalog item of each user's history up to ``ds``, once, from the
+    ``consumed`` snapshot of ``ds`` that sessionize keeps (the history itself is not read)."""
+    snap = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("consumed"), ds, sequences_schema.CONSUMED)
+    return (snap.select(C.USER_ID, F.explode(C.CONSUMED).alias(C.ITEM_INDEX))
+            .where(F.col(C.ITEM_INDEX).between(1, n_items - 1)))
+
+
 def validate_lists(spark: SparkSession, cfg: Config, ds: str, part: Path) -> dict:
     """Run the suite on the lists in ``part``; write the reports beside them; the summary (see
     ``validate_candidates``)."""
@@ -203,9 +211,7 @@ def validate_lists(spark: SparkSession, cfg: Config, ds: str, part: Path) -> dic
     catalog = spark_partition(spark, root, cfg.layout.sessions("item_vocab"), ds, sequences_schema.ITEM_VOCAB)
     consumed = None
     if any(run["exclude_consumed"].values()):
-        events = read_days(spark, root, cfg.layout.sessions("events"), sequences_schema.EVENTS, upto=ds)
-        consumed = (events.where(F.col(C.ITEM_INDEX).between(1, run["n_items"] - 1))
-                    .select(C.USER_ID, C.ITEM_INDEX).distinct())
+        consumed = consumed_pairs(spark, cfg, ds, run["n_items"])
     frame = check_frame(read_lists(spark, part), catalog, consumed, run).cache()
     try:
         result = run_suite(frame)

@@ -30,7 +30,7 @@ items, else IVF whose recall is measured on real request vectors) with the model
 ``score.retrieve_n`` best items not consumed (where excluded) are re-scored by the ranking head, for the
 tasks whose lists it orders (``score.order``; default: the choice recorded with the model on validation,
 ``synergen_core.list_order``; the others keep the retrieval order), and the ``score.top_k`` best kept.
-Consumed = every item of the user's ``events`` history up to ds.
+Consumed = every item of the user's ``events`` history up to ds, read from the ``consumed`` snapshot of ds.
 
 Inference runs in Spark (``mapInArrow``): the model record and the serialized index are broadcast, built
 once per Python worker (``_scorer``), and every Arrow batch is scored in vectorized chunks of
@@ -56,7 +56,7 @@ from jobs import candidates
 from jobs.spark import read_days, spark_partition
 from schemas import C
 from schemas.candidates import CANDIDATES, SURFACE_REC, SURFACE_SEARCH
-from schemas.sequences import EVENTS, ITEM_VOCAB, KIND_SEARCH, QUERY_VOCAB, SEQUENCES
+from schemas.sequences import CONSUMED, EVENTS, ITEM_VOCAB, KIND_SEARCH, QUERY_VOCAB, SEQUENCES
 from synergen_core import checkpoint, lake
 from synergen_core.config import Config, ConfigError, parse_ds
 from synergen_core.errors import PipelineError
@@ -162,7 +162,8 @@ def _score_partition(payload):
 def require_inputs(cfg: Config, ds: str) -> None:
     """The sessionized partitions of ``ds`` scoring reads are published, else a ``PipelineError`` naming the
     missing one and the command that writes it (Spark's own error would be a bare path)."""
-    tables = ["sequences"] + (["query_vocab"] if SURFACE_SEARCH in cfg.score.surfaces else [])
+    tables = (["sequences"] + (["query_vocab"] if SURFACE_SEARCH in cfg.score.surfaces else [])
+              + (["consumed"] if _excluded(cfg) else []))
     for table in tables:
         part = cfg.layout.part(cfg.layout.sessions(table), ds)
         if not (part / lake.SUCCESS).is_file():
@@ -200,11 +201,20 @@ def search_pairs(spark: SparkSession, cfg: Config, ds: str, queries: DataFrame) 
 
 
 def consumed_items(spark: SparkSession, cfg: Config, ds: str, n_items: int) -> DataFrame:
-    """(user_id, _consumed array<int>, _n_consumed): the catalog items of each user's history up to ds."""
-    events = read_days(spark, cfg.lake.root, cfg.layout.sessions("events"), EVENTS, upto=ds)
-    return (events.where(F.col(C.ITEM_INDEX).between(1, n_items - 1))
-            .groupBy(C.USER_ID).agg(F.array_sort(F.collect_set(C.ITEM_INDEX)).alias(CONSUMED_COLUMN))
+    """(user_id, _consumed array<int>, _n_consumed): the catalog items of each user's history up to ds,
+    from the ``consumed`` snapshot of ds (kept by sessionize: no history is read); users with none left out."""
+    snap = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("consumed"), ds, CONSUMED)
+    # The snapshot is sorted and distinct; the model's catalog may be older than it.
+    kept = F.filter(C.CONSUMED, lambda i: i.between(1, n_items - 1))
+    return (snap.select(C.USER_ID, kept.alias(CONSUMED_COLUMN)).where(F.size(CONSUMED_COLUMN) > 0)
             .select(C.USER_ID, CONSUMED_COLUMN, F.size(CONSUMED_COLUMN).alias(N_CONSUMED)))
+
+
+def _excluded(cfg: Config) -> list[str]:
+    """The scored surfaces whose lists leave consumed items out."""
+    sc = cfg.score
+    return [s for s, on in ((SURFACE_REC, sc.exclude_consumed), (SURFACE_SEARCH, sc.exclude_consumed_search))
+            if on and s in sc.surfaces]
 
 
 @dataclass
@@ -233,8 +243,7 @@ def prepare(spark: SparkSession, cfg: Config, ds: str, record: dict) -> Prepared
     if not parts:
         raise ConfigError("score.surfaces is empty: nothing to score")
     reqs = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
-    excluded = [s for s, on in ((SURFACE_REC, sc.exclude_consumed), (SURFACE_SEARCH, sc.exclude_consumed_search))
-                if on and s in sc.surfaces]
+    excluded = _excluded(cfg)
     if excluded:
         cons = consumed_items(spark, cfg, ds, n_items)
         reqs = reqs.join(cons, C.USER_ID, "left")

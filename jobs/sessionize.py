@@ -7,8 +7,9 @@ Inputs: ``<lake>/<sessionize.source>/{search_events,browse_events,catalog}/ds=D`
 of ``schemas.sequences`` under ``<lake>/<sessionize.output>/`` (default ``sessionized``).
 
 Incremental state. The state after day D is the ``sequences`` snapshot of D (every user's counters
-and latest tokens) plus the ``item_vocab`` / ``query_vocab`` snapshots of D plus the ``events``
-history up to D. A run for D reads the latest ``sequences`` snapshot before D (normally D-1) and
+and latest tokens) plus the ``item_vocab`` / ``query_vocab`` / ``consumed`` snapshots of D plus the
+``events`` history up to D (of which a daily run reads only the last ``validate.late_days`` days, for
+duplicates; leave-one-out splits, when asked for, read it all). A run for D reads the latest ``sequences`` snapshot before D (normally D-1) and
 processes every input day after it up to D in one batch: a normal daily run processes D alone, a
 first run or a gap catches up on all missing days, and ``run(..., from_ds=F)`` (the bulk entry)
 starts from the latest snapshot before F, so a backfill over thousands of days is one Spark job,
@@ -51,12 +52,13 @@ import logging
 import time
 from pathlib import Path
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import splits
 from jobs.spark import Staging, count_rows, read_days, session, spark_schema
-from jobs.tokens import event_tokens, surface, token_count, update_sequences
+from jobs.tokens import event_tokens, surface, token_count, update_consumed, update_sequences
 from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
 from schemas import sequences as S
 from synergen_core import lake
@@ -66,6 +68,7 @@ from synergen_core.errors import PipelineError
 log = logging.getLogger(__name__)
 
 EVENTS, SEQUENCES, ITEM_VOCAB, QUERY_VOCAB = "events", "sequences", "item_vocab", "query_vocab"
+CONSUMED = "consumed"
 INPUTS = {"search_events": SEARCH_EVENTS, "browse_events": BROWSE_EVENTS, "catalog": CATALOG}
 STATS_FILE = "_stats.json"
 DEDUP_KEY = [C.USER_ID, C.EVENT_ID, C.TS, C.KIND, C.QUERY, C.ITEM_ID, C.ACTION, C.VALUE]
@@ -165,6 +168,7 @@ def extend_vocab(known: DataFrame, seen: DataFrame, key: str, index: str, n_know
     new = (seen.where(F.col(key).isNotNull()).groupBy(key).agg(F.min(C.DS).alias(C.FIRST_DS))
            .join(known.select(key), key, "left_anti"))
     offsets, total = [], base
+    # Collected: one row per first day among the input days (a backfill's thousands at most), never per key.
     for first_ds, n in sorted(new.groupBy(C.FIRST_DS).count().collect()):
         offsets.append((first_ds, total))
         total += n
@@ -184,68 +188,50 @@ def with_counts(vocab: DataFrame, known: DataFrame, tokens: DataFrame, index: st
             .select(index, *[c for c in vocab.columns if c != index], total.cast("long").alias(C.COUNT)))
 
 
-def hash_table(vocab: DataFrame, key: str, index: str, n: int) -> tuple[DataFrame, int]:
-    """``vocab`` (``n`` rows) as a one-row, one-column hash table for ``lookup``, and its bucket count.
+def lookups(events: DataFrame, items: DataFrame, queries: DataFrame) -> DataFrame:
+    """Per event (``user_id``, ``event_pos``) with an item, a query or impressions: its ``item_index``,
+    ``query_index`` and ``shown_items``, the shown ids as indices in display order without the ids the
+    vocabulary lacks (every item of the catalog or of an event has an index, so only items never
+    listed anywhere are left out); null when the event logged none, empty when none is known.
 
-    The table is an array of buckets: bucket ``b`` is a map from the keys whose ``xxhash64(key) mod
-    buckets`` is ``b`` to their indices (null when none). With at least twice as many buckets as keys
-    a bucket holds one key or none on average, so a lookup is a hash, an array access and a search
-    of a map of about one entry. The table takes a few bytes per key, like a broadcast vocabulary.
+    Plain joins: the engaged item and the shown ids are one exploded column looked up in one join
+    with the item vocabulary, the query in a join with the query vocabulary, and the rows grouped
+    back per event. Nothing grows with the vocabularies in a task or on the driver; AQE may still
+    broadcast a vocabulary under its size threshold (a setting, so bounded).
     """
-    buckets = max(1024, 1 << (2 * max(n, 1) - 1).bit_length())
-    filled = (vocab.where(F.col(key).isNotNull()).groupBy(_bucket(F.col(key), buckets).alias("_b"))
-              .agg(F.collect_list(F.struct(key, index)).alias("_e")))
-    table = (vocab.sparkSession.range(buckets).select(F.col("id").cast("int").alias("_b"))
-             .join(filled, "_b", "left")
-             .agg(F.sort_array(F.collect_list(F.struct("_b", "_e"))).alias("_t"))
-             .select(F.transform("_t", lambda b: F.map_from_entries(b["_e"])).alias("_t")))
-    return table, buckets
-
-
-def lookup(table: Column, buckets: int, key: Column) -> Column:
-    """The index of ``key`` in a ``hash_table`` column; null when absent (or null)."""
-    return F.try_element_at(F.get(table, _bucket(key, buckets)), key)
-
-
-def _bucket(key: Column, buckets: int) -> Column:
-    return F.pmod(F.xxhash64(key), F.lit(buckets)).cast("int")
-
-
-def shown_indices(events: DataFrame, items: DataFrame, n_items: int) -> DataFrame:
-    """``events`` with ``impressions`` replaced by ``shown_items``: the shown ids as indices of the item
-    vocabulary ``items`` (``n_items`` rows) in display order, null when none were logged. Ids the
-    vocabulary lacks are left out (every item of the catalog or of an event has an index, so only
-    items never listed anywhere are).
-
-    Each row looks its ids up in the vocabulary as a hash table (``hash_table``, computed once as a
-    scalar subquery), so the rows keep their partitioning. A join would explode the events to one row
-    per shown id, group them back and join them to the events again (a shuffle and sort of every event
-    with its impressions). Done before the session window, whose sort then carries the shown items as
-    ints instead of id strings.
-    """
-    table, buckets = hash_table(items, C.ITEM_ID, C.ITEM_INDEX, n_items)
-    shown = F.transform(C.IMPRESSIONS, lambda x: lookup(F.col("_items"), buckets, x))
-    # Subqueries may not appear inside a lambda: the table is a column first, which the optimizer
-    # folds into the expression reading it (it is not copied into every row).
-    return (events.withColumn("_items", table.scalar())
-            .select(*[c for c in events.columns if c != C.IMPRESSIONS],
-                    F.filter(shown, lambda i: i.isNotNull()).cast("array<int>").alias(C.SHOWN_ITEMS)))
+    key = [C.USER_ID, C.EVENT_POS]
+    ids = F.concat(F.array(F.col(C.ITEM_ID)), F.coalesce(F.col(C.IMPRESSIONS), F.array().cast("array<string>")))
+    none = F.lit(None).cast("int")
+    # position 0: the engaged item; 1..n: the shown ids. Inner joins: null and unknown ids drop out.
+    item_rows = (events.select(*key, F.posexplode(ids).alias("_at", C.ITEM_ID))
+                 .join(items.select(C.ITEM_ID, C.ITEM_INDEX), C.ITEM_ID)
+                 .select(*key, "_at", C.ITEM_INDEX, none.alias(C.QUERY_INDEX)))
+    query_rows = (events.where(F.col(C.QUERY).isNotNull())
+                  .select(*key, normalize_query(F.col(C.QUERY)).alias(C.QUERY))
+                  .join(queries.select(C.QUERY, C.QUERY_INDEX), C.QUERY)
+                  .select(*key, F.lit(-1).alias("_at"), none.alias(C.ITEM_INDEX), C.QUERY_INDEX))
+    shown = F.array_sort(F.collect_list(F.when(F.col("_at") > 0, F.struct("_at", C.ITEM_INDEX))))
+    return (item_rows.unionByName(query_rows).groupBy(*key).agg(
+        F.max(F.when(F.col("_at") == 0, F.col(C.ITEM_INDEX))).alias(C.ITEM_INDEX),
+        F.max(C.QUERY_INDEX).alias(C.QUERY_INDEX),
+        F.transform(shown, lambda x: x[C.ITEM_INDEX]).alias("_shown")))
 
 
 def attach_indices(events: DataFrame, items: DataFrame, queries: DataFrame) -> DataFrame:
-    """Events (with ``shown_items``, see ``shown_indices``) in the ``schemas.sequences.EVENTS`` layout
-    (+ ``ds``), with item and query indices and the shown items without the engaged one (empty when
-    it was the only one shown, null when none were logged).
+    """Sessionized events in the ``schemas.sequences.EVENTS`` layout (+ ``ds``), with item and query
+    indices and the shown items (``lookups``) without the engaged one (empty when it was the only one
+    shown, null when none were logged).
 
-    Vocabularies are broadcast: they are small next to the events and keep the user partitioning.
+    One join of every event, on (user_id, event_pos), brings all three back: a shuffle of the events
+    without their impressions (the lookups shuffle the exploded ids, a few ints and one id each).
     """
-    q = queries.select(F.col(C.QUERY).alias("_qkey"), C.QUERY_INDEX)
-    e = (events.withColumn("_qkey", normalize_query(F.col(C.QUERY)))
-         .join(F.broadcast(items.select(C.ITEM_ID, C.ITEM_INDEX)), C.ITEM_ID, "left")
-         .join(F.broadcast(q), "_qkey", "left")
-         .withColumn(C.SURFACE, surface()))
+    key = [C.USER_ID, C.EVENT_POS]
+    logged = F.col(C.IMPRESSIONS).isNotNull().alias("_logged")
+    e = (events.select(*[c for c in events.columns if c != C.IMPRESSIONS], logged)
+         .join(lookups(events, items, queries), key, "left").withColumn(C.SURFACE, surface()))
     engaged = F.coalesce(F.col(C.ITEM_INDEX), F.lit(-1))
-    e = e.withColumn(C.SHOWN_ITEMS, F.filter(C.SHOWN_ITEMS, lambda x: x != engaged))
+    known = F.filter(F.coalesce(F.col("_shown"), F.array().cast("array<int>")), lambda x: x != engaged)
+    e = e.withColumn(C.SHOWN_ITEMS, F.when(F.col("_logged"), known))
     casts = {C.QUERY_INDEX: "int", C.ITEM_INDEX: "int", C.EVENT_POS: "int", C.POS: "int", C.SESSION: "int",
              C.SHOWN_ITEMS: "array<int>"}
     return e.select(*[F.col(c).cast(casts[c]).alias(c) if c in casts else F.col(c) for c in S.EVENTS.names],
@@ -365,9 +351,11 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
     queries, new_queries = extend_vocab(state["queries"], query_seen, C.QUERY, C.QUERY_INDEX, sizes[QUERY_VOCAB])
     items, queries = _cache(cached, items), _cache(cached, queries)
 
-    unique = shown_indices(dedup(raw, _recent_copies(spark, cfg, raw, prev, days)), items,
-                           sizes[ITEM_VOCAB] + new_items)
-    sessions = sessionize(unique, state["sequences"] if prev else None, cfg.sessionize.gap_minutes)
+    unique = dedup(raw, _recent_copies(spark, cfg, raw, prev, days))
+    # On local disk: attach_indices reads it twice (the events, and their ids for the lookups), and the
+    # window is the costly step; in memory it would hold every event's impressions as id strings.
+    sessions = _cache(cached, sessionize(unique, state["sequences"] if prev else None, cfg.sessionize.gap_minutes),
+                      StorageLevel.DISK_ONLY)
     # Cached: written as the day partitions, then the source of sequences, counts, stats and splits.
     events = _cache(cached, attach_indices(sessions, items, queries))
     staging.write_days(events, cfg.layout.sessions(EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)
@@ -376,8 +364,10 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
     for vocab, known, index, table in ((items, state["items"], C.ITEM_INDEX, ITEM_VOCAB),
                                        (queries, state["queries"], C.QUERY_INDEX, QUERY_VOCAB)):
         used = toks.select(F.col(f"token.{index}").alias(index)).where(F.col(index).isNotNull())
-        staging.write_day(with_counts(vocab, known, used, index), cfg.layout.sessions(table), ds, n_files=1)
-    # Staged after the vocabularies so it is published after them: it marks the day's state complete.
+        staging.write_day(with_counts(vocab, known, used, index), cfg.layout.sessions(table), ds)
+    staging.write_day(update_consumed(state["consumed"], events), cfg.layout.sessions(CONSUMED), ds)
+    # Staged after the vocabularies and consumed items so it is published after them: it marks the day's
+    # state complete.
     seqs = update_sequences(state["sequences"], events, cfg.sessionize.max_seq_len)
     staging.write_day(seqs, cfg.layout.sessions(SEQUENCES), ds)
 
@@ -398,8 +388,8 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
     }
 
 
-def _cache(cached: list, df: DataFrame) -> DataFrame:
-    cached.append(df.cache())
+def _cache(cached: list, df: DataFrame, level: StorageLevel | None = None) -> DataFrame:
+    cached.append(df.persist(level) if level else df.cache())
     return df
 
 
@@ -420,11 +410,17 @@ def _recent_copies(spark, cfg: Config, raw: DataFrame, prev: str | None, days: l
 
 def _state(spark, cfg: Config, prev: str | None) -> dict[str, DataFrame]:
     tables = {"sequences": (SEQUENCES, S.SEQUENCES), "items": (ITEM_VOCAB, S.ITEM_VOCAB),
-              "queries": (QUERY_VOCAB, S.QUERY_VOCAB)}
+              "queries": (QUERY_VOCAB, S.QUERY_VOCAB), "consumed": (CONSUMED, S.CONSUMED)}
     if prev is None:
         return {k: spark.createDataFrame([], spark_schema(c, with_ds=False)) for k, (_, c) in tables.items()}
-    return {k: read_days(spark, cfg.lake.root, cfg.layout.sessions(t), c, after=lake.previous_day(prev), upto=prev).drop(C.DS)
-            for k, (t, c) in tables.items()}
+    state = {k: read_days(spark, cfg.lake.root, cfg.layout.sessions(t), c, after=lake.previous_day(prev), upto=prev).drop(C.DS)
+             for k, (t, c) in tables.items()}
+    if not cfg.layout.part(cfg.layout.sessions(CONSUMED), prev).is_dir():
+        # A state written before consumed items were part of it: rebuilt once from the history up to it.
+        log.warning("sessionize: no %s snapshot of %s; rebuilding it from the events up to %s", CONSUMED, prev, prev)
+        history = read_days(spark, cfg.lake.root, cfg.layout.sessions(EVENTS), S.EVENTS, upto=prev)
+        state["consumed"] = update_consumed(state["consumed"], history)
+    return state
 
 
 def _event_stats(events: DataFrame) -> dict:
@@ -440,7 +436,7 @@ def _event_stats(events: DataFrame) -> dict:
 
 def written_tables(cfg: Config) -> list[str]:
     """Every table a run writes (its stale staging folders are this stage's to remove)."""
-    return [cfg.layout.sessions(t) for t in (EVENTS, ITEM_VOCAB, QUERY_VOCAB, SEQUENCES)] + splits.tables(cfg)
+    return [cfg.layout.sessions(t) for t in (EVENTS, ITEM_VOCAB, QUERY_VOCAB, CONSUMED, SEQUENCES)] + splits.tables(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def spark_conf(cfg: Config) -> dict[str, str]:
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
         "spark.ui.showConsoleProgress": "false",
+        # Spark's default, pinned: jobs join vocabularies and states without explicit broadcasts and rely
+        # on it to broadcast the small sides (under its size threshold) and to coalesce shuffle partitions.
+        "spark.sql.adaptive.enabled": "true",
         # Listing thousands of day partitions (a long backfill) would otherwise start one task per
         # path (default parallelism 10,000): tens of seconds of scheduling for a cheap listing.
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": "32",

@@ -16,7 +16,8 @@ training input.
 of the events that arrived before ``ds`` (exactly the ``sequences`` snapshot of ``ds``-1), and the
 targets (``test``) are the engagements that arrived on ``ds``. Because histories are ordered by
 arrival day first, every training token precedes every target. It needs only the previous
-snapshot and the new events; leave-one-out reads the whole ``events`` history.
+snapshot and the new events; leave-one-out reads the whole ``events`` history, which is why the
+default ``sessionize.splits`` is ``[temporal]`` (the daily model's) and benchmarks ask for ``loo``.
 
 Each evaluation row carries its context: the ``max_seq_len`` tokens just before the target item
 token (for a search target the last context token is its query). Tables (``schemas.sequences``):
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType
 
 from jobs.spark import Staging, read_days, spark_schema
 from jobs.tokens import event_tokens, is_search, snapshot_tokens, sorted_tokens, update_sequences
@@ -69,12 +71,27 @@ def loo_targets(engaged: DataFrame) -> DataFrame:
 
 
 def with_context(targets: DataFrame, tokens: DataFrame, max_len: int) -> DataFrame:
-    """Evaluation rows (``schemas.sequences.SPLIT_EVAL``): each target with the tokens just before it."""
-    t = tokens.select(F.col(C.USER_ID).alias("_u"), F.col(C.POS).alias("_p"), "token")
-    near = ((F.col(C.USER_ID) == F.col("_u")) & (F.col("_p") < F.col(C.TARGET_POS))
-            & (F.col("_p") >= F.col(C.TARGET_POS) - max_len))
+    """Evaluation rows (``schemas.sequences.SPLIT_EVAL``): each target with the tokens just before it.
+
+    Linear in a user's tokens: each user's tokens that some target's context can reach (from
+    ``max_len`` before the first target to the last one) are sorted once into one array, and each
+    target slices its context out of it. Positions are consecutive in that array (a user's history
+    has no holes), so a slice is index arithmetic; an array with holes falls back to a filter.
+    """
     keys = [c for c in S.SPLIT_EVAL.names if c != C.CONTEXT]
-    return targets.join(t, near, "left").groupBy(*keys).agg(sorted_tokens().alias(C.CONTEXT))
+    span = targets.groupBy(C.USER_ID).agg((F.min(C.TARGET_POS) - max_len).alias("_lo"), F.max(C.TARGET_POS).alias("_hi"))
+    p = F.col(C.POS)
+    reach = (tokens.join(span, C.USER_ID).where((p >= F.col("_lo")) & (p < F.col("_hi")))
+             .groupBy(C.USER_ID).agg(sorted_tokens().alias("_near")))
+    near, t = F.col("_near"), F.col(C.TARGET_POS)
+    first, n = F.try_element_at(near, F.lit(1))[C.POS], F.size(near)
+    start = F.greatest(t - max_len, first)
+    dense = F.try_element_at(near, F.lit(-1))[C.POS] - first + 1 == n
+    sliced = F.slice(near, start - first + 1, F.greatest(t - start, F.lit(0)))
+    picked = F.filter(near, lambda x: (x[C.POS] >= t - max_len) & (x[C.POS] < t))
+    empty = F.array().cast(ArrayType(tokens.schema["token"].dataType))
+    context = F.when(near.isNull() | (n == 0), empty).when(dense, sliced).otherwise(picked)
+    return targets.join(reach, C.USER_ID, "left").select(*keys, context.alias(C.CONTEXT))
 
 
 def train_before(tokens: DataFrame, cut: DataFrame, max_len: int) -> DataFrame:

@@ -364,7 +364,7 @@ def _score(cfg: Config, ds: str, model_dir: str | Path | None = None) -> dict:
 
 
 def _score_inputs(cfg: Config, ds: str, model_dir: str | Path | None = None) -> dict:
-    return {"synergen.inputs": _lineage(cfg, ds, cfg.layout.sessions("sequences"), whole=[cfg.layout.sessions("events")]),
+    return {"synergen.inputs": _lineage(cfg, ds, *(cfg.layout.sessions(t) for t in ("sequences", "consumed", "events"))),
             "synergen.score.model_ref": str(model_dir or cfg.score.model),
             "synergen.score.retriever": cfg.score.retriever}
 

@@ -92,6 +92,19 @@ def update_sequences(state: DataFrame, events: DataFrame, max_len: int) -> DataF
     )
 
 
+def update_consumed(state: DataFrame, events: DataFrame) -> DataFrame:
+    """The ``consumed`` snapshot: ``state`` (user_id, consumed) with the item indices of ``events`` added.
+
+    Only users with a new engagement are merged; the others keep their row as it is, so the snapshot
+    is joined, never exploded.
+    """
+    new = (events.where(F.col(C.ITEM_INDEX).isNotNull())
+           .groupBy(C.USER_ID).agg(F.collect_set(F.col(C.ITEM_INDEX).cast("int")).alias("_new")))
+    both = state.select(C.USER_ID, F.col(C.CONSUMED).alias("_old")).join(new, C.USER_ID, "full")
+    merged = F.array_sort(F.array_union(F.coalesce(F.col("_old"), F.array().cast("array<int>")), F.col("_new")))
+    return both.select(C.USER_ID, F.when(F.col("_new").isNull(), F.col("_old")).otherwise(merged).alias(C.CONSUMED))
+
+
 def snapshot_tokens(sequences: DataFrame) -> DataFrame:
     """The tokens kept in a ``sequences`` snapshot, one row each: ``user_id``, ``pos``, ``token``."""
     return (sequences.select(C.USER_ID, F.explode(C.TOKENS).alias("token"))

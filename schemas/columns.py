@@ -42,6 +42,7 @@ N_TOKENS = "n_tokens"
 LAST_SESSION = "last_session"
 WATERMARK = "watermark"  # latest event time of the user so far
 SHOWN_ITEMS = "shown_items"  # item indices logged as shown with an event (impressions), engaged one excluded
+CONSUMED = "consumed"  # item indices of every event of a user so far, sorted, each once
 
 # vocabularies
 FIRST_DS = "first_ds"

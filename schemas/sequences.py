@@ -10,6 +10,8 @@ output layer ``sessionized``. ``ds`` is in the path, not in the files.
   the counters the next day continues from. The snapshot of ``ds`` is the state after ``ds``.
 * ``item_vocab`` / ``query_vocab``: full snapshot per day. Indices start at 1 (0 is left to padding),
   are never changed once given, and new keys get the next ones in order of (first_ds, key).
+* ``consumed``: full snapshot per day: every user's engaged items so far (the item of each of their
+  events up to ``ds``), so scoring and list validation leave them out without reading the history.
 * ``split_{loo,temporal}_{train,eval}``: training inputs and evaluation targets of the day's splits.
 
 Spark writes non-null columns as Parquet "required", so files may be stricter about nullability
@@ -80,6 +82,14 @@ SEQUENCES = pa.schema(
     ]
 )
 
+CONSUMED = pa.schema(
+    [
+        pa.field(C.USER_ID, pa.string()),
+        # every item_index of the user's events, ascending, each once; readers keep those of their catalog
+        pa.field(C.CONSUMED, pa.list_(pa.int32())),
+    ]
+)
+
 ITEM_VOCAB = pa.schema(
     [
         pa.field(C.ITEM_INDEX, pa.int32()),
@@ -124,6 +134,7 @@ TABLES = {
     "sequences": SEQUENCES,
     "item_vocab": ITEM_VOCAB,
     "query_vocab": QUERY_VOCAB,
+    "consumed": CONSUMED,
     "split_loo_train": SPLIT_TRAIN,
     "split_loo_eval": SPLIT_EVAL,
     "split_temporal_train": SPLIT_TRAIN,

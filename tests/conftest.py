@@ -147,6 +147,7 @@ def small_config(root: Path):
     cfg.mlflow.tracking_uri = f"sqlite:///{root}/mlflow.db"
     cfg.mlflow.artifact_root = root / "mlartifacts"
     cfg.model = cfg.model.model_copy(update={"d_model": 32, "max_seq_len": 20})
+    cfg.sessionize = cfg.sessionize.model_copy(update={"splits": ["loo", "temporal"]})  # trains on both
     cfg.train = cfg.train.model_copy(update={"epochs": 2, "batch_size": 32, "progress": False, "threads": 1,
                                              "variants": ["synergen", "sasrec"], "protocols": ["loo", "temporal"]})
     cfg.semantic_ids = cfg.semantic_ids.model_copy(update={

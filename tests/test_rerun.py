@@ -21,7 +21,8 @@ from synergen_core.config import Config
 
 START = "2026-02-01"
 # A unique key per row of each table: sorting by it makes equal row sets compare equal.
-KEYS = {"events": [C.USER_ID, C.EVENT_POS], "sequences": [C.USER_ID], "item_vocab": [C.ITEM_INDEX],
+KEYS = {"events": [C.USER_ID, C.EVENT_POS], "sequences": [C.USER_ID], "consumed": [C.USER_ID],
+        "item_vocab": [C.ITEM_INDEX],
         "query_vocab": [C.QUERY_INDEX], "split_loo_train": [C.USER_ID], "split_temporal_train": [C.USER_ID],
         "split_loo_eval": [C.USER_ID, C.TASK, C.SPLIT, C.TARGET_POS],
         "split_temporal_eval": [C.USER_ID, C.TASK, C.SPLIT, C.TARGET_POS]}

@@ -67,7 +67,8 @@ def read(root: Path, layer: str, table: str, ds: str | None = None) -> pl.DataFr
     return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
 
-SORT_KEYS = {"events": [C.DS, C.USER_ID, C.EVENT_POS], "sequences": [C.USER_ID], "item_vocab": [C.ITEM_INDEX],
+SORT_KEYS = {"events": [C.DS, C.USER_ID, C.EVENT_POS], "sequences": [C.USER_ID], "consumed": [C.USER_ID],
+             "item_vocab": [C.ITEM_INDEX],
              "query_vocab": [C.QUERY_INDEX], "split_loo_train": [C.USER_ID], "split_temporal_train": [C.USER_ID],
              "split_loo_eval": [C.USER_ID, C.TARGET_POS], "split_temporal_eval": [C.USER_ID, C.TARGET_POS]}
 
@@ -171,7 +172,8 @@ def synth(spark, tmp_path_factory):
     stats[D4] = sessionize.run(spark, daily, D4)
     first = {t: canonical(root, "daily", t, D4) for t in SNAPSHOTS}
     rerun = sessionize.run(spark, daily, D4)
-    bulk = sessionize.run(spark, make_cfg(root, "bulk", max_seq_len=MAX_LEN), D4, from_ds=D1)
+    bulk = sessionize.run(spark, make_cfg(root, "bulk", max_seq_len=MAX_LEN, splits=["loo", "temporal"]), D4,
+                          from_ds=D1)
     return {"root": root, "stats": stats, "first_d4": first, "rerun": rerun, "bulk": bulk}
 
 
@@ -246,21 +248,17 @@ def test_impressions_become_item_indices_on_item_tokens(synth):
     assert [3] in ctx.filter(pl.col(C.USER_ID) == "u2")[C.SHOWN_ITEMS].to_list()
 
 
-def test_impression_lookup_table_with_shared_buckets(spark):
-    """``hash_table`` + ``lookup`` (how impressions become indices): every key's index, null for an
-    unknown or null id, also where buckets hold several keys (sized for 1 key: 1,024 buckets for 5,000)."""
-    from pyspark.sql import functions as F
-
-    index = {f"i{k}": k + 1 for k in range(5000)}
-    vocab = spark.createDataFrame(list(index.items()), f"{C.ITEM_ID} string, {C.ITEM_INDEX} int")
-    table, buckets = sessionize.hash_table(vocab, C.ITEM_ID, C.ITEM_INDEX, 1)
-    assert buckets == 1024
-    probe = spark.createDataFrame([(f"i{k}",) for k in range(0, 5001, 7)] + [("i",), ("nope",), (None,)],
-                                  f"{C.ITEM_ID} string")
-    got = (probe.withColumn("_t", table.scalar())
-           .select(C.ITEM_ID, sessionize.lookup(F.col("_t"), buckets, F.col(C.ITEM_ID)).alias("v")).collect())
-    assert len(got) == 718
-    assert {r[C.ITEM_ID]: r["v"] for r in got} == {r[C.ITEM_ID]: index.get(r[C.ITEM_ID]) for r in got}
+def test_consumed_items_per_user(synth):
+    """The consumed snapshot: every item of each user's events so far, once, ascending; a user whose
+    events engaged nothing (a search without an item) has no row until one does."""
+    root = synth["root"]
+    ev = read(root, "daily", "events")
+    for d in (D1, D2, D3, D4):
+        got = {u: list(c) for u, c in read(root, "daily", "consumed", d).iter_rows()}
+        upto = ev.filter((pl.col(C.DS) <= d) & pl.col(C.ITEM_INDEX).is_not_null())
+        want = {u: sorted(set(g[C.ITEM_INDEX])) for (u,), g in upto.group_by(C.USER_ID)}
+        assert got == want and got, d
+    assert canonical(root, "daily", "consumed", D4).equals(canonical(root, "bulk", "consumed", D4))
 
 
 def test_vocabularies_stable_and_appended(synth):
@@ -391,7 +389,7 @@ def ml(spark, tmp_path_factory):
     stats[ML_D2] = sessionize.run(spark, cfg, ML_D2)
     first = {t: canonical(root, "daily", t, ML_D2) for t in SNAPSHOTS}
     stats["rerun"] = sessionize.run(spark, cfg, ML_D2)
-    stats["bulk"] = sessionize.run(spark, make_cfg(root, "bulk"), ML_D2, from_ds=ML_FIRST)
+    stats["bulk"] = sessionize.run(spark, make_cfg(root, "bulk", splits=["loo", "temporal"]), ML_D2, from_ds=ML_FIRST)
     return {"root": root, "stats": stats, "first_d2": first, "catalog_ds": got["catalog_ds"]}
 
 
@@ -566,7 +564,7 @@ def test_same_job_on_standalone_cluster_and_local(synth, tmp_path):
                 # the CLI runs the tracked stage: keep its MLflow store in this test's folder
                 "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "mlruns")},
                 "spark": {"shuffle_partitions": 2, "driver_memory": "1g", "conf": {"spark.ui.enabled": "false"}},
-                "sessionize": {"max_seq_len": MAX_LEN}}
+                "sessionize": {"max_seq_len": MAX_LEN, "splits": ["loo", "temporal"]}}
     for layer in ("local", "cluster"):
         (tmp_path / f"{layer}.yaml").write_text(yaml.safe_dump({**settings, "sessionize": {
             **settings["sessionize"], "output": layer}}))
@@ -583,7 +581,7 @@ def test_same_job_on_standalone_cluster_and_local(synth, tmp_path):
 def test_ml_full_history_in_one_bulk_run(spark, ml):
     """All 4,000+ days of MovieLens (raw, as ingested) in one run: sessions as the reference, no leaks."""
     root = ml["root"]
-    cfg = make_cfg(root, "full", source="raw")
+    cfg = make_cfg(root, "full", source="raw", splits=["loo"])
     days = lake.partitions(root, "raw/browse_events")
     stats = sessionize.run(spark, cfg, days[-1], from_ds=days[0])
     assert stats["input_days"] >= len(days) and stats["events"] == 100836 + 3683
