@@ -363,6 +363,10 @@ def _day_summary(raw: RawFiles, day: str, by_reason: dict[str, int], cfg: Config
         "source_files": raw.source_files(day),
         "extra_fields_ignored": raw.extra_fields,
         "optional_fields_missing": raw.missing_optional,
+        # Spark writes its own footers: the files' synergen.* flags (e.g. times derived from order) are
+        # kept here, beside the day's data
+        **({"source_metadata": {k.decode(): v.decode(errors="replace") for k, v in sorted(raw.metadata.items())}}
+           if raw.metadata else {}),
     }
 
 

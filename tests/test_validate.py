@@ -8,7 +8,7 @@ import pytest
 
 from jobs import validate
 from jobs.validate import ValidationFailed
-from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, C
+from schemas import BROWSE_EVENTS, CATALOG, SEARCH_EVENTS, TS_DERIVED_KEY, C
 from synergen_core import lake
 from synergen_core.config import Config
 
@@ -197,6 +197,19 @@ def test_castable_types_and_extra_fields_are_accepted(tmp_path):
     out = validate.run(cfg, DS, tables=["catalog", "browse_events"])
     assert out["browse_events"]["extra_fields_ignored"] == ["session_hint"]
     assert validated(cfg, "browse_events").column(C.USER_ID).to_pylist() == ["7"]
+
+
+def test_the_files_flags_are_kept_in_the_days_report(tmp_path):
+    """A raw file's synergen.* footer flags (ingest marks times derived from order) reach the day's report."""
+    cfg = cfg_for(tmp_path)
+    write_raw(cfg, "catalog", catalog_rows()[:2], CATALOG)
+    write_raw(cfg, "browse_events", [browse("b1")], BROWSE_EVENTS.with_metadata({TS_DERIVED_KEY: b"true"}))
+    validate.run(cfg, DS)
+    part = lake.partition(cfg.lake.root, "validated/browse_events", DS)
+    summary = json.loads((part / "_validation.json").read_text())
+    assert summary["source_metadata"] == {TS_DERIVED_KEY.decode(): "true"}
+    catalog = json.loads((lake.partition(cfg.lake.root, "validated/catalog", DS) / "_validation.json").read_text())
+    assert "source_metadata" not in catalog
 
 
 def test_missing_or_empty_events_partition_fails(tmp_path):
