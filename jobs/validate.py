@@ -5,6 +5,9 @@ contract) + ``quarantine/<table>/ds=D`` (rows that fail, with ``_reason``, ``_so
 ``_source_row``). Valid + quarantined = input rows, always. Both are published atomically, so a rerun
 replaces the day. Beside the validated data: ``_validation.json`` (the day's counts) and, for a
 single-day run, the GE result (``_validation.ge.json``) and its data docs page (``_validation.html``).
+A run that publishes days also publishes the catalog as of the last of them,
+``validated/catalog_state/ds=D`` (item_id, first_ds; ``jobs/validate_checks.py``), which the next run
+starts from.
 
 A day is published whole or not at all. Every table's validated output is staged first; only when no
 table of day D failed are D's tables published, and then D is marked complete
