@@ -80,6 +80,7 @@ class Inputs:
     collab_dim: int
     text_fingerprint: str | None
     collab_basis: str | None
+    recon_previous: dict | None = None  # yesterday's model on these items (``decide``; reused if it is kept)
 
 
 @dataclass
@@ -192,7 +193,8 @@ def decide(cfg: Config, inputs: Inputs, prev: Previous | None) -> tuple[str, lis
     if cold:
         return "cold", cold, {}
     model = build_rqvae(inputs.text_dim, inputs.collab_dim, sid, prev.state)
-    now = sids.recon_figures(inputs.vectors, model)["total"]
+    inputs.recon_previous = sids.recon_figures(inputs.vectors, model)
+    now = inputs.recon_previous["total"]
     new_items = inputs.vectors.where(F.col(C.ITEM_INDEX) > m["trained_max_item_index"]).count()
     drift = {
         "new_item_share": float(new_items / max(m["trained_items"], 1)),
@@ -271,7 +273,8 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
         assign_s = time.perf_counter() - t1
         vocab = spark_partition(spark, root, cfg.layout.sessions("item_vocab"), ds, seq_schema.ITEM_VOCAB)
         validation = validate_ids(written, vocab, sid)
-        figures = sids.recon_figures(inputs.vectors, model)
+        # a kept model's figures are the ones decide measured: the same weights on the same items
+        figures = inputs.recon_previous if mode == "reuse" else sids.recon_figures(inputs.vectors, model)
         prev_ids = previous_table(spark, cfg, prev) if prev is not None else None
         metrics = id_metrics(written, prev_ids if same_shape else None, sid, figures, sample)
         if metrics["n_items"] != inputs.n:

@@ -35,10 +35,11 @@ def _pick(col: str, positions: list[int]):
     return F.array(*[F.col(col)[j] for j in positions])
 
 
-def _shared_share(df: DataFrame, key, n: int) -> float:
-    """Share of rows whose ``key`` another row also has."""
-    row = df.groupBy(key.alias("_k")).count().agg(F.sum(F.when(F.col("count") > 1, F.col("count")))).first()
-    return float((row[0] or 0) / n) if n else 0.0
+def _groups(df: DataFrame, key) -> tuple[int, int, int]:
+    """(distinct values of ``key``, rows whose value another row also has, rows of the largest group)."""
+    row = df.groupBy(key.alias("_k")).count().agg(
+        F.count("*"), F.sum(F.when(F.col("count") > 1, F.col("count"))), F.max("count")).first()
+    return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 
 
 def _levels(t: DataFrame, cfg: SemanticIdConfig, n: int) -> dict:
@@ -92,14 +93,13 @@ def id_metrics(t: DataFrame, prev: DataFrame | None, cfg: SemanticIdConfig, reco
     rng = np.random.default_rng(cfg.seed)
     out = {"n_items": n, "recon_text": recon["text"], "recon_collab": recon["collab"], "levels": _levels(t, cfg, n)}
     for v, ((view, col), raw_v) in enumerate(zip(VIEWS, raw_views)):
-        prefix_max = (t.groupBy(F.slice(raw_v, 1, L - 1).alias("_k")).count().agg(F.max("count")).first()[0]
-                      if n else 0)
+        before, after = _groups(t, raw_v)[1], _groups(t, F.col(col))
         stats = {
-            "collision_rate_before": _shared_share(t, raw_v, n),
-            "collision_rate_after": _shared_share(t, F.col(col), n),
-            "unique_id_share": t.select(col).distinct().count() / max(n, 1),
+            "collision_rate_before": before / n if n else 0.0,
+            "collision_rate_after": after[1] / n if n else 0.0,
+            "unique_id_share": after[0] / max(n, 1),
             "moved_by_resolution": float(totals[f"{view}_moved"] / n) if n else 0.0,
-            "max_prefix_group": int(prefix_max or 0),
+            "max_prefix_group": _groups(t, F.slice(raw_v, 1, L - 1))[2],
             "max_extra_code": int(totals[f"{view}_last"]) if n and cfg.collision == "extra_code" else None,
             "prefix_similarity": _prefix_similarity(
                 first[:, v], [("text", sample.text), ("collab", sample.collab)], pairs, rng) if len(first) > 1 else {},

@@ -239,19 +239,18 @@ def _view_rows(assigned: DataFrame, cfg: SemanticIdConfig, sticky: bool) -> Data
     return parts[0].unionByName(parts[1])
 
 
-def _resolver(cfg_json: dict, sticky: bool):
-    """The ``applyInArrow`` function: one group's rows -> (item_index, view, ID)."""
+def _resolver(collision: str, last: int, floor: int, sticky: bool):
+    """The ``applyInArrow`` function: one group's rows -> (item_index, view, ID). ``last``: the last level's
+    codes; ``floor``: the largest level's (the key base of ``rqvae.resolve_collisions``, at least)."""
 
     def resolve_group(t: pa.Table) -> pa.Table:
         from synergen_core.rqvae import _extra_code, _reassign
-        from synergen_core.rqvae_capacity import last_size, level_sizes
 
-        cfg = SemanticIdConfig(**cfg_json)
         t = t.sort_by(C.ITEM_INDEX)  # the order the whole-catalog resolution sees
         n = t.num_rows
         codes = codes_matrix(t["_codes"])
         cands, dists = codes_matrix(t["_cands"]), list_matrix(t["_dists"], np.float32)
-        width = codes.shape[1] + (cfg.collision == "extra_code")
+        width = codes.shape[1] + (collision == "extra_code")
         prev = same_raw = None
         if sticky:
             prev = np.full((n, width), -1, np.int64)
@@ -259,9 +258,10 @@ def _resolver(cfg_json: dict, sticky: bool):
             if has.any():
                 prev[has] = codes_matrix(t["_prev"].filter(pa.array(has)))
             same_raw = np.asarray(t["_same_raw"].fill_null(False).to_numpy(zero_copy_only=False), bool)
-        base = max(*level_sizes(cfg), int(codes.max(initial=0)) + 1, int(cands.max(initial=0)) + 1)
-        if cfg.collision == "reassign":
-            ids = _reassign(codes, cands, dists, last_size(cfg), prev, same_raw, base)
+        # only the order of keys within the group matters, so any base above its codes gives the same IDs
+        base = max(floor, int(codes.max(initial=0)) + 1, int(cands.max(initial=0)) + 1)
+        if collision == "reassign":
+            ids = _reassign(codes, cands, dists, last, prev, same_raw, base)
         else:
             ids = _extra_code(codes, dists[:, 0], base, prev)
         return pa.table({C.ITEM_INDEX: t[C.ITEM_INDEX], "_view": t["_view"], "_id": list_array(ids, pa.int32())})
@@ -275,7 +275,7 @@ def resolve(assigned: DataFrame, cfg: SemanticIdConfig, sticky: bool) -> DataFra
     ``cfg``: the assigning model's; ``sticky``: yesterday's IDs (``_prev_*``) are kept where the rules allow.
     Raises ``ValueError`` (the in-process message) when a prefix holds more items than the last level has
     codes, before any group is resolved."""
-    from synergen_core.rqvae_capacity import last_size
+    from synergen_core.rqvae_capacity import last_size, level_sizes
 
     rows = _view_rows(assigned, cfg, sticky)
     L = len(view_columns(cfg)[0])
@@ -291,7 +291,8 @@ def resolve(assigned: DataFrame, cfg: SemanticIdConfig, sticky: bool) -> DataFra
     else:
         rows = rows.withColumn("_key", F.col("_codes"))
     schema = f"{C.ITEM_INDEX} int, _view int, _id array<int>"
-    out = rows.groupBy("_view", "_key").applyInArrow(_resolver(cfg.model_dump(mode="json"), sticky), schema)
+    resolver = _resolver(cfg.collision, last_size(cfg), max(level_sizes(cfg)), sticky)
+    out = rows.groupBy("_view", "_key").applyInArrow(resolver, schema)
     search = out.where(F.col("_view") == 0).select(C.ITEM_INDEX, F.col("_id").alias(C.SEARCH_CODES))
     rec = out.where(F.col("_view") == 1).select(C.ITEM_INDEX, F.col("_id").alias(C.REC_CODES))
     return search.join(rec, C.ITEM_INDEX)
