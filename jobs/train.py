@@ -47,8 +47,11 @@ def require_tables(cfg: Config, ds: str, tables: list[str]) -> None:
     for table in tables:
         part = cfg.layout.part(cfg.layout.sessions(table), ds)
         if not (part / lake.SUCCESS).is_file():
-            raise PipelineError(f"{part}: no published partition of {table} for ds={ds} "
-                                f"(`synergen sessionize --ds {ds}` writes it)")
+            # a protocol the daily job does not write (sessionize.splits: [temporal] by default)
+            off = [p for p in ("loo", "temporal") if table.startswith(f"split_{p}_") and p not in cfg.sessionize.splits]
+            writes = f"add {off[0]} to sessionize.splits, then `synergen sessionize --ds {ds}`" if off else \
+                f"`synergen sessionize --ds {ds}`"
+            raise PipelineError(f"{part}: no published partition of {table} for ds={ds} ({writes} writes it)")
         if not lake.data_files(part):
             raise PipelineError(f"{part}: the partition of {table} for ds={ds} holds no data files (sessionize "
                                 f"saw no events up to ds={ds}: check the raw and validated logs of the day)")

@@ -81,6 +81,19 @@ def test_training_on_a_missing_or_empty_split_fails_naming_it(tmp_path):
     assert not (tmp_path / "none" / checkpoint.MODEL).exists()
 
 
+def test_a_split_the_daily_job_does_not_write_names_the_setting_that_adds_it(tmp_path):
+    cfg = lake_config(tmp_path)
+    publish_empty(cfg)
+    cfg.train.protocols = ["loo"]  # sessionize.splits is [temporal] by default: loo is written on request
+    with pytest.raises(PipelineError, match=rf"split_loo_train/ds={DS}: no published partition .*add loo to "
+                                            rf"sessionize.splits, then `synergen sessionize --ds {DS}`"):
+        train_job.run(cfg, DS)
+    cfg.sessionize.splits = ["loo", "temporal"]
+    with pytest.raises(PipelineError, match=rf"split_loo_train/ds={DS}: no published partition .*\(`synergen "
+                                            rf"sessionize --ds {DS}` writes it\)"):
+        train_job.run(cfg, DS)
+
+
 def test_evaluation_of_a_missing_or_empty_day_fails_naming_the_input(tmp_path):
     cfg = lake_config(tmp_path)
     with pytest.raises(PipelineError, match=rf"no published partition of item_vocab for ds={DS}"):
