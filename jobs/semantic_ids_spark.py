@@ -12,7 +12,7 @@ Nothing here brings a per-item structure to the driver except the training sampl
   ``mapInArrow`` (one torch thread per task); yesterday's raw codes ride along for the hysteresis.
 * Collisions: ``collision=reassign`` only ever moves the last code within a prefix (the first L-1 codes of
   a view ID), and ``extra_code`` only numbers the items of one full ID, so each such group is resolved on
-  its own with the in-process rules (``rqvae._reassign`` / ``rqvae._extra_code``) in
+  its own with the in-process rules (``rqvae.reassign_collisions`` / ``rqvae.extra_code_collisions``) in
   ``groupBy(view, key).applyInArrow``. A group's rows are given in ``item_index`` order, the order the
   whole-catalog resolution saw them in, so the IDs are the ones it gives. With ``reassign`` a group holds at
   most the last level's size of items (larger ones are refused first, with the in-process error).
@@ -244,7 +244,7 @@ def _resolver(collision: str, last: int, floor: int, sticky: bool):
     codes; ``floor``: the largest level's (the key base of ``rqvae.resolve_collisions``, at least)."""
 
     def resolve_group(t: pa.Table) -> pa.Table:
-        from synergen_core.rqvae import _extra_code, _reassign
+        from synergen_core.rqvae import extra_code_collisions, reassign_collisions
 
         t = t.sort_by(C.ITEM_INDEX)  # the order the whole-catalog resolution sees
         n = t.num_rows
@@ -261,9 +261,9 @@ def _resolver(collision: str, last: int, floor: int, sticky: bool):
         # only the order of keys within the group matters, so any base above its codes gives the same IDs
         base = max(floor, int(codes.max(initial=0)) + 1, int(cands.max(initial=0)) + 1)
         if collision == "reassign":
-            ids = _reassign(codes, cands, dists, last, prev, same_raw, base)
+            ids = reassign_collisions(codes, cands, dists, last, prev, same_raw, base)
         else:
-            ids = _extra_code(codes, dists[:, 0], base, prev)
+            ids = extra_code_collisions(codes, dists[:, 0], base, prev)
         return pa.table({C.ITEM_INDEX: t[C.ITEM_INDEX], "_view": t["_view"], "_id": list_array(ids, pa.int32())})
 
     return resolve_group

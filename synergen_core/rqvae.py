@@ -314,8 +314,8 @@ def _previous_ok(previous: np.ndarray | None, n: int, width: int) -> tuple[np.nd
     return previous, (previous >= 0).all(1)
 
 
-def _reassign(codes: np.ndarray, cands: np.ndarray, dists: np.ndarray, K: int, prev: np.ndarray | None,
-              same_raw: np.ndarray | None = None, base: int | None = None) -> np.ndarray:
+def reassign_collisions(codes: np.ndarray, cands: np.ndarray, dists: np.ndarray, K: int, prev: np.ndarray | None,
+                        same_raw: np.ndarray | None = None, base: int | None = None) -> np.ndarray:
     # codes [n, L], cands/dists [n, k] last-level candidates nearest first, same_raw [n]: raw codes as
     # yesterday's -> unique IDs [n, L]; K: the last level's codes, base: above every level's codes
     base = base or K
@@ -358,7 +358,7 @@ def _reassign(codes: np.ndarray, cands: np.ndarray, dists: np.ndarray, K: int, p
     return ids
 
 
-def _extra_code(codes: np.ndarray, dists: np.ndarray, K: int, prev: np.ndarray | None) -> np.ndarray:
+def extra_code_collisions(codes: np.ndarray, dists: np.ndarray, K: int, prev: np.ndarray | None) -> np.ndarray:
     # codes [n, L] -> [n, L + 1]; the extra code numbers the items sharing an ID, nearest first
     n = len(codes)
     prev, has_prev = _previous_ok(prev, n, codes.shape[1] + 1)
@@ -404,9 +404,9 @@ def resolve_collisions(
         prev = None if previous is None else (previous.search, previous.rec)[v]
         if cfg.collision == "reassign":
             same_raw = None if prev_raw is None else (prev_raw[v] == codes).all(1)
-            out.append(_reassign(codes, cands[:, v], dists[:, v], last_size(cfg), prev, same_raw, base))
+            out.append(reassign_collisions(codes, cands[:, v], dists[:, v], last_size(cfg), prev, same_raw, base))
         else:
-            out.append(_extra_code(codes, dists[:, v, 0], base, prev))
+            out.append(extra_code_collisions(codes, dists[:, v, 0], base, prev))
     return SemanticIds(raw=raw, search=out[0], rec=out[1])
 
 
