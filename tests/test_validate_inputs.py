@@ -95,10 +95,11 @@ ROW_CASES = {
     "unknown-action": ("search_events", [search("act-1", action="view")], [R.UNKNOWN_ACTION], None, None),
     "unknown-item": ("browse_events", [browse("unk-1", item_id="i999"), browse("unk-2", item_id="i-dup-bad")],
                      [R.UNKNOWN_ITEM] * 2, None, None),
-    # white space of any kind: no-break and ideographic spaces too
+    # white space of any kind, as str.isspace counts it: no-break, ideographic, the ASCII separators too
     "blank-query": ("search_events", [search("blank-1", query=""), search("blank-2", query="  \t"),
-                                      search("blank-3", query="\u00a0\u3000")],
-                    [R.EMPTY_QUERY] * 3, None, None),
+                                      search("blank-3", query="\u00a0\u3000"),
+                                      search("blank-4", query="\x1c\x1d\x1e\x1f \x85")],
+                    [R.EMPTY_QUERY] * 4, None, None),
     "two-faults": ("browse_events", [browse("two-1", action="clik", item_id="i999")],
                    [f"{R.UNKNOWN_ACTION};{R.UNKNOWN_ITEM}"], None, None),
     "duplicate-catalog-id": ("catalog", [item("i-dup"), item("i-dup", title="second row of i-dup")],
