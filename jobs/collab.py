@@ -184,6 +184,10 @@ def _user_numbers(spark: SparkSession, eng: DataFrame, work: Path) -> DataFrame:
         C.USER_ID, (F.col("_row") + F.col("_shift")).cast("int").alias("_user"))
 
 
+def als_blocks(spark: SparkSession, cfg: Config) -> int:
+    return cfg.embeddings.als_blocks or max(1, spark.sparkContext.defaultParallelism)
+
+
 def als_factors(spark: SparkSession, cfg: Config, ds: str, work: Path) -> DataFrame:
     """(item_index, unit vector ``_vec``) of implicit-feedback ALS over engagement counts of events up to
     ``ds``, for the items with an engagement: a Spark frame over the fitted model's factors."""
@@ -195,7 +199,7 @@ def als_factors(spark: SparkSession, cfg: Config, ds: str, work: Path) -> DataFr
     eng = (events.where(F.col(C.ITEM_INDEX).isNotNull())
            .groupBy(C.USER_ID, C.ITEM_INDEX).agg(F.count("*").cast("float").alias("_weight")))
     ratings = eng.join(_user_numbers(spark, eng, work), C.USER_ID).select("_user", C.ITEM_INDEX, "_weight")
-    blocks = max(1, cfg.spark.shuffle_partitions)
+    blocks = als_blocks(spark, cfg)
     als = ALS(rank=e.als_rank, maxIter=e.als_max_iter, regParam=e.als_reg, alpha=e.als_alpha, implicitPrefs=True,
               userCol="_user", itemCol=C.ITEM_INDEX, ratingCol="_weight", seed=cfg.semantic_ids.seed,
               numUserBlocks=blocks, numItemBlocks=blocks)

@@ -358,7 +358,9 @@ def _process(spark, cfg: Config, staging: Staging, cached: list, ds: str, prev: 
                       StorageLevel.DISK_ONLY)
     # Cached: written as the day partitions, then the source of sequences, counts, stats and splits.
     events = _cache(cached, attach_indices(sessions, items, queries))
-    staging.write_days(events, cfg.layout.sessions(EVENTS), out_days, shuffle_by_day=len(out_days) > cfg.spark.shuffle_partitions)
+    # More days than cores: one task per day still uses them all, and each day gets one file instead of one per task.
+    staging.write_days(events, cfg.layout.sessions(EVENTS), out_days,
+                       shuffle_by_day=len(out_days) > spark.sparkContext.defaultParallelism)
 
     toks = event_tokens(events)
     for vocab, known, index, table in ((items, state["items"], C.ITEM_INDEX, ITEM_VOCAB),

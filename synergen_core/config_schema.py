@@ -38,7 +38,9 @@ class LakeConfig(_Section):
 class SparkConfig(_Section):
     master: str = "local[*]"
     app_name: str = "synergen"
-    shuffle_partitions: int = Field(8, ge=1)
+    # Spark's own default. Adaptive execution (on, jobs.spark) coalesces the small ones after each shuffle, so a
+    # local run gets a few tasks while a cluster run gets partitions of a size its executors can sort.
+    shuffle_partitions: int = Field(200, ge=1)
     driver_memory: str = "4g"  # a JVM memory size: 512m, 4g, 2G, 1024k
     local_ip: str | None = "127.0.0.1"  # SPARK_LOCAL_IP for local runs; null on a cluster
     conf: dict[str, str] = {}  # any other spark.* setting, passed through
@@ -327,6 +329,9 @@ class EmbeddingsConfig(_Section):
     als_max_iter: int = Field(10, ge=1)
     als_reg: float = Field(0.1, ge=0.0)
     als_alpha: float = Field(10.0, gt=0.0)  # confidence = 1 + alpha * engagement count
+    # ALS user and item blocks (RDD partitions: adaptive execution does not size them). None: the Spark
+    # application's default parallelism, i.e. its executor cores, so a cluster gets more blocks than a laptop.
+    als_blocks: int | None = Field(None, ge=1)
     # Items without a collaborative vector get the similarity-weighted mean of their k text-nearest
     # neighbours' vectors (among items that have one).
     fallback_neighbours: int = Field(10, ge=1)

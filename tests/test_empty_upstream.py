@@ -6,7 +6,6 @@ floor). Here: the same empty partitions (the contract's schemas, zero rows), a m
 real model registered in a real MLflow registry on SQLite, judged by the first-version gate against the
 popularity figure of the day's ``evaluation.json``.
 """
-import json
 from pathlib import Path
 
 import mlflow

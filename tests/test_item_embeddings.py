@@ -247,7 +247,7 @@ def test_distributed_fallback_equals_the_exact_one_and_ivf_probing_every_list(em
 
 
 def test_anchors_bounded_by_config_are_the_most_engaged(emb, spark, tmp_path):
-    root, cfg = emb["root"], emb["cfg"]
+    root = emb["root"]
     capped = stage3_config(copy_lake(root, tmp_path / "lake"))
     capped.embeddings.fallback_max_anchors = 40
     out = collab.run(spark, capped, D2)  # carried from D1, then the fallback over the 40 most engaged
@@ -285,7 +285,7 @@ def test_als_factors_are_the_string_indexer_ones(emb, spark):
     ratings = users.transform(eng).select(F.col("_user").cast("int").alias("_user"), C.ITEM_INDEX, "_weight")
     als = ALS(rank=e.als_rank, maxIter=e.als_max_iter, regParam=e.als_reg, alpha=e.als_alpha, implicitPrefs=True,
               userCol="_user", itemCol=C.ITEM_INDEX, ratingCol="_weight", seed=cfg.semantic_ids.seed,
-              numUserBlocks=cfg.spark.shuffle_partitions, numItemBlocks=cfg.spark.shuffle_partitions)
+              numUserBlocks=collab.als_blocks(spark, cfg), numItemBlocks=collab.als_blocks(spark, cfg))
     f = als.fit(ratings).itemFactors.toArrow()
     want = dict(zip(f["id"].to_pylist(), unit_rows(vectors_matrix(f["features"]))))
     c1 = read(root, "embeddings/collab", D1)
