@@ -166,16 +166,26 @@ def withdraw_states(cfg: Config, first_ds: str) -> None:
     """Remove the catalog states of ``first_ds`` and later: the run is about to replace catalog partitions
     they hold. Each is renamed aside first, so it disappears in one step (``lake.remove_stale`` clears
     what a kill leaves)."""
-    table = state_table(cfg)
-    for d in cfg.layout.days(table, after=lake.previous_day(first_ds)):
-        final = cfg.layout.part(table, d)
-        gone = final.parent / f".{final.name}{lake.GONE}{uuid.uuid4().hex[:8]}"
-        final.rename(gone)
-        shutil.rmtree(gone, ignore_errors=True)
+    for d in cfg.layout.days(state_table(cfg), after=lake.previous_day(first_ds)):
+        _remove_state(cfg, d)
 
 
 def write_state(staging, cfg: Config, catalog: DataFrame, day: str) -> Path:
-    """Publish the catalog as of ``day`` (``catalog`` holds a later day's: its items first seen by then)."""
+    """Publish the catalog as of ``day`` (``catalog`` holds a later day's: its items first seen by then),
+    then remove the states before the last ``validation.catalog_states_kept``: each is a copy of the whole
+    catalog. A later rerun of a day older than those left reads the catalog partitions instead (slower,
+    same result)."""
     table = state_table(cfg)
     staging.write_day(catalog.where(F.col(C.FIRST_DS) <= day), table, day)
-    return lake.publish(staging.staged(table, day), cfg.layout.part(table, day))
+    published = lake.publish(staging.staged(table, day), cfg.layout.part(table, day))
+    kept = cfg.validation.catalog_states_kept
+    for d in cfg.layout.days(table, upto=day)[:-kept]:
+        _remove_state(cfg, d)
+    return published
+
+
+def _remove_state(cfg: Config, day: str) -> None:
+    final = cfg.layout.part(state_table(cfg), day)
+    gone = final.parent / f".{final.name}{lake.GONE}{uuid.uuid4().hex[:8]}"
+    final.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)

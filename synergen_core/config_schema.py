@@ -99,6 +99,9 @@ class ValidateConfig(_Section):
     # ts after the partition's day are quarantined as ts_outside_day.
     late_days: int = Field(2, ge=0)
     max_value: float = 1e9  # browse "value" must be finite and within [0, max_value]
+    # Catalog states (validated/catalog_state: the whole catalog as of a day) kept, the latest ones: a daily
+    # run needs only yesterday's; a rerun of an older day rebuilds from the catalog partitions.
+    catalog_states_kept: int = Field(7, ge=1)
 
 
 class SessionizeConfig(_Section):

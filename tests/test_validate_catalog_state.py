@@ -124,3 +124,18 @@ def test_an_events_only_run_uses_the_state_and_leaves_it(three_days):
     validate.run(cfg, DAYS[1], tables=["browse_events"])
     assert lake.partitions(cfg.lake.root, STATE) == DAYS[:2]
     assert quarantined_ids(cfg, DAYS[1]) == ["e1-d", "e1-x"]
+
+
+def test_old_states_are_removed_and_a_rerun_before_those_left_reads_the_partitions(three_days):
+    cfg = three_days
+    cfg.validation.catalog_states_kept = 2
+    for ds in DAYS:
+        validate.run(cfg, ds)
+    assert lake.partitions(cfg.lake.root, STATE) == DAYS[1:]  # each state is a whole catalog: two kept
+    write(cfg, "catalog", items("c", "e"), CATALOG, DAYS[1])  # day 2 re-delivered; the state before it is gone
+    validate.run(cfg, DAYS[1])
+    assert lake.partitions(cfg.lake.root, STATE) == [DAYS[1]]
+    assert state(cfg, DAYS[1]) == from_history(cfg, DAYS[1]) == {"a": DAYS[0], "b": DAYS[0], "c": DAYS[1],
+                                                                  "e": DAYS[1]}
+    assert quarantined_ids(cfg, DAYS[1]) == ["e1-d", "e1-x"]
+    assert not [p for p in (cfg.lake.root / STATE).iterdir() if p.name.startswith(".")]
