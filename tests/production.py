@@ -78,7 +78,7 @@ def _http_ok(url: str, headers: dict | None = None) -> bool:
 # PostgreSQL and Redis from Debian's packages
 
 
-def _apt_install(*packages: str) -> None:
+def apt_install(*packages: str) -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise RuntimeError(f"{' '.join(packages)} missing and apt-get cannot be run as root to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -136,7 +136,7 @@ def start_postgres(databases: tuple[str, ...]) -> Postgres:
     Its folder is a fresh one under the system temporary directory, owned by the ``postgres`` user when
     running as root (the server refuses root; pytest's folders are private to root); its log is there too."""
     if pg_bindir() is None:
-        _apt_install("postgresql")
+        apt_install("postgresql")
     bindir = pg_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL installed but initdb not found")
@@ -338,7 +338,7 @@ def start(workdir: Path, synergen_config: Path | None = None, spark_workers: int
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if not shutil.which("redis-server"):
-        _apt_install("redis-server")
+        apt_install("redis-server")
     api_port, mlflow_port, redis_port = free_port(), free_port(), free_port()
     redis_password = secrets.token_hex(16)
     p = Production(workdir, f"http://{HOST}:{api_port}", f"http://{HOST}:{mlflow_port}", "", {},
