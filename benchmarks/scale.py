@@ -24,7 +24,7 @@ Two series:
 * ``catalog``: ``--catalog-events`` events fixed, the catalog at each of ``--catalog-items``; the item
   embeddings and semantic IDs of the last day, measured (the days before run in bulk).
 
-Run: ``.venv/bin/python -m benchmarks.scale`` (issue sizes: 2M, 8M, 32M events; 250k, 1M, 4M items;
+Run: ``.venv/bin/python -m benchmarks.scale`` (defaults, production-like sizes: 2M, 8M, 32M events; 250k, 1M, 4M items;
 hours on 2 cores). A quick check: ``--sizes 20000 80000 --items 2000 --days 2 --catalog-items``
 (no catalog series). Results go to
 ``benchmarks/results/scale.json``, plots to ``benchmarks/results/scale_*.png``, a summary to
