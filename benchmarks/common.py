@@ -30,6 +30,17 @@ def machine() -> dict:
     }
 
 
+def peak_rss_kb(pid: int | str = "self") -> int:
+    """A process's peak resident memory as the kernel keeps it (``VmHWM``), in kB; 0 once it is gone."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def command() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", _module_name(), *sys.argv[1:]])
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from benchmarks.common import RESULTS, ROOT, write_result
+from benchmarks.common import RESULTS, ROOT, peak_rss_kb, write_result
 
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback standalone cluster the cluster tests start
 import cluster  # noqa: E402
@@ -86,7 +86,7 @@ class PeakMemory:
 
     def sample(self) -> None:
         for pid, role in self._roles().items():
-            hwm = _vm_hwm_kb(pid)
+            hwm = peak_rss_kb(pid)
             if hwm:
                 self.peak_kb[pid] = (role, max(hwm, self.peak_kb.get(pid, (role, 0))[1]))
 
@@ -119,16 +119,6 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return []
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def event_log_figures(logs: list[Path]) -> dict:

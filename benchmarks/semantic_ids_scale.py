@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from benchmarks.common import peak_rss_kb
 from schemas import semantic_ids as sid_schema
 from schemas import sequences as seq_schema
 from synergen_core import lake
@@ -29,13 +30,6 @@ from synergen_core.config import Config
 from synergen_core.vectors import unit_rows, vectors_array
 
 D1, D2 = "2026-05-01", "2026-05-02"
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def generate(n: int, text_dim: int, collab_dim: int, seed: int = 0, chunk: int = 100_000):
@@ -103,12 +97,12 @@ def main() -> None:
     cfg.semantic_ids.epochs, cfg.semantic_ids.warm_epochs = args.epochs, args.warm_epochs
     cfg.semantic_ids.retrain_drift_threshold = 0.0
     spark = get_spark(cfg)
-    results = {"items": args.items, "rss_before_mb": round(peak_rss_mb())}
+    results = {"items": args.items, "rss_before_mb": round(peak_rss_kb() / 1024)}
     for ds in (D1, D2):
         t0 = time.perf_counter()
         out = semantic_ids.run(spark, cfg, ds)
         results[ds] = {
-            "seconds": round(time.perf_counter() - t0, 1), "driver_python_peak_mb": round(peak_rss_mb()),
+            "seconds": round(time.perf_counter() - t0, 1), "driver_python_peak_mb": round(peak_rss_kb() / 1024),
             "mode": out["mode"], "items": out["items"], "new_items": out["new_items"],
             "train_rows": out["train"].get("rows"), "train_seconds": out["train"].get("seconds"),
             "assign_seconds": out["assign_seconds"], "last_codebook_size": out["last_codebook_size"],

@@ -75,7 +75,7 @@ def _http_ok(url: str, headers: dict | None = None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# PostgreSQL and Redis from Debian's packages
+# PostgreSQL and Redis (and Chromium for the screenshots) from Debian's packages
 
 
 def apt_install(*packages: str) -> None:
