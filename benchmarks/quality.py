@@ -111,6 +111,7 @@ def run_seed(cfg: Config, ds: str, variants: list[str], seed: int) -> dict:
             "catalog_consumed_kept": kept[name]["catalog"] if name in kept else None,
             "train_seconds": None if summary is None else summary["train_seconds"] + (prepare_s if name == "synergen" else 0),
             "epochs_run": None if summary is None else summary["epochs_run"],
+            "best_valid": None if summary is None else summary.get("best_valid"),  # what defaults are tuned on
             **({f"per_target_ndcg@{PAIRED_K}": paired[name]} if name in paired else {}),
         }
     return {"scorers": out, "test_targets": result["test_targets"], "seconds": round(time.perf_counter() - t0, 1),
@@ -204,6 +205,9 @@ def aggregate(runs: list[dict]) -> dict:
             if all(task in (r.get("ranking_retrieval") or {}) for r in rows):  # runs before it was recorded lack it
                 vals = [r["ranking_retrieval"][task]["auc"] for r in rows]
                 agg[f"{task}.retrieval_auc"] = (float(np.mean(vals)), float(np.std(vals)))
+        if all(r.get("best_valid") is not None for r in rows):  # tables before it was recorded lack it
+            vals = [r["best_valid"] for r in rows]
+            agg["valid"] = (float(np.mean(vals)), float(np.std(vals)))
         if rows[0]["train_seconds"] is not None:
             vals = [r["train_seconds"] for r in rows]
             agg["train_seconds"] = (float(np.mean(vals)), float(np.std(vals)))
@@ -257,7 +261,7 @@ def table(name: str, fig: dict) -> str:
     agg, tasks, n_seeds = fig["mean_std"], DATASETS[name]["tasks"], len(fig["seeds"])
     cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})",
-            f"retrieval-score AUC ({' / '.join(tasks)})", "train s"]
+            f"retrieval-score AUC ({' / '.join(tasks)})", "valid", "train s"]
     lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
              *[f"Added with `--add` ({', '.join(a['variants'])}): `{a['command']}` — {a['date']}, revision "
@@ -266,22 +270,24 @@ def table(name: str, fig: dict) -> str:
              + ", ".join(f"{t} {fig['test_targets'][t]:,}" for t in tasks) + ". rank AUC: the ranking head on 1 engaged + "
              "99 popularity-sampled items per request; retrieval-score AUC: the same lists ordered by the "
              "model's retrieval scores, so the two columns show what the ranking stage adds. train s: optimizer steps, plus text vectors and RQ-VAE "
-             "for synergen's run." + _exclusion_note(fig, tasks), "",
+             "for synergen's run. valid: the validation figure early stopping kept (`train.valid_metric` on the "
+             "validation targets, geometric mean over the trained tasks), the only figure settings are chosen on."
+             + _exclusion_note(fig, tasks), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scorer, a in agg.items():
         auc = " / ".join(_cell(a, f"{t}.rank_auc", 3) for t in tasks if f"{t}.rank_auc" in a) or "—"
         by_retrieval = " / ".join(_cell(a, f"{t}.retrieval_auc", 3) for t in tasks if f"{t}.retrieval_auc" in a) or "—"
         lines.append("| " + " | ".join([scorer, *[_cell(a, c) for c in cols], auc, by_retrieval,
-                                        _cell(a, "train_seconds", 0)]) + " |")
+                                        _cell(a, "valid"), _cell(a, "train_seconds", 0)]) + " |")
     for scorer, a in agg.items():
         if any(k.startswith("kept.") for k in a) and scorer != "popularity":
             lines.append("| " + " | ".join([f"{scorer}, consumed items ranked too", *[_cell(a, f"kept.{c}") for c in cols],
-                                            "—", "—", "—"]) + " |")
+                                            "—", "—", "—", "—"]) + " |")
     if name == "beauty":
         for ref, (r5, n5, r10, n10) in PUBLISHED_BEAUTY.items():
             vals = {"rec.recall@5": r5, "rec.ndcg@5": n5, "rec.recall@10": r10, "rec.ndcg@10": n10}
             lines.append("| " + " | ".join([f"{ref} (published)", *[f"{vals[c]:.4f}" if c in vals else "—" for c in cols],
-                                            "—", "—", "—"]) + " |")
+                                            "—", "—", "—", "—"]) + " |")
     pairs = paired_table(paired(fig["runs"]), n_seeds)
     return "\n".join(lines) + (f"\n\n{pairs}" if pairs else "")
 

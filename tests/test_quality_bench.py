@@ -3,7 +3,7 @@ import pytest
 
 import numpy as np
 
-from benchmarks.quality import PAIRED_K, added, paired, refuse_addition, table
+from benchmarks.quality import PAIRED_K, added, aggregate, paired, refuse_addition, table
 
 
 def scorer(r10: float, seconds: float | None = 100.0) -> dict:
@@ -47,6 +47,19 @@ def test_retrieval_score_auc_is_shown_only_where_every_seed_recorded_it():
     col = header.index("retrieval-score AUC (rec)")
     assert rows["| sasrec"][col] == "0.810 ± 0.010" and rows["| synergen"][col] == "—"
     assert all(len(r) == len(header) for r in rows.values())
+
+
+def test_validation_figure_is_shown_only_where_every_seed_recorded_it():
+    fig = figure(["synergen", "sasrec"], [0.08, 0.09], [], "first")
+    for i, run in enumerate(fig["runs"]):
+        run["scorers"]["synergen"]["best_valid"] = 0.05 + 0.01 * i
+    fig["runs"][1]["scorers"]["sasrec"]["best_valid"] = 0.04  # the other seed's run did not record it
+    fig = {**fig, "mean_std": aggregate(fig["runs"])}
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in table("beauty", fig).splitlines() if line.startswith("| ")}
+    col = rows["| model"].index("valid")
+    assert rows["| synergen"][col] == "0.0550 ± 0.0050" and rows["| sasrec"][col] == "—"
+    assert all(len(r) == len(rows["| model"]) for r in rows.values())
+
 
 def test_add_refuses_other_settings_or_no_table():
     old = figure(["synergen"], [0.08, 0.09], ["model.dropout=0.3"], "first")
