@@ -50,6 +50,11 @@ def spark_conf(cfg: Config) -> dict[str, str]:
         # Spark's default, pinned: jobs join vocabularies and states without explicit broadcasts and rely
         # on it to broadcast the small sides (under its size threshold) and to coalesce shuffle partitions.
         "spark.sql.adaptive.enabled": "true",
+        # Without it a persisted DataFrame keeps every shuffle partition (200 by default) however small it
+        # is, and each later job on it (validation's Great Expectations metrics are dozens) runs that many
+        # tasks: a small day's validation took 5x longer at 200 partitions than at 2. With it, adaptive
+        # execution coalesces cached plans as it does the others.
+        "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning": "true",
         # Listing thousands of day partitions (a long backfill) would otherwise start one task per
         # path (default parallelism 10,000): tens of seconds of scheduling for a cheap listing.
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": "32",
