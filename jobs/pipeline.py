@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from jobs import generate, served_lists, stages
+from jobs.spark import active_session, stop_active_session
 from synergen_core import lake
 from synergen_core.config import Config, parse_ds
 from synergen_core.tracking import close_parent
@@ -58,7 +59,7 @@ def airflow_env(home: Path) -> dict[str, str]:
 def airflow(args: list[str], home: Path, **kwargs) -> subprocess.CompletedProcess:
     """``airflow <args>`` with the venv's Airflow and ``airflow_env(home)``; raises on failure."""
     cmd = [str(Path(sys.executable).parent / "airflow"), *args]
-    return subprocess.run(cmd, env=airflow_env(home), cwd=REPO, check=True, **kwargs)
+    return subprocess.run(cmd, env=kwargs.pop("env", None) or airflow_env(home), cwd=REPO, check=True, **kwargs)
 
 
 def dags_test(config_file: Path, ds: str, home: Path, conf: dict | None = None) -> None:
@@ -66,7 +67,9 @@ def dags_test(config_file: Path, ds: str, home: Path, conf: dict | None = None) 
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "airflow.db").exists():
         airflow(["db", "migrate"], home, stdout=subprocess.DEVNULL)
-    airflow(["dags", "test", DAG_ID, ds, "-c", json.dumps({"config": str(config_file), **(conf or {})})], home)
+    # every task runs in this one process: one Spark session serves them all
+    airflow(["dags", "test", DAG_ID, ds, "-c", json.dumps({"config": str(config_file), **(conf or {})})], home,
+            env={**airflow_env(home), "SYNERGEN__SPARK__KEEP_SESSION": "true"})
 
 
 def _counts(validated: dict) -> dict:
@@ -84,7 +87,13 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
     generated = generate.run(cfg, cfg.generate.start_ds)
     all_days = days(cfg)
     group = f"synergen-history-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
-    history = {ds: _counts(stages.validate_raw(cfg, ds, group=group)) for ds in all_days[:-1]}
+    kept = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"keep_session": True})})
+    caller_session = active_session()
+    try:  # one Spark session for every day of history, stopped before Airflow's process starts its own
+        history = {ds: _counts(stages.validate_raw(kept, ds, group=group)) for ds in all_days[:-1]}
+    finally:
+        if caller_session is None:  # a caller's own session (a test's) is left to it
+            stop_active_session()
     close_parent(cfg, group)
     config_file = var / "synergen-run.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)

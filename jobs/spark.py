@@ -87,7 +87,8 @@ def get_spark(cfg: Config):
 @contextmanager
 def session(cfg: Config):
     """A stage's session: the active one when a caller holds it, else one from ``cfg.spark`` that is
-    stopped when the stage ends (a CLI or Airflow task process does not keep a JVM it no longer uses)."""
+    stopped when the stage ends (a CLI or Airflow task process does not keep a JVM it no longer uses),
+    unless ``spark.keep_session`` leaves it to the process's next stage."""
     from pyspark.sql import SparkSession
 
     owned = SparkSession.getActiveSession() is None
@@ -95,8 +96,22 @@ def session(cfg: Config):
     try:
         yield spark
     finally:
-        if owned:
+        if owned and not cfg.spark.keep_session:
             spark.stop()
+
+
+def active_session():
+    """The process's running Spark session, or None."""
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession()
+
+
+def stop_active_session() -> None:
+    """Stop the process's session, if any (one kept by ``spark.keep_session``)."""
+    active = active_session()
+    if active is not None:
+        active.stop()
 
 
 # ---------------------------------------------------------------------------------------------

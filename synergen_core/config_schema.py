@@ -44,6 +44,10 @@ class SparkConfig(_Section):
     driver_memory: str = "4g"  # a JVM memory size: 512m, 4g, 2G, 1024k
     local_ip: str | None = "127.0.0.1"  # SPARK_LOCAL_IP for local runs; null on a cluster
     conf: dict[str, str] = {}  # any other spark.* setting, passed through
+    # A stage stops the session it started (a Celery task process should not keep a JVM it no longer uses),
+    # unless this is set: then the next stage of the same process reuses it. `airflow dags test` (what
+    # `synergen run` calls) runs every task in one process and sets it, saving a JVM start per Spark stage.
+    keep_session: bool = False
 
     @field_validator("master")
     @classmethod
