@@ -56,10 +56,11 @@ def airflow_env(home: Path) -> dict[str, str]:
     }
 
 
-def airflow(args: list[str], home: Path, **kwargs) -> subprocess.CompletedProcess:
-    """``airflow <args>`` with the venv's Airflow and ``airflow_env(home)``; raises on failure."""
+def airflow(args: list[str], home: Path, extra_env: dict[str, str] | None = None, **kwargs
+            ) -> subprocess.CompletedProcess:
+    """``airflow <args>`` with the venv's Airflow and ``airflow_env(home)`` (plus ``extra_env``); raises on failure."""
     cmd = [str(Path(sys.executable).parent / "airflow"), *args]
-    return subprocess.run(cmd, env=kwargs.pop("env", None) or airflow_env(home), cwd=REPO, check=True, **kwargs)
+    return subprocess.run(cmd, env={**airflow_env(home), **(extra_env or {})}, cwd=REPO, check=True, **kwargs)
 
 
 def dags_test(config_file: Path, ds: str, home: Path, conf: dict | None = None) -> None:
@@ -69,7 +70,7 @@ def dags_test(config_file: Path, ds: str, home: Path, conf: dict | None = None) 
         airflow(["db", "migrate"], home, stdout=subprocess.DEVNULL)
     # every task runs in this one process: one Spark session serves them all
     airflow(["dags", "test", DAG_ID, ds, "-c", json.dumps({"config": str(config_file), **(conf or {})})], home,
-            env={**airflow_env(home), "SYNERGEN__SPARK__KEEP_SESSION": "true"})
+            extra_env={"SYNERGEN__SPARK__KEEP_SESSION": "true"})
 
 
 def _counts(validated: dict) -> dict:

@@ -89,9 +89,7 @@ def session(cfg: Config):
     """A stage's session: the active one when a caller holds it, else one from ``cfg.spark`` that is
     stopped when the stage ends (a CLI or Airflow task process does not keep a JVM it no longer uses),
     unless ``spark.keep_session`` leaves it to the process's next stage."""
-    from pyspark.sql import SparkSession
-
-    owned = SparkSession.getActiveSession() is None
+    owned = active_session() is None
     spark = get_spark(cfg)
     try:
         yield spark

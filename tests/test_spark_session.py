@@ -20,7 +20,7 @@ def test_a_small_persisted_shuffle_is_coalesced_at_the_default_partitions(spark)
         spark.conf.set("spark.sql.shuffle.partitions", before)
 
 
-def test_a_stage_stops_its_own_session_unless_told_to_keep_it(tmp_path):
+def test_a_stage_stops_its_own_session_unless_told_to_keep_it():
     """In a process without a session (a task's), a stage's session ends with it; with
     ``spark.keep_session`` (what `airflow dags test` gets) the next stage finds it running, one JVM."""
     import subprocess
@@ -34,19 +34,18 @@ def test_a_stage_stops_its_own_session_unless_told_to_keep_it(tmp_path):
         from jobs.spark import active_session, session
         from synergen_core.config import Config
         cfg = spark_test_config(Config())
-        cfg.spark.keep_session = sys.argv[1] == "keep"
-        with session(cfg) as first:
-            pass
-        kept = active_session()
-        print("kept" if kept is not None else "stopped", kept is first)
-        if kept is not None:
-            with session(cfg) as second:
-                print("reused", second is first)
-            kept.stop()
+        for keep in (False, True):  # one process: the first mode leaves no session behind for the second
+            cfg.spark.keep_session = keep
+            with session(cfg) as first:
+                pass
+            kept = active_session()
+            print("kept" if kept is not None else "stopped", kept is first)
+            if kept is not None:
+                with session(cfg) as second:
+                    print("reused", second is first)
+                kept.stop()
     """
     root = Path(__file__).resolve().parents[1]
-    out = {mode: subprocess.run([sys.executable, "-c", code, mode], cwd=root, capture_output=True, text=True,
-                                timeout=300) for mode in ("stop", "keep")}
-    assert all(r.returncode == 0 for r in out.values()), {m: r.stderr[-2000:] for m, r in out.items()}
-    assert out["stop"].stdout.split() == ["stopped", "False"]
-    assert out["keep"].stdout.split() == ["kept", "True", "reused", "True"]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["stopped", "False", "kept", "True", "reused", "True"]
