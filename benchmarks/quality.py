@@ -3,6 +3,8 @@
 * Amazon Beauty (P5 / S3-Rec / TIGER split): leave-one-out, full-catalog ranking, recommendation only
   (the data has no queries). The published figures of ``../shared/data/README.md`` are shown beside ours.
 * MovieLens (ml-latest-small), tags as search queries (HyperSaR): leave-one-out per task, both tasks.
+* movielens_search: the same data with each tagging user's last 20 tags as search test targets (hundreds
+  instead of 43), for the paired comparison of joint training with search-only.
 
 Every dataset goes through the real pipeline once (ingest -> validate -> sessionize, cached under
 ``--work``), then for every seed every variant is trained (``jobs.train.run``) and everything is scored
@@ -47,6 +49,16 @@ DATASETS = {
                            "user with at least 3); rec = the next rated movie. Tags are 3.5% of the events.",
                   "variants": ["synergen", "sasrec", "rec_only", "search_only", "no_time_rope", "no_text",
                                "no_semantic_ids"]},
+    # MovieLens has 43 users with 3 tags or more, so its leave-one-out search test set is 43 targets; here
+    # each of them leaves out their last 20 tags (at most all but two): hundreds of search targets, a test set
+    # whose paired intervals can tell joint training from search-only. Rec is the same as movielens'.
+    "movielens_search": {"format": "movielens", "path": SHARED_DATA / "movielens-small", "tasks": ["search", "rec"],
+                         "sessionize": {"loo_search_tests": 20},
+                         "about": "MovieLens as above, but each user with at least 3 tags leaves out their last 20 "
+                                  "tags (`sessionize.loo_search_tests=20`, at most all but two: one is the "
+                                  "validation target, one stays for training) as search test targets; rec = the "
+                                  "next rated movie, as in the movielens table.",
+                         "variants": ["synergen", "rec_only", "search_only"]},
 }
 PUBLISHED_BEAUTY = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
     "SASRec (TIGER paper)": (0.0387, 0.0249, 0.0605, 0.0318),
@@ -59,7 +71,8 @@ PUBLISHED_BEAUTY = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
 KS = (5, 10, 20, 50)
 # Paired comparisons on the same test targets: (model, against, task). Each target's NDCG@10 is averaged
 # over the seeds, then the mean difference gets a bootstrap interval over the targets, so the table says
-# whether a gap is larger than which targets happened to be drawn (MovieLens has 43 search targets).
+# whether a gap is larger than which targets happened to be drawn (MovieLens has 43 search targets;
+# movielens_search has hundreds).
 PAIRS = (("synergen", "rec_only", "rec"), ("synergen", "search_only", "search"), ("synergen", "sasrec", "rec"))
 PAIRED_K = 10
 BOOTSTRAP = 10_000
@@ -73,6 +86,8 @@ def prepare(name: str, work: Path) -> tuple[Config, str]:
     cfg = Config()
     cfg.lake.root = work / name / "lake"
     cfg.sessionize.splits = ["loo"]
+    for key, value in spec.get("sessionize", {}).items():
+        setattr(cfg.sessionize, key, value)
     marker = work / name / "prepared.json"
     if marker.is_file():
         return cfg, json.loads(marker.read_text())["ds"]
@@ -262,7 +277,8 @@ def table(name: str, fig: dict) -> str:
     cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})",
             f"retrieval-score AUC ({' / '.join(tasks)})", "valid", "train s"]
-    lines = [f"### {name} (leave-one-out, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
+    protocol = "leave-one-out" if "sessionize" not in DATASETS[name] else "leave-N-out for search"
+    lines = [f"### {name} ({protocol}, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
              *[f"Added with `--add` ({', '.join(a['variants'])}): `{a['command']}` — {a['date']}, revision "
                f"{a['git_revision']}\n" for a in fig.get("additions", [])],

@@ -58,16 +58,18 @@ def engagements(events: DataFrame) -> DataFrame:
     )
 
 
-def loo_targets(engaged: DataFrame) -> DataFrame:
-    """The last (test) and second-to-last (valid) engagement per user and task."""
+def loo_targets(engaged: DataFrame, search_tests: int = 1) -> DataFrame:
+    """Per user and task with at least 3 engagements: the last ones ``test`` (one, or for search up to
+    ``search_tests`` but never more than all but two) and the one before them ``valid``."""
     by_task = Window.partitionBy(C.USER_ID, C.TASK)
     ranked = engaged.select(
         "*",
         F.row_number().over(by_task.orderBy(F.desc(C.EVENT_POS))).alias("_rank"),
         F.count("*").over(by_task).alias("_n"),
     )
-    return (ranked.where((F.col("_n") >= MIN_LOO_ENGAGEMENTS) & (F.col("_rank") <= 2))
-            .withColumn(C.SPLIT, F.when(F.col("_rank") == 1, S.SPLIT_TEST).otherwise(S.SPLIT_VALID)))
+    tests = F.least(F.when(F.col(C.TASK) == S.TASK_SEARCH, search_tests).otherwise(1), F.col("_n") - 2)
+    return (ranked.where((F.col("_n") >= MIN_LOO_ENGAGEMENTS) & (F.col("_rank") <= tests + 1))
+            .withColumn(C.SPLIT, F.when(F.col("_rank") <= tests, S.SPLIT_TEST).otherwise(S.SPLIT_VALID)))
 
 
 def with_context(targets: DataFrame, tokens: DataFrame, max_len: int) -> DataFrame:
@@ -101,10 +103,10 @@ def train_before(tokens: DataFrame, cut: DataFrame, max_len: int) -> DataFrame:
             .groupBy(C.USER_ID).agg(sorted_tokens().alias(C.TOKENS)))
 
 
-def loo(events: DataFrame, max_len: int) -> tuple[DataFrame, DataFrame]:
+def loo(events: DataFrame, max_len: int, search_tests: int = 1) -> tuple[DataFrame, DataFrame]:
     """(train, eval) of the leave-one-out protocol over the whole ``events`` history."""
     tokens = event_tokens(events)
-    targets = loo_targets(engagements(events))
+    targets = loo_targets(engagements(events), search_tests)
     sizes = tokens.groupBy(C.USER_ID).agg((F.max(C.POS) + 1).alias("_n"))
     first_eval = targets.groupBy(C.USER_ID).agg(F.min("_first_pos").alias("_first"))
     cut = sizes.join(first_eval, C.USER_ID, "left").select(
@@ -135,7 +137,8 @@ def write(staging: Staging, cfg: Config, ds: str, state: DataFrame, events: Data
     """
     layout, max_len, stats = cfg.layout, cfg.sessionize.max_seq_len, {}
     for name in cfg.sessionize.splits:
-        train, evals = temporal(state, events, ds, max_len) if name == "temporal" else loo(history(), max_len)
+        train, evals = (temporal(state, events, ds, max_len) if name == "temporal"
+                        else loo(history(), max_len, cfg.sessionize.loo_search_tests))
         staging.write_day(train, layout.split(name, "train"), ds)
         staging.write_day(evals.select(*S.SPLIT_EVAL.names), layout.split(name, "eval"), ds)
         stats[name] = _counts(staging.staged(layout.split(name, "train"), ds),

@@ -118,6 +118,10 @@ class SessionizeConfig(_Section):
     # Split protocols written per run. The daily model trains on temporal, which needs only the state;
     # loo (the benchmarks' protocol) re-reads the whole event history, so it is written only when asked for.
     splits: list[Literal["loo", "temporal"]] = ["temporal"]
+    # Leave-one-out's search test targets per user: the last N search engagements (at most all but two, one
+    # left for training and one for validation). 1 is the benchmark protocol; a larger N gives a search test
+    # set of hundreds of targets where few users search (benchmarks.quality's movielens_search).
+    loo_search_tests: int = Field(1, ge=1)
 
 
 class ModelConfig(_Section):

@@ -345,6 +345,28 @@ def test_loo_split(synth):
     assert_no_leakage(train, ev)
 
 
+def test_loo_search_tests_takes_the_last_searches_and_leaves_two(spark):
+    """``sessionize.loo_search_tests``: up to N last search engagements are test targets, never more than
+    all but two (one for training, one for validation); rec keeps one; N = 1 is the usual protocol."""
+    from jobs import splits
+
+    rows = ([("a", S.TASK_SEARCH, p) for p in range(6)] + [("a", S.TASK_REC, p) for p in range(10, 14)]
+            + [("b", S.TASK_SEARCH, p) for p in range(3)] + [("c", S.TASK_SEARCH, p) for p in range(2)])
+    engaged = spark.createDataFrame(rows, [C.USER_ID, C.TASK, C.EVENT_POS])
+
+    def picked(n: int) -> dict:
+        got = splits.loo_targets(engaged, n).select(C.USER_ID, C.TASK, C.EVENT_POS, C.SPLIT).collect()
+        return {(r[0], r[1], r[2]): r[3] for r in got}
+
+    t, v = S.SPLIT_TEST, S.SPLIT_VALID
+    assert picked(3) == {("a", S.TASK_SEARCH, 5): t, ("a", S.TASK_SEARCH, 4): t, ("a", S.TASK_SEARCH, 3): t,
+                         ("a", S.TASK_SEARCH, 2): v, ("a", S.TASK_REC, 13): t, ("a", S.TASK_REC, 12): v,
+                         ("b", S.TASK_SEARCH, 2): t, ("b", S.TASK_SEARCH, 1): v}  # c: two, training only
+    assert picked(1) == {("a", S.TASK_SEARCH, 5): t, ("a", S.TASK_SEARCH, 4): v, ("a", S.TASK_REC, 13): t,
+                         ("a", S.TASK_REC, 12): v, ("b", S.TASK_SEARCH, 2): t, ("b", S.TASK_SEARCH, 1): v}
+    assert picked(10)[("a", S.TASK_SEARCH, 2)] == t and picked(10)[("a", S.TASK_SEARCH, 1)] == v
+
+
 def test_temporal_split(synth):
     root = synth["root"]
     ev = read(root, "daily", "split_temporal_eval", D4)
