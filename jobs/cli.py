@@ -197,7 +197,7 @@ def cmd_registry(cfg: Config, args) -> None:
 def cmd_run(cfg: Config, args) -> None:
     from jobs import pipeline
 
-    print(pipeline.summary(cfg, pipeline.run_default(cfg)))  # the whole result is in its summary_file
+    print(pipeline.summary(cfg, pipeline.run_default(cfg, dag_days=args.dag_days)))  # the whole result is in its summary_file
 
 
 def _rollback_version(text: str) -> str:
@@ -315,6 +315,9 @@ def _pipeline_commands(sub) -> None:
     """The whole job and its configuration: run, config."""
     p = sub.add_parser("run", help="the main job on the embedded default (generated logs)")
     _common(p, ds_required=False, ds_help="unused: the default runs every generated day")
+    p.add_argument("--dag-days", type=int, default=2, metavar="N",
+                   help="run the DAG for the last N generated days, the days before validated as history "
+                        "(default 2: the last day's evaluation then measures the lists served the day before)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("config", help="print the effective configuration")

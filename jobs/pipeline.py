@@ -21,7 +21,7 @@ import yaml
 from jobs import generate, served_lists, stages
 from jobs.spark import active_session, stop_active_session
 from synergen_core import lake
-from synergen_core.config import Config, parse_ds
+from synergen_core.config import Config, ConfigError, parse_ds
 from synergen_core.tracking import close_parent
 
 DAG_ID = "synergen_daily"
@@ -79,19 +79,25 @@ def _counts(validated: dict) -> dict:
             for t, v in validated.items() if isinstance(v, dict) and "rows_in" in v}
 
 
-def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
+def run_default(cfg: Config, airflow_home: Path | None = None, dag_days: int = 2) -> dict:
+    """Generated logs; every day but the last ``dag_days`` validated as history; then the DAG for each of
+    those days in order, as a scheduler would run them. With two or more, the last day's evaluation
+    measures the lists the day before published (``jobs.served_lists``): the figure users get."""
     cfg = absolute(cfg)
     root = Path(cfg.lake.root)
     var = root.parent
     home = Path(airflow_home or os.environ.get("AIRFLOW_HOME") or var / "airflow").resolve()
+    all_days = days(cfg)
+    if not 1 <= dag_days <= len(all_days):
+        raise ConfigError(f"run: --dag-days {dag_days} must be between 1 and generate.days ({len(all_days)})")
+    history_days, dag_run_days = all_days[:-dag_days], all_days[-dag_days:]
     t0 = time.perf_counter()
     generated = generate.run(cfg, cfg.generate.start_ds)
-    all_days = days(cfg)
     group = f"synergen-history-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     kept = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"keep_session": True})})
     caller_session = active_session()
     try:  # one Spark session for every day of history, stopped before Airflow's process starts its own
-        history = {ds: _counts(stages.validate_raw(kept, ds, group=group)) for ds in all_days[:-1]}
+        history = {ds: _counts(stages.validate_raw(kept, ds, group=group)) for ds in history_days}
     finally:
         if caller_session is None:  # a caller's own session (a test's) is left to it
             stop_active_session()
@@ -99,13 +105,15 @@ def run_default(cfg: Config, airflow_home: Path | None = None) -> dict:
     config_file = var / "synergen-run.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    dags_test(config_file, all_days[-1], home)
+    for ds in dag_run_days:
+        dags_test(config_file, ds, home)
     layout = cfg.layout
     result = {
         "lake": str(root),
         "generated": generated,
         "history_validated": history,
         "dag_run": {"dag_id": DAG_ID, "ds": all_days[-1], "config": str(config_file), "airflow_home": str(home)},
+        "dag_run_days": dag_run_days,
         "outputs": {
             "candidates": str(layout.candidates_part(all_days[-1])),
             "quarantine": str(layout.root / lake.QUARANTINE),
@@ -132,7 +140,8 @@ def summary(cfg: Config, result: dict) -> str:
 
     cfg = absolute(cfg)
     root, ds = Path(cfg.lake.root), result["dag_run"]["ds"]
-    lines = [f"synergen: the daily DAG ran for {ds} in {result['seconds']:.0f} s (lake {root})", "",
+    ran = ", ".join(result.get("dag_run_days") or [ds])
+    lines = [f"synergen: the daily DAG ran for {ran} in {result['seconds']:.0f} s (lake {root})", "",
              f"input of {ds} (rows in -> valid + quarantined):"]
     for table in ("search_events", "browse_events", "catalog"):
         counts = _validation_counts(cfg.layout, table, ds)

@@ -1,14 +1,10 @@
-"""The command line and the main job on the embedded default, as a user runs them."""
-import json
-from pathlib import Path
+"""The command line as a user runs it (the main job itself: tests/test_dag_run.py)."""
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 
 from jobs import cli
-from synergen_core import lake
 from synergen_core.config import ConfigError, load_config, with_overrides
 
 
@@ -87,38 +83,3 @@ def test_bad_ds_and_bad_config_exit_with_a_message(tmp_path, capsys):
     path.write_text("lake: {rot: x}\n")
     assert cli.main(["config", "--config", str(path)]) == 2
     assert "lake.rot: unknown key" in capsys.readouterr().err
-
-
-@pytest.mark.slow  # the whole DAG under `airflow dags test`: minutes on 2 cores
-def test_main_job_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
-    """`synergen run` (what `make run` calls): generated logs, history validated, then the whole DAG for
-    the last day under `airflow dags test`; every input row ends valid or quarantined; lists published."""
-    monkeypatch.setenv("SYNERGEN__LAKE__ROOT", str(tmp_path / "lake"))
-    monkeypatch.setenv("SYNERGEN__MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("SYNERGEN__MLFLOW__ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("SYNERGEN__GENERATE__EVENTS", "6000")
-    monkeypatch.setenv("SYNERGEN__GENERATE__DAYS", "2")
-    monkeypatch.setenv("SYNERGEN__TRAIN__EPOCHS", "2")
-    monkeypatch.setenv("SYNERGEN__SPARK__SHUFFLE_PARTITIONS", "2")
-    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    assert cli.main(["run"]) == 0
-    printed = capsys.readouterr().out
-    out = json.loads((tmp_path / "synergen-run.json").read_text())  # the whole result, beside the lake
-    assert printed.startswith("synergen: the daily DAG ran for 2026-01-02") and "candidate lists:" in printed
-    generated = out["generated"]["tables"]
-    assert set(out["history_validated"]) == {"2026-01-01"} and out["dag_run"]["ds"] == "2026-01-02"
-    for ds in ("2026-01-01", "2026-01-02"):
-        for table in ("catalog", "search_events", "browse_events"):
-            truth = generated[table][ds]
-            valid = pq.read_table(lake.partition(tmp_path / "lake", f"validated/{table}", ds))
-            quarantined = pq.read_table(lake.partition(tmp_path / "lake", f"quarantine/{table}", ds))
-            assert quarantined.num_rows == sum(truth["malformed"].values())
-            assert valid.num_rows + quarantined.num_rows == truth["rows"]
-    published = Path(out["outputs"]["candidates"])
-    assert (published / "_SUCCESS").exists()
-    for surface in ("rec", "search"):
-        assert pq.read_table(published / f"surface={surface}").num_rows > 0
-    from synergen_core import registry
-
-    status = registry.status(load_config())
-    assert status["champion"]["version"] == "1"

@@ -79,6 +79,8 @@ CHEAP_CASES = [
      ["--from-ds 2026-01-03", "--ds 2026-01-01"]),
     ("bad ds", None, {}, ["train", "--ds", "2026-02-30"], ["'2026-02-30'", "YYYY-MM-DD"]),
     ("bad rollback version", None, {}, ["registry", "--rollback", "latest"], ["'latest'", "version number"]),
+    ("--dag-days past the generated days", None, {"SYNERGEN__GENERATE__DAYS": "2"}, ["run", "--dag-days", "3"],
+     ["--dag-days 3", "generate.days (2)"]),
 ]
 
 

@@ -1,11 +1,12 @@
-"""The whole daily DAG under a real Airflow (``airflow dags test``, SQLite metadata database) on tiny real data.
+"""The main job (`synergen run`, what `make run` calls) and the whole daily DAG under a real Airflow
+(``airflow dags test``, SQLite metadata database), in one run: generated logs, the first day validated as
+history, then the DAG for the second and the third day, one after the other, as a scheduler would. Each DAG
+run must leave candidates, MLflow runs (a parent per DAG run, a nested run per task) and a registered model
+version; the second builds on the first's state and its evaluation measures the lists the first published.
+A further run on a day whose raw file breaks the contract must stop at validate_raw, before training, with
+the reason in the task log and in MLflow.
 
-conftest's MovieLens slice is ingested into a lake of its own; its days before the last two are validated as
-history; then the DAG runs for the second-to-last and the last day, one after the other, as a scheduler
-would. Each run must leave candidates, MLflow runs (a parent per DAG run, a nested run per task) and a
-registered model version; the second builds on the first's state. A third run on a day whose raw file
-breaks the contract must stop at validate_raw, before training, with the reason in the task log and in
-MLflow.
+One test, not two (the main job's and the DAG's): each whole-DAG run is minutes of CI time.
 """
 import json
 import subprocess
@@ -15,79 +16,87 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from conftest import MOVIELENS, ingested_slice, requires_shared_data
-from daily_dag import TASKS, stage_runs, tiny_config
-from jobs import pipeline
-from synergen_core import lake
+from daily_dag import TASKS, stage_runs
+from jobs import cli, pipeline
+from synergen_core import lake, registry
+from synergen_core.config import load_config
 
-pytestmark = [pytest.mark.slow, requires_shared_data(MOVIELENS)]
+pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def dag_lake(tmp_path_factory, movielens_slice_dir):
-    """The slice ingested, history validated, the config file: (root, cfg, config file, [day1, day2])."""
-    from jobs import stages
-
-    root = tmp_path_factory.mktemp("dagrun")
-    cfg = tiny_config(root)
-    days = ingested_slice(cfg, movielens_slice_dir)
-    stages.validate_raw(cfg, days[0], last_ds=days[-3])
-    config_file = root / "synergen.yaml"
-    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    return root, cfg, config_file, days[-2:]
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
 
 
-def task_states(home: Path, ds_run: str) -> dict[str, str]:
-    out = pipeline.airflow(["tasks", "states-for-dag-run", pipeline.DAG_ID, ds_run, "-o", "json"], home,
-                           capture_output=True, text=True)
-    return {r["task_id"]: r["state"] for r in json.loads(out.stdout)}
+def test_main_job_runs_the_dag_for_two_days_then_stops_a_broken_day(tmp_path, monkeypatch, capsys):
+    for key, value in {"LAKE__ROOT": tmp_path / "lake", "MLFLOW__TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+                       "MLFLOW__ARTIFACT_ROOT": tmp_path / "artifacts", "GENERATE__EVENTS": 6000,
+                       "GENERATE__DAYS": 3, "TRAIN__EPOCHS": 2, "SPARK__SHUFFLE_PARTITIONS": 2}.items():
+        monkeypatch.setenv(f"SYNERGEN__{key}", str(value))
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    assert cli.main(["run"]) == 0  # make run's default: the DAG for the last two days
+    printed = capsys.readouterr().out
+    out = json.loads((tmp_path / "synergen-run.json").read_text())  # the whole result, beside the lake
+    assert printed.startswith(f"synergen: the daily DAG ran for {DAYS[1]}, {DAYS[2]}") and "candidate lists:" in printed
+    assert f"served lists of {DAYS[1]} on the engagements of {DAYS[2]}" in printed
+    assert set(out["history_validated"]) == {DAYS[0]} and out["dag_run_days"] == DAYS[1:]
 
+    # every input row ends valid or quarantined, history and DAG days alike
+    generated = out["generated"]["tables"]
+    for ds in DAYS:
+        for table in ("catalog", "search_events", "browse_events"):
+            truth = generated[table][ds]
+            valid = pq.read_table(lake.partition(tmp_path / "lake", f"validated/{table}", ds))
+            quarantined = pq.read_table(lake.partition(tmp_path / "lake", f"quarantine/{table}", ds))
+            assert quarantined.num_rows == sum(truth["malformed"].values())
+            assert valid.num_rows + quarantined.num_rows == truth["rows"]
 
-def test_two_consecutive_days_then_a_broken_day(dag_lake):
-    root, cfg, config_file, (day1, day2) = dag_lake
-    home = root / "airflow"
-    for ds in (day1, day2):
-        pipeline.dags_test(config_file, ds, home)
+    cfg = load_config()
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    for ds in DAYS[1:]:
         runs = stage_runs(cfg, ds)
         assert set(TASKS) <= set(runs) and "pipeline" in runs  # a nested run per task under the DAG run's
         parent = runs["pipeline"].info.run_id
         assert all(runs[t].data.tags["mlflow.parentRunId"] == parent for t in TASKS)
         assert all(runs[t].info.status == "FINISHED" for t in TASKS)
         assert runs["pipeline"].info.status == "FINISHED"  # closed by the last task, not left RUNNING
-        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
         for task, plot in (("train", "plots/training_temporal.synergen.png"),
                            ("evaluate", "plots/recall_at_k_temporal.png"),
                            ("semantic_ids", "plots/codebook_utilization.png")):
             assert plot in {a.path for a in client.list_artifacts(runs[task].info.run_id, "plots")}
         published = lake.partition(cfg.lake.root, cfg.score.output, ds)
         assert (published / "_SUCCESS").exists()
-        assert pq.read_table(published / "surface=rec").num_rows > 0
+        for surface in ("rec", "search"):
+            assert pq.read_table(published / f"surface={surface}").num_rows > 0
+    assert Path(out["outputs"]["candidates"]) == lake.partition(cfg.lake.root, cfg.score.output, DAYS[2]).resolve()
+    first, second = stage_runs(cfg, DAYS[1]), stage_runs(cfg, DAYS[2])
     # the second day is incremental: sessionize processed that one day on top of the first day's state
-    assert stage_runs(cfg, day1)["sessionize"].data.metrics["input_days"] > 1  # caught up on the history
-    assert stage_runs(cfg, day2)["sessionize"].data.metrics["input_days"] == 1
+    assert first["sessionize"].data.metrics["input_days"] > 1  # caught up on the history
+    assert second["sessionize"].data.metrics["input_days"] == 1
     # the first day's collaborative vectors come from ALS; once a champion exists, from its ID embeddings
-    assert stage_runs(cfg, day1)["item_embeddings"].data.tags["synergen.collab.mode"] == "als"
-    assert stage_runs(cfg, day2)["item_embeddings"].data.tags["synergen.collab.mode"] == "champion"
-    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    assert first["item_embeddings"].data.tags["synergen.collab.mode"] == "als"
+    assert second["item_embeddings"].data.tags["synergen.collab.mode"] == "champion"
+    # the second day's evaluation measures what the first day published
+    assert first["evaluate"].data.metrics["served.available"] == 0
+    assert second["evaluate"].data.metrics["served.available"] == 1
+    assert {"served.rec.ndcg_at_10", "served.rec.recall_at_10"} <= set(second["evaluate"].data.metrics)
     versions = client.search_model_versions(f"name = '{cfg.mlflow.registered_model}'")
-    assert len(versions) == 2 and {v.tags.get("synergen.ds") for v in versions} == {day1, day2}
+    assert len(versions) == 2 and {v.tags.get("synergen.ds") for v in versions} == set(DAYS[1:])
+    assert registry.status(cfg)["champion"]["version"] in {"1", "2"}
 
     # a broken raw file on the next day stops the run at validate_raw: nothing downstream runs
-    day3 = "2099-01-01"
-    bad = lake.partition(cfg.lake.root, "raw/browse_events", day3)
+    day = "2099-01-01"
+    bad = lake.partition(cfg.lake.root, "raw/browse_events", day)
     bad.mkdir(parents=True)
     pq.write_table(pa.table({"user_id": ["u1"], "surprise": [1]}), bad / "part-0.parquet")
     with pytest.raises(subprocess.CalledProcessError) as failed:
-        pipeline.airflow(["dags", "test", pipeline.DAG_ID, day3, "-c", json.dumps({"config": str(config_file)})],
-                         home, capture_output=True, text=True)
+        pipeline.airflow(["dags", "test", pipeline.DAG_ID, day, "-c", json.dumps({"config": out["dag_run"]["config"]})],
+                         Path(out["dag_run"]["airflow_home"]), capture_output=True, text=True)
     log = failed.value.stdout + failed.value.stderr
     assert "part-0.parquet" in log and "event_id" in log  # the file and a missing field are named
-    runs = stage_runs(cfg, day3)
+    runs = stage_runs(cfg, day)
     assert runs["validate_raw"].info.status == "FAILED"
     assert "part-0.parquet" in runs["validate_raw"].data.tags["synergen.failure"]
     assert "train" not in runs and "build_training_data" not in runs
     # the failed DAG run's MLflow run is closed FAILED with the task and the reason (on_failure_callback)
     assert runs["pipeline"].info.status == "FAILED"
-    assert runs["pipeline"].data.tags["synergen.failure"].startswith(f"validate_raw {day3}:")
+    assert runs["pipeline"].data.tags["synergen.failure"].startswith(f"validate_raw {day}:")
