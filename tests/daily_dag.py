@@ -1,6 +1,6 @@
 """What the whole-DAG tests (tests/test_dag_run.py, tests/test_cluster_dag.py, tests/test_production.py)
-share: the daily DAG's tasks, the tiny config they run it with on conftest's MovieLens slice, and the
-MLflow runs of one day's stages."""
+share: the daily DAG's tasks, the tiny config the cluster and production tests run it with on conftest's
+MovieLens slice, and the MLflow runs of one day's stages."""
 from pathlib import Path
 
 import mlflow

@@ -9,7 +9,7 @@ artifacts served by the server itself (``--serve-artifacts``, a local folder: th
 here); the Spark daemons from the pyspark installation (tests/cluster.py). Every process the test starts is
 stopped by its PID at teardown.
 
-The tiny MovieLens slice of tests/test_dag_run.py is ingested and its history validated once, then copied
+The tiny MovieLens slice of tests/conftest.py is ingested and its history validated once, then copied
 into two lakes; the DAG runs for the same day on each. Both runs must succeed and publish the same candidate
 lists; the MLflow server must hold the DAG run's parent and nested runs (in PostgreSQL) and a registered
 model version with the champion alias. Both runs use one torch thread (``OMP_NUM_THREADS=1``): the RQ-VAE
@@ -353,7 +353,7 @@ def test_whole_dag_on_spark_cluster_and_mlflow_server_same_as_local(
 def figures(ds, t_local, t_remote, wall_local, wall_remote, lists, exact) -> dict:
     return {
         "ds": ds,
-        "data": "MovieLens slice of tests/test_dag_run.py (tiny_config), one day, history validated; "
+        "data": "MovieLens slice of tests/conftest.py (tiny_config), one day, history validated; "
                 f"score.lookback_days null (every user), {SEARCH_REQUESTS} search requests from the history",
         "local": "spark local[2], MLflow on SQLite",
         "cluster": "spark standalone on 127.0.0.1 (master + 2 workers x 1 core, 1g executors), "

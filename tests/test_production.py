@@ -2,7 +2,7 @@
 CeleryExecutor on PostgreSQL and Redis, a default and a ``gpu`` Celery worker, Spark standalone, an MLflow
 server on PostgreSQL), driven only through Airflow's REST API, as the UI drives it (``make test-production``).
 
-Data: the tiny MovieLens slice of tests/test_dag_run.py with its event days moved onto consecutive
+Data: the tiny MovieLens slice of tests/conftest.py with its event days moved onto consecutive
 calendar days (time of day kept) that end today (UTC), the day of the run the scheduler creates when the
 DAG is unpaused (``@daily``, catchup off: Airflow 3 runs a cron schedule at its trigger time, so that run's
 logical date is today). The days before T-4 are validated as history beforehand (T = today).
