@@ -306,6 +306,24 @@ def requests_from_eval(table: pa.Table, L: int, split: str | None = None) -> tup
     return req, int((~has).sum())
 
 
+def first_requests(part: Path, L: int, rows: int, split: str = S.SPLIT_TEST, batch_rows: int = 256) -> Requests:
+    """The first ``rows`` requests of ``split`` (with a context) of an ``split_*_eval`` partition, in the
+    order ``load_test`` reads them, reading record batches only until they are found."""
+    found: list[pa.Table] = []
+    have = 0
+    for f in lake.data_files(part):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+            table = pa.Table.from_batches([batch])
+            req, _ = requests_from_eval(table, L, split)
+            if len(req):
+                found.append(table)
+                have += len(req)
+            if have >= rows:
+                req, _ = requests_from_eval(pa.concat_tables(found), L, split)
+                return req.select(np.arange(rows))
+    return requests_from_eval(pa.concat_tables(found) if found else S.SPLIT_EVAL.empty_table(), L, split)[0]
+
+
 def holdout_last(tok: Tokens, L: int, min_items: int = 3) -> tuple[Tokens, Requests]:
     """Validation for a protocol without one (temporal): the last token of every row with at least
     ``min_items`` item tokens, when it is an item, becomes a target; the training rows lose that event.

@@ -421,14 +421,15 @@ def pyfunc_signature():
 
 
 def input_example(cfg: Config, ds: str, protocol: str, rows: int = 3):
-    """A few of the day's test requests (real token sequences) as the pyfunc's input DataFrame."""
+    """A few of the day's test requests (real token sequences) as the pyfunc's input DataFrame: the first
+    ``rows`` with a context, read batch by batch from the split's files (not the whole day's test set)."""
     import pandas as pd
 
-    from synergen_core.data import load_test
+    from synergen_core.data import first_requests
 
-    req, _ = load_test(cfg.layout, ds, protocol, cfg.model.max_seq_len)
+    req = first_requests(cfg.layout.part(cfg.layout.split(protocol, "eval"), ds), cfg.model.max_seq_len, rows)
     data: dict[str, list] = {c: [] for c in INPUT_COLUMNS}
-    for r in range(min(rows, len(req))):
+    for r in range(len(req)):
         n = int(req.lengths[r])
         for c in INPUT_COLUMNS:
             v = req.history[c][r, len(req.history[c][r]) - n:]

@@ -144,3 +144,43 @@ def test_model_scorer_is_consistent_with_the_model():
     no_head = evaluate_scorer(ModelScorer(model, use_ranking_head=False), req, cand, EvaluateConfig(ks=[1, 3]))
     assert "ranking_retrieval" not in no_head
     assert no_head["ranking"] == out["ranking_retrieval"]  # the retrieval order on the same lists
+
+
+def test_first_requests_are_load_tests_first_and_read_only_as_far_as_needed(tmp_path):
+    """The registered model's input example (issue 30): the first few test requests of the day, read batch
+    by batch; a file after the ones that held them is never opened (here: not Parquet at all)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas import C
+    from schemas import sequences as S
+    from synergen_core import lake
+    from synergen_core.data import first_requests, requests_from_eval
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    def row(i: int) -> dict:
+        n = i % 4  # every fourth row has no context: no request
+        ctx = [{"pos": p, "ts": t0 + dt.timedelta(seconds=p), "type": "item", "item_index": 1 + (i + p) % 7,
+                "query_index": None, "action": "click", "surface": "recommendation", "session": 0,
+                "gap_s": 0.0, "shown_items": None} for p in range(n)]
+        return {C.USER_ID: f"u{i}", C.TASK: S.TASK_REC,
+                C.SPLIT: S.SPLIT_VALID if i % 3 == 0 else S.SPLIT_TEST, C.TARGET_POS: n, C.TARGET_TS: t0,
+                C.ITEM_INDEX: 1 + i % 7, C.QUERY_INDEX: None, C.ACTION: "click", C.CONTEXT: ctx}
+
+    part = tmp_path / "split_temporal_eval" / "ds=2026-01-02"
+    part.mkdir(parents=True)
+    table = pa.Table.from_pylist([row(i) for i in range(40)], schema=S.SPLIT_EVAL)
+    pq.write_table(table, part / "part-00000.parquet", row_group_size=5)
+    want, _ = requests_from_eval(table, 3, S.SPLIT_TEST)
+    got = first_requests(part, 3, 4, batch_rows=5)
+    assert len(got) == 4
+    for key in HISTORY_KEYS:
+        assert np.array_equal(got.history[key], want.history[key][:4]), key
+    assert np.array_equal(got.target, want.target[:4]) and np.array_equal(got.lengths, want.lengths[:4])
+    assert len(first_requests(part, 3, 10_000, batch_rows=5)) == len(want)  # fewer than asked: all there are
+    (part / "part-00001.parquet").write_bytes(b"not parquet")  # read only if the first file fell short
+    assert len(lake.data_files(part)) == 2
+    assert len(first_requests(part, 3, 4, batch_rows=5)) == 4
