@@ -53,7 +53,7 @@ DATASETS = {
     # each of them leaves out their last 20 tags (at most all but two): hundreds of search targets, a test set
     # whose paired intervals can tell joint training from search-only. Rec is the same as movielens'.
     "movielens_search": {"format": "movielens", "path": SHARED_DATA / "movielens-small", "tasks": ["search", "rec"],
-                         "sessionize": {"loo_search_tests": 20},
+                         "sessionize": {"loo_search_tests": 20}, "protocol": "leave-N-out for search",
                          "about": "MovieLens as above, but each user with at least 3 tags leaves out their last 20 "
                                   "tags (`sessionize.loo_search_tests=20`, at most all but two: one is the "
                                   "validation target, one stays for training) as search test targets; rec = the "
@@ -277,7 +277,7 @@ def table(name: str, fig: dict) -> str:
     cols = [f"{t}.{m}@{k}" for t in tasks for k in KS for m in ("recall", "ndcg")]
     head = ["model", *[c.replace("recall@", "R@").replace("ndcg@", "N@") for c in cols], f"rank AUC ({' / '.join(tasks)})",
             f"retrieval-score AUC ({' / '.join(tasks)})", "valid", "train s"]
-    protocol = "leave-one-out" if "sessionize" not in DATASETS[name] else "leave-N-out for search"
+    protocol = DATASETS[name].get("protocol", "leave-one-out")
     lines = [f"### {name} ({protocol}, full catalog, {n_seeds} seed{'s' * (n_seeds > 1)})", "",
              f"`{fig['command']}` — {fig['date']}, revision {fig['git_revision']}", "",
              *[f"Added with `--add` ({', '.join(a['variants'])}): `{a['command']}` — {a['date']}, revision "

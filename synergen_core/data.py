@@ -311,17 +311,15 @@ def first_requests(part: Path, L: int, rows: int, split: str = S.SPLIT_TEST, bat
     order ``load_test`` reads them, reading record batches only until they are found."""
     found: list[pa.Table] = []
     have = 0
-    for f in lake.data_files(part):
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-            table = pa.Table.from_batches([batch])
-            req, _ = requests_from_eval(table, L, split)
-            if len(req):
-                found.append(table)
-                have += len(req)
-            if have >= rows:
-                req, _ = requests_from_eval(pa.concat_tables(found), L, split)
-                return req.select(np.arange(rows))
-    return requests_from_eval(pa.concat_tables(found) if found else S.SPLIT_EVAL.empty_table(), L, split)[0]
+    batches = (b for f in lake.data_files(part) for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows))
+    for batch in batches:
+        if have >= rows:
+            break
+        table = pa.Table.from_batches([batch])
+        found.append(table)
+        have += len(requests_from_eval(table, L, split)[0])
+    req, _ = requests_from_eval(pa.concat_tables(found) if found else S.SPLIT_EVAL.empty_table(), L, split)
+    return req.select(np.arange(min(rows, len(req))))
 
 
 def holdout_last(tok: Tokens, L: int, min_items: int = 3) -> tuple[Tokens, Requests]:
