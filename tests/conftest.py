@@ -85,6 +85,18 @@ def requires_shared_data(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.shared_data(path)
 
 
+# Modules of minutes, longest first (durations of a two-worker run). pytest-xdist's ``--dist loadfile``
+# hands modules out in collection order: started last, one of them would leave the other worker idle
+# for minutes at the end of the run. Started first, the short modules fill in around them.
+LONG_MODULES = ["test_dag_run.py", "test_sessionize_real.py", "test_rerun.py", "test_semantic_ids_stage.py",
+                "test_sessionize.py", "test_score.py", "test_validate_inputs.py", "test_registry.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     # before any fixture of the test: a module-scoped fixture must not start on data that is not there
