@@ -8,8 +8,9 @@ Where the vectors come from, in order:
    Parquet file or folder of (item_id, vector) rows exported from it (``load_champion_file``). Their space
    is rotated onto yesterday's (orthogonal Procrustes over the items both have a real vector for), so the
    RQ-VAE trained on yesterday's vectors still fits and IDs stay put; for an unchanged champion that
-   rotation is yesterday's. The table's ``basis`` names the champion ``version``: a new one tells the
-   semantic-ID stage to retrain.
+   rotation is yesterday's. The table's ``basis`` names the champion ``version``; ``aligned`` says whether
+   the rotation was found (too few shared items: not). The semantic-ID stage retrains on an unaligned new
+   basis, and on an aligned one only if yesterday's RQ-VAE no longer fits it (its reconstruction drift).
 2. Otherwise yesterday's table: its vectors are carried over unchanged. A refit would put the vectors in
    an unrelated space (ALS factors are only defined up to rotation), and the warm-started RQ-VAE would then
    re-code every item.

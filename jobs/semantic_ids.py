@@ -14,10 +14,14 @@ The model of a day, by ``mode``:
   re-coded, when since its last training the share of new items (indices above the largest it was trained
   on, over the items it was trained on) or the relative rise of its reconstruction loss on today's items
   exceeds ``semantic_ids.retrain_drift_threshold``, or the collaborative vectors moved to a new space
-  (a new champion).
-* ``reuse``: otherwise yesterday's model as it is. An item whose vectors did not change gets the same raw
-  codes as yesterday (same model, same input; hysteresis covers float noise), so with the sticky collision
-  handling it keeps its IDs; new items are coded by the same model and take free IDs.
+  that the item-embedding stage could not rotate onto yesterday's (``aligned`` false in its ``_collab.json``).
+  A new champion whose vectors were rotated onto yesterday's space is no reason by itself: the
+  reconstruction drift says whether yesterday's model still fits them.
+* ``reuse``: otherwise yesterday's model as it is. Every item of yesterday's table keeps its raw codes and
+  both IDs exactly (carried, whatever its vectors did since: a daily champion or a recomputed fallback
+  vector would otherwise move some of them every day); new items are coded by the same model and take the
+  free IDs of their prefix. IDs therefore change only on a day that retrains, and that day's stats give
+  the reasons and the share changed, the signal a model warm-started on yesterday's IDs needs.
 
 ID capacity and training sample (``synergen_core.rqvae_capacity``): IDs keep their length, and the last
 level of each view has ``codebook_size`` codes until the catalog's expected items per prefix
@@ -80,6 +84,7 @@ class Inputs:
     collab_dim: int
     text_fingerprint: str | None
     collab_basis: str | None
+    collab_aligned: bool  # the item-embedding stage rotated today's collaborative vectors onto yesterday's
     recon_previous: dict | None = None  # yesterday's model on these items (``decide``; reused if it is kept)
 
 
@@ -129,9 +134,10 @@ def load_inputs(spark: SparkSession, cfg: Config, ds: str) -> Inputs:
         if f[f"{name}_min"] != f[f"{name}_max"]:
             raise ValueError(f"{cfg.layout.vectors(table)} of {ds}: vectors of unequal length "
                              f"({f[f'{name}_min']} to {f[f'{name}_max']})")
+    collab = lake.read_meta(root, cfg.layout.vectors(COLLAB), ds, COLLAB_META) or {}
     return Inputs(ds, vectors, f["n"], f["max_index"], f["text_max"], f["collab_max"],
                   (lake.read_meta(root, cfg.layout.vectors(ITEMS), ds, ITEMS_META) or {}).get("fingerprint"),
-                  (lake.read_meta(root, cfg.layout.vectors(COLLAB), ds, COLLAB_META) or {}).get("basis"))
+                  collab.get("basis"), bool(collab.get("aligned")))
 
 
 def state_day(cfg: Config, ds: str) -> str | None:
@@ -201,13 +207,15 @@ def decide(cfg: Config, inputs: Inputs, prev: Previous | None) -> tuple[str, lis
         "recon_drift": float((now - m["recon_at_training"]) / max(m["recon_at_training"], 1e-12)),
         "recon_now": now,
     }
-    warm = []
+    warm, notes = [], []
     if m.get("collab_basis") != inputs.collab_basis:
-        warm.append(f"collaborative vectors moved: {m.get('collab_basis')} -> {inputs.collab_basis}")
+        moved = f"collaborative vectors moved: {m.get('collab_basis')} -> {inputs.collab_basis}"
+        (notes if inputs.collab_aligned else warm).append(
+            f"{moved}, rotated onto yesterday's" if inputs.collab_aligned else f"{moved}, not aligned")
     for key in ("new_item_share", "recon_drift"):
         if drift[key] > sid.retrain_drift_threshold:
             warm.append(f"{key} {drift[key]:.4f} > retrain_drift_threshold {sid.retrain_drift_threshold}")
-    return ("warm" if warm else "reuse"), (warm or ["drift below retrain_drift_threshold"]), drift
+    return ("warm" if warm else "reuse"), (warm or ["drift below retrain_drift_threshold", *notes]), drift
 
 
 def model_of_day(cfg: Config, inputs: Inputs, prev: Previous | None, mode: str, sample: sids.Sample):
@@ -229,14 +237,15 @@ def model_of_day(cfg: Config, inputs: Inputs, prev: Previous | None, mode: str, 
 # the job
 
 
-def _write_ids(spark: SparkSession, cfg: Config, inputs: Inputs, prev: Previous | None, model, sticky: bool,
+def _write_ids(spark: SparkSession, cfg: Config, inputs: Inputs, prev: Previous | None, model, mode: str,
                staging: Staging) -> tuple[DataFrame, bool]:
     """Assign, resolve and stage the day's table; returns it read back from staging, and whether
     yesterday's IDs have today's widths."""
     sid, ds = model.cfg, inputs.ds
+    sticky = prev is not None and mode != "cold"  # a new model's codes are unrelated to yesterday's
     rows = sids.with_previous(spark, cfg, inputs.vectors, prev.ds if prev else None)
     same_shape = prev is not None and same_widths(previous_table(spark, cfg, prev), sid)
-    assigned, payload = sids.assign(rows, model, hysteresis=sticky)
+    assigned, payload = sids.assign(rows, model, hysteresis=sticky, carry=mode == "reuse" and same_shape)
     # read by both views' resolution and by the table: computed once, kept by Spark (memory, else disk)
     assigned = assigned.persist()
     try:
@@ -264,12 +273,11 @@ def run(spark: SparkSession, cfg: Config, ds: str) -> dict:
                                  inputs.collab_dim)
     model, history, train_s = model_of_day(cfg, inputs, prev, mode, sample)
     sid = model.cfg  # the day's settings with the size its last level has
-    sticky = prev is not None and mode != "cold"  # a new model's codes are unrelated to yesterday's
 
     t1 = time.perf_counter()
     staging = Staging(spark, root)
     try:
-        written, same_shape = _write_ids(spark, cfg, inputs, prev, model, sticky, staging)
+        written, same_shape = _write_ids(spark, cfg, inputs, prev, model, mode, staging)
         assign_s = time.perf_counter() - t1
         vocab = spark_partition(spark, root, cfg.layout.sessions("item_vocab"), ds, seq_schema.ITEM_VOCAB)
         validation = validate_ids(written, vocab, sid)

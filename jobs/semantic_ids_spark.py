@@ -9,7 +9,8 @@ Nothing here brings a per-item structure to the driver except the training sampl
   ``xxhash64(item_id, seed)``: an item keeps its membership from day to day unless enough new items hash
   below it, so a 1% larger catalog swaps about 1% of the sample.
 * Assignment: the model's state dict is broadcast and every partition runs ``assign_with_candidates`` in
-  ``mapInArrow`` (one torch thread per task); yesterday's raw codes ride along for the hysteresis.
+  ``mapInArrow`` (one torch thread per task); yesterday's raw codes ride along for the hysteresis, or,
+  under ``carry`` (yesterday's model kept), replace the model's for the items that have them.
 * Collisions: ``collision=reassign`` only ever moves the last code within a prefix (the first L-1 codes of
   a view ID), and ``extra_code`` only numbers the items of one full ID, so each such group is resolved on
   its own with the in-process rules (``rqvae.reassign_collisions`` / ``rqvae.extra_code_collisions``) in
@@ -179,7 +180,7 @@ def recon_figures(vectors: DataFrame, model) -> dict:
     return {"text": rt, "collab": rc, "total": rt + rc}
 
 
-def _assigner(payload, width: int, hysteresis: bool):
+def _assigner(payload, width: int, hysteresis: bool, carry: bool):
     """The ``mapInArrow`` function: raw codes and last-level candidates per item, other columns passed on."""
 
     def assign_part(batches):
@@ -195,6 +196,10 @@ def _assigner(payload, width: int, hysteresis: bool):
             if has.any():
                 prev[has] = codes_matrix(prev_col.filter(pa.array(has)))
             raw, cands, dists = assign_with_candidates(model, text, collab, prev if has.any() else None)
+            if carry and has.any():
+                # yesterday's codes, so the sticky resolution keeps yesterday's IDs (unique among old items);
+                # the candidates stay the model's: new items move among them
+                raw[has] = prev[has]
             arrays = [list_array(c, pa.int32()) for c in (raw, cands[:, 0], cands[:, 1])]
             arrays += [list_array(dists[:, v], pa.float32()) for v in (0, 1)]
             keep = [C.ITEM_INDEX, C.ITEM_ID, *[name for name, _ in PREVIOUS]]
@@ -203,10 +208,11 @@ def _assigner(payload, width: int, hysteresis: bool):
     return assign_part
 
 
-def assign(vectors: DataFrame, model, hysteresis: bool) -> tuple[DataFrame, object]:
+def assign(vectors: DataFrame, model, hysteresis: bool, carry: bool = False) -> tuple[DataFrame, object]:
     """Raw codes, candidates and distances of every row of ``with_previous(...)``, on the executors, with
-    the row's item_id and ``_prev_*`` columns; ``hysteresis``: yesterday's raw codes feed it. Returns the
-    DataFrame and the model's broadcast (destroy it once the DataFrame is no longer computed)."""
+    the row's item_id and ``_prev_*`` columns; ``hysteresis``: yesterday's raw codes feed it; ``carry`` (with
+    ``hysteresis``): an item with yesterday's raw codes keeps them (they must have the model's width).
+    Returns the DataFrame and the model's broadcast (destroy it once the DataFrame is no longer computed)."""
     from synergen_core.rqvae_capacity import level_sizes
 
     width = len(level_sizes(model.cfg))
@@ -215,7 +221,7 @@ def assign(vectors: DataFrame, model, hysteresis: bool) -> tuple[DataFrame, obje
               f"{PREV_REC} array<int>, {PREV_DS} string, raw array<int>, cand_text array<int>, "
               "cand_collab array<int>, dist_text array<float>, dist_collab array<float>")
     cols = [C.ITEM_INDEX, C.ITEM_ID, TEXT, COLLAB_V, *[name for name, _ in PREVIOUS]]
-    return vectors.select(*cols).mapInArrow(_assigner(payload, width, hysteresis), schema), payload
+    return vectors.select(*cols).mapInArrow(_assigner(payload, width, hysteresis, carry), schema), payload
 
 
 # ---------------------------------------------------------------------------------------------
