@@ -117,27 +117,89 @@ def catalog_ranks(
 
 def candidate_lists(req: Requests, counts: np.ndarray, n_neg: int, seed: int, batch_size: int = 1024) -> np.ndarray:
     """[N, 1 + n_neg]: the target first, then distinct items sampled without replacement with
-    probability proportional to training count (Gumbel top-k), never the target.
+    probability proportional to training count, never the target.
 
+    Successive sampling (the distribution Gumbel top-k gives) by draws with replacement from the
+    cumulative weights, repeats and the target skipped: a chunk of rows holds [rows, ~3 n_neg] draws and
+    the catalog one cumulative sum, never a rows x catalog matrix (1,024 rows x 10M items would be 80 GB).
     When fewer than ``n_neg`` other items have a count, every item gets one pseudo-count.
     """
     c = counts.astype(np.float64).copy()
     c[0] = 0.0
     if (c > 0).sum() <= n_neg:
         c[1:] += 1.0
-    logp = torch.from_numpy(np.log(np.where(c > 0, c, 0.0) + 1e-300))
-    logp[c == 0] = float("-inf")
-    gen = torch.Generator().manual_seed(seed)
-    n_neg = min(n_neg, int((c > 0).sum()) - 1)
-    out = []
+    support = np.flatnonzero(c > 0)
+    n_neg = max(min(n_neg, len(support) - 1), 0)
+    out = np.zeros((len(req), n_neg + 1), np.int64)
+    out[:, 0] = req.target
+    if n_neg == 0:
+        return out
+    cdf = np.cumsum(c[support])
+    rng = np.random.default_rng(seed)
     for rows in _chunks(len(req), batch_size):
-        tgt = torch.from_numpy(req.target[rows])
-        u = torch.rand(len(rows), len(c), generator=gen, dtype=torch.float64).clamp_min(1e-300)
-        keys = logp - torch.log(-torch.log(u))  # Gumbel: top-k of keys = weighted sampling w/o replacement
-        keys[torch.arange(len(rows)), tgt] = float("-inf")
-        neg = keys.topk(n_neg, dim=1).indices
-        out.append(torch.cat([tgt[:, None], neg], 1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, n_neg + 1), np.int64)
+        out[rows, 1:] = _distinct_draws(support, cdf, c, req.target[rows], n_neg, rng)
+    return out
+
+
+def _distinct_draws(support: np.ndarray, cdf: np.ndarray, weights: np.ndarray, targets: np.ndarray, k: int,
+                    rng: np.random.Generator, rounds: int = 32) -> np.ndarray:
+    # support [S] items with weight, cdf [S] their cumulative weights, targets [R] -> [R, k] distinct items
+    got = np.full((len(targets), k), -1, np.int64)
+    todo = np.arange(len(targets))
+    for _ in range(rounds):
+        u = rng.random((len(todo), 2 * k + 8)) * cdf[-1]
+        draws = support[np.minimum(np.searchsorted(cdf, u, side="right"), len(support) - 1)]
+        got[todo], done = _first_distinct(np.concatenate([got[todo], draws], 1), targets[todo], k)
+        todo = todo[~done]
+        if not len(todo):
+            return got
+    # Rows still short: the items left hold little weight next to those drawn. Their remaining picks one at
+    # a time from the weights with the drawn items (and the target) taken out, O(rows x k) per pick.
+    for _ in range(k):
+        have = (got[todo] >= 0).sum(1)
+        todo = todo[have < k]
+        if not len(todo):
+            break
+        pick = _draw_without(support, cdf, weights, np.concatenate([got[todo], targets[todo, None]], 1), rng)
+        got[todo, have[have < k]] = pick
+    return got
+
+
+def _draw_without(support: np.ndarray, cdf: np.ndarray, weights: np.ndarray, out: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    # one item per row of out [R, m] (distinct items to leave out, -1: none), by weight among the rest: a
+    # uniform point over the remaining mass, pushed past each left-out item's interval of the cumulative
+    # weights in ascending order
+    w = np.where(out >= 0, weights[np.maximum(out, 0)], 0.0)
+    start = np.where(w > 0, cdf[np.minimum(np.searchsorted(support, np.maximum(out, 0)), len(cdf) - 1)] - w, np.inf)
+    order = np.argsort(start, 1)
+    start, w = np.take_along_axis(start, order, 1), np.take_along_axis(w, order, 1)
+    pick = np.full(len(out), -1, np.int64)
+    redo = np.arange(len(out))
+    while len(redo):  # a point rounded into a left-out interval (rare) is drawn again
+        x = rng.random(len(redo)) * (cdf[-1] - w[redo].sum(1))
+        for j in range(out.shape[1]):
+            x = x + np.where(x >= start[redo, j], w[redo, j], 0.0)
+        pick[redo] = support[np.minimum(np.searchsorted(cdf, x, side="right"), len(support) - 1)]
+        redo = redo[(pick[redo, None] == out[redo]).any(1)]
+    return pick
+
+
+def _first_distinct(cand: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # cand [R, M] (-1: none) -> the first k distinct non-target items of each row in order [R, k] (-1 pads),
+    # and whether the row has k
+    cand = np.where(cand == targets[:, None], -1, cand)
+    order = np.argsort(cand, axis=1, kind="stable")  # equal items: the earliest first
+    ranked = np.take_along_axis(cand, order, 1)
+    repeat = np.zeros_like(cand, bool)
+    np.put_along_axis(repeat, order, np.pad(ranked[:, 1:] == ranked[:, :-1], ((0, 0), (1, 0))), 1)
+    valid = (cand >= 0) & ~repeat
+    rank = np.cumsum(valid, 1)
+    keep = valid & (rank <= k)
+    out = np.full((len(cand), k), -1, np.int64)
+    rows, _ = np.nonzero(keep)
+    out[rows, rank[keep] - 1] = cand[keep]
+    return out, rank[:, -1] >= k
 
 
 def ranking_lists(req: Requests, counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
