@@ -21,9 +21,12 @@ run: setup
 # Two pytest workers (pytest-xdist), a test module each at a time: on CI's 2 cores the suite waits on JVM,
 # Airflow and subprocess starts often enough that a second worker cuts its time by about a fifth.
 TEST_WORKERS ?= 2
+# Modules in collection order, which tests/conftest.py sets to the longest first (xdist's default reorder,
+# by test count, would start the one-test whole-DAG module last and leave a worker idle for minutes).
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not cluster and not production"
+	$(BIN)/python -m pytest $(XDIST) -m "not cluster and not production"
 
 # The whole DAG on a loopback Spark cluster (master + 2 workers) with an MLflow server on PostgreSQL
 # (installed from Debian's package when missing), compared with the local run: about 5 minutes more than
@@ -41,7 +44,7 @@ test-production: setup
 	SYNERGEN_WRITE_SCREENSHOTS=1 $(BIN)/python -m pytest -m production -p no:cacheprovider -v
 
 test-fast: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 # The Airflow UI (api-server, scheduler, dag-processor, triggerer in one process) on 127.0.0.1:8080 with
 # this repo's DAG unpaused and the main job's Airflow home and config: trigger and backfill from the UI.
