@@ -1,7 +1,8 @@
 """Stage: evaluate the models trained for day ``ds`` and the untrained baselines on the test targets.
 
 For every protocol in ``train.protocols``: the ``test`` rows of ``split_<protocol>_eval`` (rows without
-any context are counted and left out: no sequence model can score them), the same popularity-sampled
+any context are counted and left out: no sequence model can score them; beyond ``evaluate.max_test_targets``
+a seeded sample stratified by user activity, ``synergen_core.data.sample_test``), the same popularity-sampled
 candidate lists for every scorer, then ``synergen_core.evaluate.evaluate_scorer`` for every trained
 variant found under ``<lake>/<train.output>/ds=D/<protocol>/`` and every baseline in
 ``evaluate.baselines``. A trained model's candidate lists are ordered both by its ranking head (``ranking``)
@@ -31,7 +32,7 @@ from schemas import C
 from synergen_core import checkpoint, list_order
 from synergen_core.baselines import BM25, VARIANTS, Popularity
 from synergen_core.config import Config, parse_ds
-from synergen_core.data import Requests, item_counts, load_test, read_table, tokens_from_arrow, vocab_size
+from synergen_core.data import Requests, item_counts, read_table, sample_test, tokens_from_arrow, vocab_size
 from synergen_core.errors import PipelineError
 from synergen_core.evaluate import ModelScorer, evaluate_scorer, ranking_lists
 from synergen_core.features import catalog_texts
@@ -63,8 +64,9 @@ class EvaluationSet:
     """What every scorer of one day and protocol is measured on. The candidate lists are drawn once, so
     every scorer (and the gate's champion) ranks the very same lists."""
 
-    test: Requests  # the test targets with context
+    test: Requests  # the test targets with context (a sample of them beyond ``evaluate.max_test_targets``)
     no_context: int  # test targets left out: no sequence model can score them
+    with_context: int  # test targets with context, sampled or not
     item_counts: np.ndarray  # [n_items] item tokens per item in the protocol's training split (popularity)
     n_items: int  # the day's item vocabulary size
     candidates: np.ndarray  # [len(test), 1 + negatives] target first, popularity-sampled negatives
@@ -72,11 +74,13 @@ class EvaluationSet:
 
 def evaluation_set(cfg: Config, ds: str, protocol: str) -> EvaluationSet:
     layout = cfg.layout
-    test, no_context = load_test(layout, ds, protocol, cfg.model.max_seq_len)
+    e = cfg.evaluate
+    test, no_context, with_context = sample_test(layout.part(layout.split(protocol, "eval"), ds), cfg.model.max_seq_len,
+                                                 e.max_test_targets, e.seed)
     train_tokens = tokens_from_arrow(read_table(layout.part(layout.split(protocol, "train"), ds))[C.TOKENS])
     n_items = vocab_size(read_table(layout.part(layout.sessions("item_vocab"), ds)), C.ITEM_INDEX)
     counts = item_counts(train_tokens, n_items)
-    return EvaluationSet(test, no_context, counts, n_items, ranking_lists(test, counts, cfg.evaluate))
+    return EvaluationSet(test, no_context, with_context, counts, n_items, ranking_lists(test, counts, e))
 
 
 def result_path(cfg: Config, ds: str) -> Path:
@@ -133,7 +137,8 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
                                 f"({no_context} without): nothing to evaluate; check that the day's logs "
                                 "reached validation and sessionize")
         res = {"test_targets": {"search": int((test.task == SEARCH).sum()), "rec": int((test.task != SEARCH).sum())},
-               "no_context": no_context, "candidates_per_list": int(cand.shape[1]),
+               "no_context": no_context, "with_context": data.with_context, "sampled": len(test) < data.with_context,
+               "candidates_per_list": int(cand.shape[1]),
                "exclude_consumed": list(cfg.evaluate.exclude_consumed), "scorers": {}}
         for v in names:
             t0 = time.perf_counter()

@@ -261,6 +261,10 @@ class EvaluateConfig(_Section):
     rank_negatives_by: Literal["popularity", "uniform"] = "popularity"
     batch_size: int = Field(512, ge=1)
     seed: int = 7
+    # Test targets scored per protocol: beyond this many, a seeded sample stratified by user activity (the
+    # same for every scorer and the promotion gate), so evaluation holds a bounded set at any number of
+    # users (synergen_core.data.sample_test). Above the benchmarks' test sets: their figures are exact.
+    max_test_targets: int = Field(200_000, ge=1)
     # Tasks whose full-catalog ranking leaves out the items the user engaged with before the request, as
     # the served lists do (score.exclude_consumed / exclude_consumed_search): so the figures measure the
     # lists users get. S3-Rec's full ranking (and its successors') masks each user's history too; RecBole's

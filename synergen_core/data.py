@@ -322,6 +322,71 @@ def first_requests(part: Path, L: int, rows: int, split: str = S.SPLIT_TEST, bat
     return req.select(np.arange(min(rows, len(req))))
 
 
+def _eval_batches(part: Path, split: str, columns: list[str] | None = None, batch_rows: int = 65_536):
+    """The rows of ``split`` of an ``split_*_eval`` partition, record batch by record batch (as tables)."""
+    for f in lake.data_files(part):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+            table = pa.Table.from_batches([batch])
+            yield table.filter(pc.equal(table[C.SPLIT], split))
+
+
+def _scorable(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(context length, whether a sequence model can score the row) per row: the rule of ``requests_from_eval``."""
+    n = pc.fill_null(pc.list_value_length(table[C.CONTEXT]), 0).to_numpy().astype(np.int64)
+    task = np.array([TASKS.get(t, 0) for t in table[C.TASK].to_pylist()], np.int64)
+    return n, (n > 0) & (task > 0)
+
+
+def activity_stratum(context_len: np.ndarray) -> np.ndarray:
+    """A request's user-activity stratum: floor(log2) of its context length (1, 2-3, 4-7, ... tokens)."""
+    return np.floor(np.log2(np.maximum(context_len, 1))).astype(np.int64)
+
+
+def proportional_quotas(counts: np.ndarray, total: int) -> np.ndarray:
+    """``total`` rows shared out over strata of ``counts`` rows in proportion (largest remainders)."""
+    share = counts * (total / max(int(counts.sum()), 1))
+    q = np.floor(share).astype(np.int64)
+    q[np.argsort(-(share - q), kind="stable")[:total - int(q.sum())]] += 1
+    return np.minimum(q, counts)
+
+
+def sample_test(part: Path, L: int, max_rows: int, seed: int, split: str = S.SPLIT_TEST,
+                batch_rows: int = 65_536) -> tuple[Requests, int, int]:
+    """At most ``max_rows`` requests of ``split`` (with a context) of an ``split_*_eval`` partition: all of
+    them, as ``load_test`` gives them, when there are no more; else a seeded sample stratified by user
+    activity (``activity_stratum``), each stratum in proportion, in the partition's row order.
+    -> (requests, rows without a context, rows with one).
+
+    Two passes over the files, batch by batch: the strata's sizes, then each stratum's rows of smallest
+    seeded random key. A process holds a batch and the sample (``max_rows``), never the split.
+    """
+    strata = np.zeros(64, np.int64)
+    no_context = 0
+    for t in _eval_batches(part, split, [C.SPLIT, C.TASK, C.CONTEXT], batch_rows):
+        n, ok = _scorable(t)
+        no_context += int((~ok).sum())
+        strata += np.bincount(activity_stratum(n[ok]), minlength=64)
+    total = int(strata.sum())
+    if total <= max_rows:
+        req, _ = requests_from_eval(read_table(part), L, split)
+        return req, no_context, total
+    quota = proportional_quotas(strata, max_rows)
+    rng = np.random.default_rng(seed)
+    kept, key, stratum = None, np.zeros(0), np.zeros(0, np.int64)
+    for t in _eval_batches(part, split, batch_rows=batch_rows):
+        n, ok = _scorable(t)
+        t = t.filter(pa.array(ok))
+        kept = t if kept is None else pa.concat_tables([kept, t])
+        key = np.concatenate([key, rng.random(len(t))])
+        stratum = np.concatenate([stratum, activity_stratum(n[ok])])
+        order = np.lexsort((key, stratum))  # by stratum, then key
+        rank = np.arange(len(order)) - np.searchsorted(stratum[order], stratum[order])  # rank within stratum
+        keep = np.sort(order[rank < quota[stratum[order]]])  # the quota's smallest keys, in row order
+        kept, key, stratum = kept.take(pa.array(keep)), key[keep], stratum[keep]
+    req, _ = requests_from_eval(kept.combine_chunks(), L, split)
+    return req, no_context, total
+
+
 def holdout_last(tok: Tokens, L: int, min_items: int = 3) -> tuple[Tokens, Requests]:
     """Validation for a protocol without one (temporal): the last token of every row with at least
     ``min_items`` item tokens, when it is an item, becomes a target; the training rows lose that event.

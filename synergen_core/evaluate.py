@@ -47,9 +47,18 @@ class ModelScorer:
         return self.model.request_logits(batch, hidden, self.items).float().cpu()
 
     @torch.no_grad()
+    def retrieval_candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
+        """[N, C] the retrieval logits of the listed items only (``catalog``'s values there, no [N, n_items])."""
+        batch = self._batch(req)
+        c = torch.from_numpy(cand).to(self.device)  # [N, C]
+        q = self.model.request_query(batch, self.model(batch))  # [N, d]
+        scores = torch.einsum("nd,ncd->nc", q, self.items[c])
+        return scores.masked_fill(c == 0, float("-inf")).float().cpu().numpy()  # 0: padding, as in catalog
+
+    @torch.no_grad()
     def candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
         if not self.use_ranking_head:
-            return np.take_along_axis(self.catalog(req).numpy(), cand, 1)
+            return self.retrieval_candidates(req, cand)
         batch = self._batch(req)
         batch["candidates"] = torch.from_numpy(cand).to(self.device)
         batch["request_ts"] = torch.from_numpy(req.ts).to(self.device)
@@ -233,7 +242,7 @@ def evaluate_scorer(scorer, req: Requests, cand: np.ndarray, cfg: EvaluateConfig
 def retrieval_order(scorer: ModelScorer):
     """``(requests, cand) -> [n, C]``: the model's retrieval scores of the candidates, the order the lists
     have without the ranking head (what the head is measured against)."""
-    return lambda req, cand: np.take_along_axis(scorer.catalog(req).numpy(), cand, 1)
+    return scorer.retrieval_candidates
 
 
 def validation_requests(req: Requests, max_rows: int, seed: int) -> Requests:
@@ -293,6 +302,9 @@ class OlderVocabScorer(ModelScorer):
             scores[miss] = 0.0
             scores[miss, req.target[miss]] = float("-inf")
         return scores
+
+    def retrieval_candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(self.catalog(req).numpy(), cand, 1)  # catalog's rules for unknown targets
 
     def candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
         known = cand < self.known_items

@@ -1,16 +1,23 @@
 """Evaluation: candidate lists, scorers (popularity, BM25, the model) through the shared evaluation code."""
+import datetime as dt
 import tracemalloc
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from schemas import C
+from schemas import sequences as S
+from synergen_core import lake
 from synergen_core.baselines import BM25, Popularity
 from synergen_core.config import EvaluateConfig, ModelConfig
-from synergen_core.data import HISTORY_KEYS, Requests
+from synergen_core.data import (HISTORY_KEYS, Requests, activity_stratum, first_requests, requests_from_eval,
+                                sample_test)
 from synergen_core.model.embeddings import TokenType
 from synergen_core.evaluate import (ModelScorer, _distinct_draws, candidate_lists, evaluate_catalog, evaluate_scorer,
-                                    ranking_lists)
+                                    ranking_lists, retrieval_order)
 from synergen_core.model import RECOMMEND, SEARCH, SynerGen
 
 I, Q = int(TokenType.ITEM), int(TokenType.QUERY)
@@ -173,6 +180,8 @@ def test_model_scorer_is_consistent_with_the_model():
 
     search, rec = [1, 3], [0, 2]
     retrieval = np.take_along_axis(scores.numpy(), cand, 1)
+    # the retrieval order scores the listed items alone, to the catalog's values
+    assert np.allclose(retrieval_order(scorer)(req, cand), retrieval, atol=1e-5)
     assert out["ranking"]["rec"]["auc"] == pytest.approx(auc_by_hand(head, rec))
     assert out["ranking"]["search"]["auc"] == pytest.approx(auc_by_hand(head, search))
     assert out["ranking_retrieval"]["rec"]["auc"] == pytest.approx(auc_by_hand(retrieval, rec))
@@ -185,34 +194,33 @@ def test_model_scorer_is_consistent_with_the_model():
     assert no_head["ranking"] == out["ranking_retrieval"]  # the retrieval order on the same lists
 
 
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def eval_row(i: int, n: int) -> dict:
+    """A ``split_*_eval`` row of user i with n context tokens (its target time tells rows apart); every third
+    row is a validation row."""
+    ctx = [{"pos": p, "ts": T0 + dt.timedelta(seconds=p), "type": "item", "item_index": 1 + (i + p) % 7,
+            "query_index": None, "action": "click", "surface": "recommendation", "session": 0,
+            "gap_s": 0.0, "shown_items": None} for p in range(n)]
+    return {C.USER_ID: f"u{i}", C.TASK: S.TASK_REC,
+            C.SPLIT: S.SPLIT_VALID if i % 3 == 0 else S.SPLIT_TEST, C.TARGET_POS: n,
+            C.TARGET_TS: T0 + dt.timedelta(hours=1, seconds=i),
+            C.ITEM_INDEX: 1 + i % 7, C.QUERY_INDEX: None, C.ACTION: "click", C.CONTEXT: ctx}
+
+
+def write_eval(tmp_path, rows: list[dict], row_group_size: int):
+    part = tmp_path / "split_temporal_eval" / "ds=2026-01-02"
+    part.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows, schema=S.SPLIT_EVAL)
+    pq.write_table(table, part / "part-00000.parquet", row_group_size=row_group_size)
+    return part, table
+
+
 def test_first_requests_are_load_tests_first_and_read_only_as_far_as_needed(tmp_path):
     """The registered model's input example (issue 30): the first few test requests of the day, read batch
     by batch; a file after the ones that held them is never opened (here: not Parquet at all)."""
-    import datetime as dt
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from schemas import C
-    from schemas import sequences as S
-    from synergen_core import lake
-    from synergen_core.data import first_requests, requests_from_eval
-
-    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-
-    def row(i: int) -> dict:
-        n = i % 4  # every fourth row has no context: no request
-        ctx = [{"pos": p, "ts": t0 + dt.timedelta(seconds=p), "type": "item", "item_index": 1 + (i + p) % 7,
-                "query_index": None, "action": "click", "surface": "recommendation", "session": 0,
-                "gap_s": 0.0, "shown_items": None} for p in range(n)]
-        return {C.USER_ID: f"u{i}", C.TASK: S.TASK_REC,
-                C.SPLIT: S.SPLIT_VALID if i % 3 == 0 else S.SPLIT_TEST, C.TARGET_POS: n, C.TARGET_TS: t0,
-                C.ITEM_INDEX: 1 + i % 7, C.QUERY_INDEX: None, C.ACTION: "click", C.CONTEXT: ctx}
-
-    part = tmp_path / "split_temporal_eval" / "ds=2026-01-02"
-    part.mkdir(parents=True)
-    table = pa.Table.from_pylist([row(i) for i in range(40)], schema=S.SPLIT_EVAL)
-    pq.write_table(table, part / "part-00000.parquet", row_group_size=5)
+    part, table = write_eval(tmp_path, [eval_row(i, i % 4) for i in range(40)], 5)  # i % 4 == 0: no context
     want, _ = requests_from_eval(table, 3, S.SPLIT_TEST)
     got = first_requests(part, 3, 4, batch_rows=5)
     assert len(got) == 4
@@ -223,3 +231,26 @@ def test_first_requests_are_load_tests_first_and_read_only_as_far_as_needed(tmp_
     (part / "part-00001.parquet").write_bytes(b"not parquet")  # read only if the first file fell short
     assert len(lake.data_files(part)) == 2
     assert len(first_requests(part, 3, 4, batch_rows=5)) == 4
+
+
+def test_sample_test_is_stratified_seeded_and_all_below_the_limit(tmp_path):
+    """Evaluation on a sample (issue 30): beyond ``max_rows``, each activity stratum in proportion, the
+    same rows for the same seed, in the partition's order; up to it, exactly ``load_test``'s requests."""
+    rng = np.random.default_rng(0)
+    lengths = np.where(rng.random(3000) < 0.8, rng.integers(1, 4, 3000), rng.integers(4, 40, 3000))
+    lengths[::10] = 0  # no context: counted, never sampled
+    part, table = write_eval(tmp_path, [eval_row(i, int(n)) for i, n in enumerate(lengths)], 256)
+    everything, no_context = requests_from_eval(table, 50, S.SPLIT_TEST)
+    got, got_no_context, total = sample_test(part, 50, 300, seed=1, batch_rows=500)
+    assert (got_no_context, total) == (no_context, len(everything)) and len(got) == 300
+    population = np.bincount(activity_stratum(everything.lengths), minlength=6)
+    sampled = np.bincount(activity_stratum(got.lengths), minlength=6)
+    assert np.abs(sampled - population * 300 / total).max() <= 1  # in proportion, to within a row
+    again, _, _ = sample_test(part, 50, 300, seed=1, batch_rows=77)  # other batches: the same rows
+    other, _, _ = sample_test(part, 50, 300, seed=2, batch_rows=500)
+    assert np.array_equal(again.ts, got.ts) and np.array_equal(again.history["item_idx"], got.history["item_idx"])
+    assert not np.array_equal(other.ts, got.ts)
+    assert np.isin(got.ts, everything.ts).all() and (np.diff(got.ts) > 0).all()  # in the partition's order
+    small, _, _ = sample_test(part, 50, total, seed=1)
+    for key in HISTORY_KEYS:
+        assert np.array_equal(small.history[key], everything.history[key]), key

@@ -41,6 +41,7 @@ def test_train_and_evaluate_on_a_movielens_slice(movielens_models):
                     assert 0.0 <= cat[f"ndcg@{k}"] <= cat[f"recall@{k}"] <= 1.0
                 assert 0.0 <= scorers[name]["ranking"][task]["auc"] <= 1.0
         assert set(scorers["bm25"]["catalog"]) == {"search"}  # no user model: search only
+        assert not res["sampled"] and res["with_context"] == sum(res["test_targets"].values())
         assert "ranking_retrieval" in scorers["synergen"] and "ranking_retrieval" not in scorers["sasrec"]
     # the benchmark's per-target figures (for paired comparisons) average to the evaluation's
     from benchmarks.quality import PAIRED_K, _dense, paired, per_target_ndcg
@@ -54,6 +55,12 @@ def test_train_and_evaluate_on_a_movielens_slice(movielens_models):
     run = {"scorers": {n: {f"per_target_ndcg@{PAIRED_K}": v} for n, v in per_target.items()}}
     (cmp,) = paired([run])  # synergen - sasrec on rec: the only pair of PAIRS with both models
     assert (cmp["against"], cmp["targets"]) == ("sasrec", result["loo"]["test_targets"]["rec"])
+    # beyond evaluate.max_test_targets, a sample of that many (stratified: synergen_core.data.sample_test)
+    small = cfg.model_copy(deep=True)
+    small.evaluate.max_test_targets = result["loo"]["with_context"] // 2
+    sampled = evaluate.evaluation_set(small, ds, "loo")
+    assert len(sampled.test) == len(sampled.candidates) == small.evaluate.max_test_targets
+    assert (sampled.with_context, sampled.no_context) == (result["loo"]["with_context"], result["loo"]["no_context"])
     flat = evaluate.headline(result)
     assert "loo.synergen.search.recall@10" in flat and "temporal.bm25.search.ndcg@10" in flat
 
