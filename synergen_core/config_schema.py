@@ -215,8 +215,11 @@ class TrainConfig(_Section):
     w_search: float = Field(1.0, ge=0)
     w_rec: float = Field(1.0, ge=0)
     # Retrieval negatives: "full" = softmax over the whole catalog (exact, fine up to ~1e5 items);
-    # "sampled" = in-batch + n_negatives popularity-sampled items with log-Q correction (large catalogs).
-    negatives: Literal["full", "sampled"] = "full"
+    # "sampled" = in-batch + n_negatives popularity-sampled items with log-Q correction (large catalogs);
+    # "auto" = full up to full_softmax_max_items items, sampled above (a step's logits are [target
+    # positions x catalog]: 6,400 x 10M floats at 10M items). The choice is in the training summary.
+    negatives: Literal["auto", "full", "sampled"] = "auto"
+    full_softmax_max_items: int = Field(100_000, ge=1)
     n_negatives: int = Field(1024, ge=1)
     # Ranking candidates per request: the engaged item + negatives. A request whose event logged
     # impressions gets up to rank_impression_negatives of the items shown with it (the logs' own

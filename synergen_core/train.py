@@ -6,7 +6,7 @@ One step (shapes for a batch of B windows trimmed to width L, C ranking candidat
 * retrieval, per task with its weight (``train.w_search``, ``train.w_rec``): every position with a
   target (``Windows.target``), search at query tokens, recommendation at item tokens; full softmax over
   the catalog (``train.negatives=full``) or in-batch + popularity-sampled InfoNCE with log-Q
-  (``sampled``); plus the semantic-ID loss of the same positions when the model has that head;
+  (``sampled``; ``auto``, the default, picks by catalog size: ``retrieval_negatives``); plus the semantic-ID loss of the same positions when the model has that head;
 * ranking: each window's last position is a request whose candidates are its target item (label 1)
   and negatives (label 0): the items logged as shown with the target's event when the logs have
   impressions (``Windows.shown``), else popularity-sampled items and hard negatives, i.e. the
@@ -133,6 +133,14 @@ def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfi
     return batch
 
 
+def retrieval_negatives(tcfg: TrainConfig, n_items: int) -> str:
+    """``train.negatives`` for a catalog of ``n_items`` rows: "auto" is "full" up to
+    ``full_softmax_max_items``, "sampled" above."""
+    if tcfg.negatives != "auto":
+        return tcfg.negatives
+    return "full" if n_items <= tcfg.full_softmax_max_items else "sampled"
+
+
 def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sampler) -> dict[str, Tensor]:
     """One forward pass -> named losses and their weighted ``total``."""
     mcfg = model.cfg
@@ -141,9 +149,10 @@ def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sample
     target, task = batch["target"], prediction_task(batch)
     total = hidden.sum() * 0.0
     out: dict[str, Tensor] = {}
-    items = model.item_vectors() if tcfg.negatives == "full" else None  # [n_items, d]
+    negatives = retrieval_negatives(tcfg, model.n_items)
+    items = model.item_vectors() if negatives == "full" else None  # [n_items, d]
     neg = None
-    if tcfg.negatives == "sampled":
+    if negatives == "sampled":
         neg = torch.multinomial(sampler.probs, tcfg.n_negatives, replacement=True)  # [M]
     for name, code, w in (("search", SEARCH, tcfg.w_search), ("rec", RECOMMEND, tcfg.w_rec)):
         sel = (target > 0) & (task == code)  # [B, L]
@@ -323,8 +332,9 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
                             f"({len(data.train.lengths)} user sequences); the day's upstream data is empty")
     run = _start(cfg, data, feats, out_dir, ranks)
     resumed = _resume(run)
+    negatives = {"retrieval_negatives": retrieval_negatives(cfg.train, run.model.n_items)}
     if run.state["done"]:
-        return _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main)
+        return _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main, extra=negatives)
     tcfg = cfg.train
     run.step_losses_of = lambda batch: step_losses(run.model, batch, tcfg, run.sampler)
     if ranks.active:
@@ -335,7 +345,7 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
     while run.state["epoch"] < tcfg.epochs and not stop:
         stop = _epoch(run, on_step)
     summary = _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main,
-                       extra={"world_size": ranks.world_size} if ranks.active else None)
+                       extra={**negatives, **({"world_size": ranks.world_size} if ranks.active else {})})
     if ranks.active:
         summary["weights_digest"] = distributed.check_in_sync(run.model.state_dict())
     return summary

@@ -144,6 +144,22 @@ def test_resume_after_kill_gives_identical_weights_and_losses(tmp_path, negative
     assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)  # the moving average too, when there is one
 
 
+def test_auto_negatives_are_the_full_softmax_up_to_the_configured_catalog_size(tmp_path):
+    """train.negatives=auto (the default): the full softmax on a catalog up to full_softmax_max_items, sampled
+    softmax with log-Q above; the same run as naming the mode, and the summary says which it was."""
+    data, feats = synthetic_split(), synthetic_features()
+    assert TrainConfig().negatives == "auto"
+    runs = {}
+    for name, train in (("small", dict(negatives="auto")), ("large", dict(negatives="auto", full_softmax_max_items=5)),
+                        ("full", dict(negatives="full")), ("sampled", dict(negatives="sampled"))):
+        cfg = synthetic_config(n_negatives=16, epochs=1, **train)
+        runs[name] = train_mod.train(cfg, data, feats, tmp_path / name)
+    assert [runs[n]["retrieval_negatives"] for n in ("small", "large", "full", "sampled")] == [
+        "full", "sampled", "full", "sampled"]
+    losses = {n: [h["loss"] for h in r["history"]] for n, r in runs.items()}
+    assert losses["small"] == losses["full"] and losses["large"] == losses["sampled"] != losses["full"]
+
+
 def test_learning_rate_warms_up_then_decays_to_zero_at_the_horizon():
     cosine = TrainConfig(lr=1e-3, lr_schedule="cosine", warmup_steps=4)
     rates = [train_mod.learning_rate(cosine, step, 104) for step in range(105)]
