@@ -12,8 +12,10 @@ whose figures are ``valid_order``). Full-catalog figures of the tasks in ``evalu
 recommendation) rank the catalog without the items the user already engaged with, as the served lists
 do; the result records which tasks those were. The result is returned and written to ``<lake>/<train.output>/ds=D/evaluation.json``.
 
-``evaluation_set`` (the test targets and candidate lists) is shared with the promotion gate
-(``jobs.promote``), which re-evaluates the champion on exactly what ``run`` measured the new model on;
+``run(..., champion=True)`` (the DAG's evaluate stage) also scores the registry's current ``champion`` of the
+protocol on the same set in the same pass (``<protocol>.champion``: its version and figures), and the
+promotion gate (``jobs.promote``) reads them rather than evaluating it again; ``evaluation_set`` (the test
+targets and candidate lists) is what the gate evaluates on when they are missing (another champion since);
 ``flat_metrics`` names one scorer's figures as the registry and the gate read them. The MLflow stage run
 (headline figures, the result, Recall@K plots) is ``jobs.stages``'.
 """
@@ -83,6 +85,31 @@ def evaluation_set(cfg: Config, ds: str, protocol: str) -> EvaluationSet:
     return EvaluationSet(test, no_context, with_context, counts, n_items, ranking_lists(test, counts, e))
 
 
+def registered_figures(cfg: Config, data: EvaluationSet, model_dir: Path) -> dict:
+    """A registered model's ``evaluate_scorer`` figures on ``data``. It may predate the day's new items and
+    queries: ``OlderVocabScorer`` reads what its tables do not hold as unknown."""
+    from synergen_core.evaluate import OlderVocabScorer
+
+    device = pick_device(cfg.train)
+    model = checkpoint.load_model(model_dir, device)
+    scorer = OlderVocabScorer(model, data.n_items, device=device, use_ranking_head=model.cfg.w_ranking > 0)
+    return evaluate_scorer(scorer, data.test, data.candidates, cfg.evaluate)
+
+
+def champion_figures(cfg: Config, data: EvaluationSet, protocol: str) -> dict | None:
+    """The registry champion's figures on ``data`` ({"version", "figures", "seconds"}), None without a
+    champion trained on ``protocol``."""
+    from synergen_core import registry
+
+    c = registry.client(cfg)
+    mv = registry.alias_version(c, registry.model_name(cfg), registry.CHAMPION)
+    if mv is None or mv.tags.get("synergen.protocol", protocol) != protocol:
+        return None
+    t0 = time.perf_counter()
+    figures = registered_figures(cfg, data, registry.download_model(cfg, f"models:/{mv.name}/{mv.version}")[0])
+    return {"version": str(mv.version), "figures": figures, "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def result_path(cfg: Config, ds: str) -> Path:
     return cfg.layout.model_dir(ds) / RESULT
 
@@ -116,8 +143,10 @@ def _both_tasks(per_task: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list[str] | None = None) -> dict:
-    """{protocol: {"test_targets", "no_context", "scorers": {name: metrics}}}; see the module doc."""
+def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list[str] | None = None,
+        champion: bool = False) -> dict:
+    """{protocol: {"test_targets", "no_context", "scorers": {name: metrics}[, "champion"]}}; see the
+    module doc. ``champion``: score the registry's champion too (needs the MLflow registry)."""
     ds = parse_ds(ds).isoformat()
     device = pick_device(cfg.train)
     root = cfg.layout.model_dir(ds)
@@ -160,6 +189,8 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
                 scorer = BM25(*texts)
             res["scorers"][b] = {**evaluate_scorer(scorer, test, cand, cfg.evaluate),
                                  "seconds": round(time.perf_counter() - t0, 2)}
+        if champion:
+            res["champion"] = champion_figures(cfg, data, protocol)
         out[protocol] = res
         log.info("evaluate %s %s: %s", ds, protocol, sorted(res["scorers"]))
     checkpoint.save_json(out, result_path(cfg, ds))
@@ -167,14 +198,16 @@ def run(cfg: Config, ds: str, variants: list[str] | None = None, protocols: list
 
 
 def headline(result: dict, k: int = 10) -> dict[str, float]:
-    """Flat ``<protocol>.<scorer>.<task>.<metric>`` figures: Recall/NDCG@k (catalog), the candidate lists' AUC
+    """Flat ``<protocol>.<scorer>.<task>.<metric>`` figures (the registry's champion as scorer ``champion``
+    when it was evaluated): Recall/NDCG@k (catalog), the candidate lists' AUC
     and NDCG@k (``rank_auc``, ``rank_ndcg@k``), and for a model with a ranking head the same lists in its
     retrieval order (``retrieval_rank_auc``, ``retrieval_rank_ndcg@k``)."""
     flat = {}
     for protocol, res in result.items():
         if not isinstance(res, dict) or "scorers" not in res:
             continue
-        for name, m in res["scorers"].items():
+        champion = {"champion": res["champion"]["figures"]} if res.get("champion") else {}
+        for name, m in {**res["scorers"], **champion}.items():
             for task, cm in m["catalog"].items():
                 for key in (f"recall@{k}", f"ndcg@{k}"):
                     if key in cm:

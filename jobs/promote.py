@@ -1,8 +1,9 @@
 """Stage: the promotion gate of a registered version (``jobs.register`` registered it).
 
-The current champion is re-evaluated on the same day's test targets and candidate lists as
-``jobs.evaluate`` measured the new model on (``evaluation_set``, the one implementation of both;
-``OlderVocabScorer`` adapts a model trained on smaller vocabularies). The new version becomes
+The current champion's figures are the ones the day's evaluation measured in the same pass as the new
+model (``evaluation.json``, ``<protocol>.champion``); when the champion changed since (or the evaluation
+ran without it), it is evaluated here on the same test targets and candidate lists (``evaluation_set``,
+``jobs.evaluate.champion_figures``). The new version becomes
 ``champion`` unless its ``registry.metric`` is below the champion's by more than ``registry.tolerance``
 (relative) or a validation failed, in which case it becomes ``challenger`` and the reason is recorded
 (version tags, the stage run's tags and ``promotion.json``). No champion yet: promoted only if it beats
@@ -13,12 +14,13 @@ Every metric used here is higher-is-better.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
 from typing import Callable
 
-from jobs.evaluate import EvaluationSet, evaluation_set, flat_metrics, read_result, result_path
+from jobs.evaluate import EvaluationSet, evaluation_set, flat_metrics, read_result, registered_figures, result_path
 from jobs.register import model_sha256, trained_protocol
 from synergen_core import checkpoint, registry
 from synergen_core.config import Config, parse_ds
@@ -114,9 +116,19 @@ def _champion_gate(cfg: Config, ds: str, protocol: str, mv, champion: str, out: 
     """The gate against champion version ``champion``, both measured on the day's evaluation set.
     -> the note when it passes; appends the reason to ``reasons`` when it does not."""
     metric, tol, version = cfg.registry.metric, cfg.registry.tolerance, out["version"]
-    data = evaluation_set(cfg, ds, protocol)
-    new = _new_metrics(cfg, ds, protocol, mv, lambda: data, out)
-    champ = _figures_on(cfg, data, registry.download_model(cfg, f"models:/{out['name']}/{champion}")[0])
+
+    @functools.cache
+    def data() -> EvaluationSet:  # read only if a model has to be evaluated here
+        return evaluation_set(cfg, ds, protocol)
+
+    new = _new_metrics(cfg, ds, protocol, mv, data, out)
+    saved = ((read_result(cfg, ds) or {}).get(protocol) or {}).get("champion")
+    if saved and saved["version"] == champion:
+        out["champion_source"] = "evaluation.json"
+        champ = flat_metrics(saved["figures"])
+    else:
+        out["champion_source"] = "evaluated"
+        champ = _figures_on(cfg, data(), registry.download_model(cfg, f"models:/{out['name']}/{champion}")[0])
     out["new_value"], out["champion_value"] = new.get(metric), champ.get(metric)
     out["champion_metrics"] = champ
     nv, cv = out["new_value"], out["champion_value"]
@@ -177,15 +189,8 @@ def _new_metrics(cfg: Config, ds: str, protocol: str, mv, data: Callable[[], Eva
 
 
 def _figures_on(cfg: Config, data: EvaluationSet, model_dir: Path) -> dict[str, float]:
-    """A registered model's figures on the day's evaluation set. It may predate the day's new items and
-    queries: ``OlderVocabScorer`` reads what its tables do not hold as unknown."""
-    from synergen_core.evaluate import OlderVocabScorer, evaluate_scorer
-    from synergen_core.train import pick_device
-
-    device = pick_device(cfg.train)
-    model = checkpoint.load_model(model_dir, device)
-    scorer = OlderVocabScorer(model, data.n_items, device=device, use_ranking_head=model.cfg.w_ranking > 0)
-    return flat_metrics(evaluate_scorer(scorer, data.test, data.candidates, cfg.evaluate))
+    """A registered model's figures on the day's evaluation set, flat (``jobs.evaluate.registered_figures``)."""
+    return flat_metrics(registered_figures(cfg, data, model_dir))
 
 
 def _record_decision(c, run_id: str, out: dict) -> None:

@@ -181,12 +181,13 @@ def metrics(served: dict | None) -> dict[str, float]:
 
 
 def evaluate_stage(cfg: Config, ds: str, **kw) -> dict:
-    """The evaluate stage's body: ``jobs.evaluate.run`` (the models and baselines offline), then the lists
+    """The evaluate stage's body: ``jobs.evaluate.run`` (the models, the registry's champion and the
+    baselines offline), then the lists
     served on ``ds`` (``evaluate``) under ``"served"`` of the same result and ``evaluation.json``."""
     from jobs import evaluate as offline
     from synergen_core import checkpoint
 
-    out = offline.run(cfg, ds, **kw)
+    out = offline.run(cfg, ds, champion=True, **kw)
     out["served"] = evaluate(cfg, ds)
     checkpoint.save_json(out, offline.result_path(cfg, ds))
     return out

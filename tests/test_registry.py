@@ -297,6 +297,21 @@ def test_tolerance_boundary_then_rollback_and_status(trained, gate):
     assert "champion: version 1 -> 2" in cli.registry_report(cfg, "2")
 
 
+def test_the_gate_reads_the_champion_figures_the_evaluation_measured_in_the_same_pass(trained, gate):
+    """The evaluate stage scores the registry's champion beside the new models (issue 30); the gate reads its
+    figures instead of evaluating it again: the same value it computed itself before."""
+    from jobs import evaluate
+
+    cfg, _, d2, _ = trained
+    assert gate["p3"]["champion_source"] == "evaluated"  # d2 was evaluated before v2 was champion
+    assert registry.status(cfg)["champion"]["version"] == "2"
+    saved = evaluate.run(cfg, d2, champion=True)["temporal"]["champion"]
+    assert saved["version"] == "2" and saved["figures"]["catalog"]["rec"]["n"] > 0
+    p = stages.promote(cfg, d2, version="3")
+    assert p["champion_source"] == "evaluation.json" and p["decision"] == "challenger"
+    assert p["champion_value"] == pytest.approx(gate["p3"]["champion_value"], abs=1e-9)
+
+
 def test_gate_figure_all_is_the_geometric_mean_over_the_evaluated_tasks():
     both = flat_metrics({"catalog": {"rec": {"ndcg@10": 0.04, "n": 10}, "search": {"ndcg@10": 0.36, "n": 5}},
                                   "ranking": {"rec": {"auc": 0.81}}})
