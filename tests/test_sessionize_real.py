@@ -6,7 +6,7 @@
 * ``beauty``: Amazon Beauty (P5 split) through ingest, read from ``raw`` (its derived times are
   clean by construction and it has no search table, which validation requires), one bulk run.
 
-A bulk over all of MovieLens is ``slow``.
+A bulk over all of MovieLens is ``heavy`` (``make test-heavy``, not in CI's budget).
 """
 from __future__ import annotations
 
@@ -204,10 +204,10 @@ def test_beauty_sessions_and_counts(beauty):
 
 
 # ---------------------------------------------------------------------------------------------
-# slow: all of MovieLens in one bulk run
+# heavy: all of MovieLens in one bulk run
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 70-130 s: make test-heavy, not CI
 def test_ml_full_history_in_one_bulk_run(spark, ml):
     """All 4,000+ days of MovieLens (raw, as ingested) in one run: sessions as the reference, no leaks."""
     root = ml["root"]
