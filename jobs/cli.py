@@ -197,7 +197,8 @@ def cmd_registry(cfg: Config, args) -> None:
 def cmd_run(cfg: Config, args) -> None:
     from jobs import pipeline
 
-    print(pipeline.summary(cfg, pipeline.run_default(cfg, dag_days=args.dag_days)))  # the whole result is in its summary_file
+    # the whole result is in its summary_file
+    print(pipeline.summary(cfg, pipeline.run_default(cfg, dag_days=args.dag_days)))
 
 
 def _rollback_version(text: str) -> str:

@@ -210,8 +210,10 @@ def decide(cfg: Config, inputs: Inputs, prev: Previous | None) -> tuple[str, lis
     warm, notes = [], []
     if m.get("collab_basis") != inputs.collab_basis:
         moved = f"collaborative vectors moved: {m.get('collab_basis')} -> {inputs.collab_basis}"
-        (notes if inputs.collab_aligned else warm).append(
-            f"{moved}, rotated onto yesterday's" if inputs.collab_aligned else f"{moved}, not aligned")
+        if inputs.collab_aligned:
+            notes.append(f"{moved}, rotated onto yesterday's")
+        else:
+            warm.append(f"{moved}, not aligned")
     for key in ("new_item_share", "recon_drift"):
         if drift[key] > sid.retrain_drift_threshold:
             warm.append(f"{key} {drift[key]:.4f} > retrain_drift_threshold {sid.retrain_drift_threshold}")

@@ -306,22 +306,6 @@ def requests_from_eval(table: pa.Table, L: int, split: str | None = None) -> tup
     return req, int((~has).sum())
 
 
-def first_requests(part: Path, L: int, rows: int, split: str = S.SPLIT_TEST, batch_rows: int = 256) -> Requests:
-    """The first ``rows`` requests of ``split`` (with a context) of an ``split_*_eval`` partition, in the
-    order ``load_test`` reads them, reading record batches only until they are found."""
-    found: list[pa.Table] = []
-    have = 0
-    batches = (b for f in lake.data_files(part) for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows))
-    for batch in batches:
-        if have >= rows:
-            break
-        table = pa.Table.from_batches([batch])
-        found.append(table)
-        have += len(requests_from_eval(table, L, split)[0])
-    req, _ = requests_from_eval(pa.concat_tables(found) if found else S.SPLIT_EVAL.empty_table(), L, split)
-    return req.select(np.arange(min(rows, len(req))))
-
-
 def _eval_batches(part: Path, split: str, columns: list[str] | None = None, batch_rows: int = 65_536):
     """The rows of ``split`` of an ``split_*_eval`` partition, record batch by record batch (as tables)."""
     for f in lake.data_files(part):
@@ -335,6 +319,20 @@ def _scorable(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     n = pc.fill_null(pc.list_value_length(table[C.CONTEXT]), 0).to_numpy().astype(np.int64)
     task = np.array([TASKS.get(t, 0) for t in table[C.TASK].to_pylist()], np.int64)
     return n, (n > 0) & (task > 0)
+
+
+def first_requests(part: Path, L: int, rows: int, split: str = S.SPLIT_TEST, batch_rows: int = 256) -> Requests:
+    """The first ``rows`` requests of ``split`` (with a context) of an ``split_*_eval`` partition, in the
+    order ``load_test`` reads them, reading record batches only until they are found."""
+    found: list[pa.Table] = []
+    have = 0
+    for table in _eval_batches(part, split, batch_rows=batch_rows):
+        if have >= rows:
+            break
+        found.append(table)
+        have += int(_scorable(table)[1].sum())
+    req, _ = requests_from_eval(pa.concat_tables(found) if found else S.SPLIT_EVAL.empty_table(), L, split)
+    return req.select(np.arange(min(rows, len(req))))
 
 
 def activity_stratum(context_len: np.ndarray) -> np.ndarray:

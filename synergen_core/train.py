@@ -6,7 +6,8 @@ One step (shapes for a batch of B windows trimmed to width L, C ranking candidat
 * retrieval, per task with its weight (``train.w_search``, ``train.w_rec``): every position with a
   target (``Windows.target``), search at query tokens, recommendation at item tokens; full softmax over
   the catalog (``train.negatives=full``) or in-batch + popularity-sampled InfoNCE with log-Q
-  (``sampled``; ``auto``, the default, picks by catalog size: ``retrieval_negatives``); plus the semantic-ID loss of the same positions when the model has that head;
+  (``sampled``; ``auto``, the default, picks by catalog size: ``retrieval_negatives``); plus the
+  semantic-ID loss of the same positions when the model has that head;
 * ranking: each window's last position is a request whose candidates are its target item (label 1)
   and negatives (label 0): the items logged as shown with the target's event when the logs have
   impressions (``Windows.shown``), else popularity-sampled items and hard negatives, i.e. the
