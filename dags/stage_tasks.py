@@ -13,17 +13,23 @@ from airflow.sdk.exceptions import AirflowFailException
 from jobs import stages
 
 
-def stage_task(name: str, **task_args):
-    """The TaskFlow task that runs stage ``name`` for the DAG run's ``ds``, nested under its MLflow run."""
+def stage_task(name: str, nodes: int = 1, **task_args):
+    """The TaskFlow task that runs stage ``name`` for the DAG run's ``ds``, nested under its MLflow run.
+    With ``nodes`` above 1 (multi-node training), one mapped task instance per node: each starts this
+    node's torchrun and they meet at the run's rendezvous, so all must run at once (a pool with a slot
+    per node)."""
 
-    def run_stage(ds=None, params=None, run_id=None):
+    def run_stage(ds=None, params=None, run_id=None, node=None):
         try:
             stages.run_for_pipeline(name, ds, params, run_id)
         except stages.data_errors() as e:
             raise AirflowFailException(f"{name} {ds}: {e}") from e
 
     run_stage.__doc__ = stages.STAGES[name].__doc__
-    return task(task_id=name, **task_args)(run_stage)
+    one = task(task_id=name, **task_args)(run_stage)
+    if nodes == 1:
+        return one
+    return lambda: one.expand(node=list(range(nodes)))
 
 
 def task_failed(context) -> None:

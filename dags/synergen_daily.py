@@ -18,6 +18,8 @@ from stage_tasks import stage_task, task_failed
 
 GPU_POOL = os.environ.get("SYNERGEN_GPU_POOL", "default_pool")
 GPU_QUEUE = os.environ.get("SYNERGEN_GPU_QUEUE", "default")
+# Multi-node training: the config's own train.nodes, read here because it shapes the DAG (a train task per node).
+TRAIN_NODES = int(os.environ.get("SYNERGEN__TRAIN__NODES", "1"))
 
 # Per task: its time limit, and where it runs (the GPU pool and queue for train; Airflow's defaults else).
 TASKS = {
@@ -26,7 +28,7 @@ TASKS = {
     "item_embeddings": {"execution_timeout": timedelta(hours=1)},
     "semantic_ids": {"execution_timeout": timedelta(hours=1)},
     "build_training_data": {"execution_timeout": timedelta(hours=1)},
-    "train": {"execution_timeout": timedelta(hours=6), "pool": GPU_POOL, "queue": GPU_QUEUE},
+    "train": {"execution_timeout": timedelta(hours=6), "pool": GPU_POOL, "queue": GPU_QUEUE, "nodes": TRAIN_NODES},
     "evaluate": {"execution_timeout": timedelta(hours=1)},
     "register": {"execution_timeout": timedelta(minutes=30)},
     "promote": {"execution_timeout": timedelta(hours=1)},

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,16 +267,28 @@ def _log_train(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
 
 def train(cfg: Config, ds: str, group: str | None = None, **kwargs) -> dict:
     """The model and its trained baselines (jobs.train): CUDA when present, else the CPU; data-parallel
-    over ``train.processes`` processes when above 1."""
+    over ``train.processes`` processes on each of ``train.nodes`` machines when either is above 1."""
     from synergen_core import distributed
 
-    if cfg.train.processes > 1 and not distributed.launched(os.environ):
+    if (cfg.train.processes > 1 or cfg.train.nodes > 1) and not distributed.launched(os.environ):
         return _torchrun_train(cfg, ds, group, **kwargs)
     return run_stage("train", cfg, ds, group, **kwargs)
 
 
+def torchrun_args(tcfg, run_name: str) -> list[str]:
+    """torchrun's options for ``train.processes`` processes on this machine: ``--standalone`` on one node;
+    on ``train.nodes`` nodes, a c10d rendezvous at ``train.rendezvous`` under an id that every node of the
+    same run derives from ``run_name`` (the day and the DAG run), so two runs never meet each other."""
+    if tcfg.nodes == 1:
+        return ["--standalone", f"--nproc_per_node={tcfg.processes}"]
+    run_id = "synergen-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")
+    return [f"--nnodes={tcfg.nodes}", f"--nproc_per_node={tcfg.processes}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={tcfg.rendezvous}", f"--rdzv-id={run_id}"]
+
+
 def _torchrun_train(cfg: Config, ds: str, group: str | None, variants=None, protocols=None) -> dict:
-    """``synergen train`` under ``torchrun --standalone``, with this exact config (written to a file)."""
+    """``synergen train`` under ``torchrun`` (this node's share of the ranks), with this exact config
+    (written to a file)."""
     import subprocess
     import sys
     import tempfile
@@ -285,14 +298,13 @@ def _torchrun_train(cfg: Config, ds: str, group: str | None, variants=None, prot
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "train.yaml"
         config_file.write_text(yaml.safe_dump(cfg.to_dict()))
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
-               f"--nproc_per_node={cfg.train.processes}", "-m", "jobs.cli", "train", "--ds", ds,
-               "--config", str(config_file)]
+        cmd = [str(Path(sys.executable).parent / "torchrun"), *torchrun_args(cfg.train, f"{ds}-{group or 'cli'}"),
+               "-m", "jobs.cli", "train", "--ds", ds, "--config", str(config_file)]
         cmd += ["--group", group] if group else []
         cmd += [a for v in variants or [] for a in ("--variant", v)]
         cmd += [a for p in protocols or [] for a in ("--protocol", p)]
         subprocess.run(cmd, check=True)
-    return {"ds": ds, "processes": cfg.train.processes}
+    return {"ds": ds, "processes": cfg.train.processes, "nodes": cfg.train.nodes}
 
 
 def _evaluate_metrics(out: dict) -> dict:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from synergen_core.errors import PipelineError
 from synergen_core.lake import Layout
@@ -200,6 +200,14 @@ class TrainConfig(_Section):
     # Processes of one training run. Above 1 the train stage starts itself under ``torchrun --standalone
     # --nproc_per_node N`` (data-parallel, synergen_core.distributed): one per GPU of the worker.
     processes: int = Field(1, ge=1)
+    # Machines of one training run, each with ``processes`` processes. Above 1 the train stage starts
+    # ``torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint <rendezvous>`` on every one of them (the DAG
+    # runs one train task per node, all in the GPU queue, see README "Multi-node training"); they meet at
+    # the rendezvous and train one model over N x processes ranks, with node ranks in order of arrival.
+    nodes: int = Field(1, ge=1)
+    # host:port of the rendezvous store that every node reaches (an address of one of the training
+    # machines, which hosts it while the run lasts); required when nodes > 1.
+    rendezvous: str | None = None
     # One model per protocol's split. The daily job trains on the temporal split (everything before ds,
     # evaluated on the engagements of ds): the model it registers and serves. "loo" is the benchmarks'.
     protocols: list[Literal["loo", "temporal"]] = ["temporal"]
@@ -243,6 +251,19 @@ class TrainConfig(_Section):
     resume: bool = True  # continue from the checkpoint of the same ds/protocol/variant when present
     progress: bool = True  # tqdm bar with loss and throughput
     output: str = "models"  # lake layer: <lake>/<output>/ds=D/<protocol>/<variant>/
+
+    @field_validator("rendezvous")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^\s:]+:[0-9]{1,5}", v.strip()):
+            raise ValueError("expected host:port of the c10d rendezvous store, e.g. gpu-0.internal:29400")
+        return None if v is None else v.strip()
+
+    @model_validator(mode="after")
+    def _nodes_meet_somewhere(self) -> "TrainConfig":
+        if self.nodes > 1 and self.rendezvous is None:
+            raise ValueError(f"train.nodes is {self.nodes}: train.rendezvous (host:port every node reaches) is required")
+        return self
 
 
 class EvaluateConfig(_Section):

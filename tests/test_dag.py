@@ -22,6 +22,7 @@ print(json.dumps({{
     "retries": sorted({{t.retries for t in dag.tasks}}),
     "timeouts": sorted({{t.execution_timeout.total_seconds() for t in dag.tasks}}),
     "gpu": {{t.task_id: [t.pool, t.queue] for t in dag.tasks if t.pool != "default_pool"}},
+    "mapped": {{t.task_id: repr(t.op_kwargs_expand_input.value) for t in dag.tasks if t.is_mapped}},
 }}))
 """
 
@@ -29,7 +30,7 @@ print(json.dumps({{
 def test_dag_imports_with_expected_tasks_and_order(tmp_path):
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-           "SYNERGEN_GPU_POOL": "gpu", "SYNERGEN_GPU_QUEUE": "gpu"}
+           "SYNERGEN_GPU_POOL": "gpu", "SYNERGEN_GPU_QUEUE": "gpu", "SYNERGEN__TRAIN__NODES": "2"}
     out = subprocess.run([sys.executable, "-c", PROBE.format(dags=ROOT / "dags")], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -41,4 +42,5 @@ def test_dag_imports_with_expected_tasks_and_order(tmp_path):
     assert dag["max_active_runs"] == 1 and dag["retries"] == [2]
     assert {"config", "epochs", "d_model", "n_layers", "skip_promotion"} <= set(dag["params"])
     assert dag["gpu"] == {"train": ["gpu", "gpu"]}  # only the train task goes to the GPU pool and queue
+    assert dag["mapped"] == {"train": repr({"node": [0, 1]})}  # train.nodes = 2: a train task per node
     assert all(t > 0 for t in dag["timeouts"])

@@ -1,6 +1,7 @@
 """Data-parallel training: ``synergen_core.distributed`` alone, and a real 2-process ``torchrun`` on gloo."""
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs import stages
 from synergen_core import checkpoint, distributed
 from synergen_core.lake import Layout
 from synergen_core.train import batch_order
@@ -110,8 +112,12 @@ with open(os.path.join({lake!r}, f"rank{{rank}}.json"), "w") as f:
 """
 
 
-def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None,
-              ema: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None, ema: float | None = None,
+              nodes: int = 1) -> tuple[subprocess.CompletedProcess, float]:
+    """2 ranks: one node of 2 processes (``--standalone``), or ``nodes=2`` nodes of one process each, two
+    torchrun agents meeting at a c10d rendezvous on 127.0.0.1 (with the options the train stage uses)."""
+    from synergen_core.config import TrainConfig
+
     script = tmp_path / "rank.py"
     (tmp_path / "lake").mkdir(parents=True, exist_ok=True)
     script.write_text(RANK_SCRIPT.format(tests=str(TESTS), lake=str(tmp_path / "lake"), epochs=epochs,
@@ -119,12 +125,20 @@ def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    tcfg = TrainConfig(processes=2 // nodes, nodes=nodes, rendezvous=f"127.0.0.1:{_free_port()}" if nodes > 1 else None)
+    cmd = [str(TORCHRUN), *stages.torchrun_args(tcfg, f"test-{tmp_path.name}"), str(script)]
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-    )
-    return proc, time.perf_counter() - t0
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+              for _ in range(nodes)]
+    outputs = [a.communicate(timeout=600)[0] for a in agents]
+    code = next((a.returncode for a in agents if a.returncode), 0)
+    return subprocess.CompletedProcess(cmd, code, "\n".join(outputs), ""), time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
@@ -168,19 +182,32 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_resumes_after_a_kill_with_the_same_weights(tmp_path):
-    """Killed mid-epoch (both ranks) and started again: the same model and losses as a run never stopped."""
+def test_two_nodes_train_the_model_of_one_node_and_resume_after_a_kill_with_the_same_weights(tmp_path):
+    """The same two ranks as one node of two processes and as two nodes of one process (c10d rendezvous,
+    the multi-node launch), the latter killed mid-epoch (both ranks) and started again: the same model and
+    losses as the one-node run that was never stopped."""
     epochs = 2
     straight, _ = _torchrun(tmp_path / "straight", epochs)
-    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
-    killed, _ = _torchrun(tmp_path / "killed", epochs, kill_at=5)  # synthetic_config checkpoints every 3 steps
+    assert straight.returncode == 0, straight.stdout[-4000:]
+    killed, _ = _torchrun(tmp_path / "killed", epochs, kill_at=5, nodes=2)  # synthetic_config checkpoints every 3 steps
     assert killed.returncode != 0
     run_dir = Layout(tmp_path / "killed" / "lake").model_dir("2026-01-03", "loo", "synergen")
     assert checkpoint.load(run_dir / checkpoint.CHECKPOINT)["state"]["step"] == 3
-    resumed, _ = _torchrun(tmp_path / "killed", epochs)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    resumed, _ = _torchrun(tmp_path / "killed", epochs, nodes=2)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
     a = json.loads((tmp_path / "straight" / "lake" / "rank1.json").read_text())["summary"]
     b = json.loads((tmp_path / "killed" / "lake" / "rank1.json").read_text())["summary"]
+    assert a["world_size"] == b["world_size"] == 2
     assert b["resumed"] and b["steps"] == a["steps"]
     assert b["weights_digest"] == a["weights_digest"]
     assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
+
+
+def test_multi_node_launch_options():
+    from synergen_core.config import TrainConfig
+
+    assert stages.torchrun_args(TrainConfig(processes=4), "x") == ["--standalone", "--nproc_per_node=4"]
+    args = stages.torchrun_args(TrainConfig(processes=8, nodes=2, rendezvous="gpu-0:29400"),
+                                "2026-01-03-manual__2026-01-03T00:00:00+00:00")
+    assert args == ["--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-0:29400",
+                    "--rdzv-id=synergen-2026-01-03-manual__2026-01-03T00-00-00-00-00"]

@@ -79,7 +79,7 @@ def test_train_stage_runs_data_parallel_under_torchrun(movielens_lake, tmp_path)
                                              "variants": ["synergen"], "protocols": ["temporal"]})
     cfg.mlflow = cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
                                                "artifact_root": tmp_path / "mlartifacts"})
-    assert stages.train(cfg, ds) == {"ds": ds, "processes": 2}
+    assert stages.train(cfg, ds) == {"ds": ds, "processes": 2, "nodes": 1}
     out = Path(cfg.lake.root) / "models-ddp" / f"ds={ds}" / "temporal" / "synergen"
     summary = json.loads((out / checkpoint.SUMMARY).read_text())
     assert summary["epochs_run"] == 1 and (out / checkpoint.MODEL).is_file()
