@@ -358,6 +358,7 @@ def run_scoring(config: Path, master: str, ds: str, model_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # make test-cluster: the whole DAG on the same loopback cluster covers it in CI's stead
 def test_same_lists_on_local_and_standalone_cluster(published, trained, tmp_path):
     """The stage's process, unchanged, on a master + worker on 127.0.0.1 gives the lists the local run
     published (``published``: the same settings on the test session's local Spark)."""

@@ -326,6 +326,7 @@ def run_cli(config: Path, master: str, *args: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # make test-cluster: the whole DAG on the same loopback cluster covers it in CI's stead
 def test_same_job_on_standalone_cluster_and_local(synth, tmp_path):
     """The CLI, unchanged, on a master + worker on 127.0.0.1: the tables of the same days' one local run
     (``synth``'s ``bulk``, on the test session's local Spark)."""
