@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from jobs.evaluate import flat_metrics, read_result
+from jobs.train import FULL_RETRAIN_TAG
 from synergen_core import checkpoint, registry
 from synergen_core.config import Config, parse_ds
 from synergen_core.registry import RegistryError
@@ -54,6 +55,16 @@ def semantic_ids_version(cfg: Config, ds: str, protocol: str) -> tuple[str, str]
     if not notes:
         return "none", "not used"
     return str(notes.get("table_ds") or "none"), str(notes.get("source") or "in-process")
+
+
+def full_retrain_ds(model_dir: Path, ds: str) -> str:
+    """The last day the model's lineage trained in full (``start`` of its ``train.json``; ``ds`` when it
+    trained in full or has no record): what the next day's warm start counts ``train.full_retrain_days`` from."""
+    import json
+
+    summary = model_dir / checkpoint.SUMMARY
+    start = json.loads(summary.read_text()).get("start") if summary.is_file() else None
+    return (start or {}).get("full_retrain_ds") or ds
 
 
 def model_file(cfg: Config, ds: str, protocol: str) -> Path:
@@ -100,6 +111,7 @@ def register(cfg: Config, ds: str, group: str | None = None, *, run_id: str) -> 
         pip_requirements=pyfunc_requirements(),
     )
     tags = {"synergen.ds": ds, "synergen.protocol": protocol, "synergen.variant": variant,
+            FULL_RETRAIN_TAG: full_retrain_ds(path.parent, ds),
             "synergen.semantic_ids_ds": sid_ds, "synergen.semantic_ids_source": sid_source,
             "synergen.code_version": code_version(), "synergen.model_sha256": sha,
             "synergen.model_path": str(path), "synergen.run_id": run_id,

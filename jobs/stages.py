@@ -255,6 +255,8 @@ def _log_train(run: StageRun, cfg: Config, ds: str, out: dict) -> None:
             key = f"{protocol}.{variant}"
             run.metrics({f"{key}.train_seconds": s["train_seconds"], f"{key}.steps": s["steps"]})
             list_order.log_choice(run, key, s.get("list_order"))  # the order its lists are served in
+            if s.get("start"):  # the daily model: warm start from the champion or full retrain, and why
+                run.tags({f"synergen.{key}.start": s["start"]["mode"], f"synergen.{key}.start_reason": s["start"]["reason"]})
             if s["best_valid"] is not None:
                 run.metrics({f"{key}.valid_{cfg.train.valid_metric.replace('@', '_at_')}": s["best_valid"]})
             for h in s["history"]:  # the training curves: one point per epoch

@@ -32,6 +32,9 @@ from synergen_core.model.embeddings import TokenType
 from synergen_core.errors import PipelineError
 from synergen_core.features import load_features
 from synergen_core.train import pick_device, train
+from synergen_core.warm_start import Champion
+
+FULL_RETRAIN_TAG = "synergen.full_retrain_ds"  # version tag: the last day its lineage trained in full
 
 log = logging.getLogger(__name__)
 FEATURES = "features.pt"
@@ -75,6 +78,24 @@ def load_training_split(cfg: Config, ds: str, protocol: str):
                             f"({len(data.train.lengths)} user sequences): nothing to train on; check that the "
                             "day's logs reached validation and sessionize")
     return data
+
+
+def champion_before(cfg: Config, ds: str) -> Champion | None:
+    """The champion a warm start of day ``ds`` begins from: the latest champion (the registry's history of
+    the alias, latest last) trained for a day before ``ds``. A rerun of ``ds`` after its own model was
+    promoted so starts from the same champion as the first run did. None without one."""
+    from synergen_core import checkpoint, registry
+
+    c, name = registry.client(cfg), registry.model_name(cfg)
+    if not registry.is_registered(c, name):
+        return None
+    entry = next((h for h in reversed(registry.champion_history(c, name)) if h.get("ds") and h["ds"] < ds), None)
+    if entry is None:
+        return None
+    path, _, version = registry.download_model(cfg, f"models:/{name}/{entry['version']}")
+    full_ds = c.get_model_version(name, version).tags.get(FULL_RETRAIN_TAG) or entry["ds"]
+    record = checkpoint.load(Path(path) / checkpoint.MODEL)  # weights only: a file, never code
+    return Champion(f"{name}/{version}", entry["ds"], full_ds, record["state_dict"])
 
 
 def _plan(cfg: Config, data, variants: list[str], protocol: str, notes: dict) -> list[tuple[str, Config]]:
@@ -141,7 +162,12 @@ def _run(cfg: Config, ds: str, variants: list[str], protocols: list[str] | None,
         for v, vcfg in todo:
             d = cfg.layout.model_dir(ds, protocol, v)
             log.info("train %s %s/%s -> %s", ds, protocol, v, d)
-            summary = train(vcfg, data, feats, d, on_step=on_step)
+            daily = None  # the model the daily job registers may start warm; its plan is in the summary
+            if (protocol, v) == (cfg.registry.protocol, cfg.registry.variant):
+                with distributed.main_first(ranks):  # rank 0 downloads the champion, the others read its copy
+                    # the champion's weights beside today's model: one more model in this process
+                    daily = (ds, champion_before(cfg, ds) if vcfg.train.warm_start else None)
+            summary = train(vcfg, data, feats, d, on_step=on_step, daily=daily)
             with distributed.main_first(ranks):  # rank 0 alone writes the model files
                 if ranks.is_main:  # which order its lists are served in, chosen on validation
                     device = distributed.device(pick_device(vcfg.train), ranks)

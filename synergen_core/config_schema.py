@@ -208,6 +208,18 @@ class TrainConfig(_Section):
     # host:port of the rendezvous store that every node reaches (an address of one of the training
     # machines, which hosts it while the run lasts); required when nodes > 1.
     rendezvous: str | None = None
+    # Daily warm start (synergen_core.warm_start): the model the DAG registers (registry.protocol /
+    # registry.variant) starts from the champion's weights and trains warm_epochs passes over the windows
+    # since the champion's day at warm_lr (null: lr). A full retrain instead every full_retrain_days days,
+    # or when more than max_new_item_share of today's catalog is new since the champion or the semantic IDs
+    # of more than max_sid_change_share of its items changed. The choice and its reason: train.json
+    # ("start") and the train stage's MLflow run.
+    warm_start: bool = True
+    warm_epochs: int = Field(1, ge=1)
+    warm_lr: float | None = Field(None, gt=0)
+    full_retrain_days: int = Field(7, ge=1)
+    max_new_item_share: float = Field(0.05, ge=0, le=1)
+    max_sid_change_share: float = Field(0.05, ge=0, le=1)
     # One model per protocol's split. The daily job trains on the temporal split (everything before ds,
     # evaluated on the engagements of ds): the model it registers and serves. "loo" is the benchmarks'.
     protocols: list[Literal["loo", "temporal"]] = ["temporal"]

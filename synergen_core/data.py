@@ -212,6 +212,11 @@ class Windows:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def take(self, rows: np.ndarray) -> Windows:
+        """The windows at ``rows`` (indices or a boolean mask)."""
+        return Windows({k: v[rows] for k, v in self.history.items()}, self.target[rows], self.next_ts[rows],
+                       self.lengths[rows], self.shown[rows])
+
 
 def make_windows(tok: Tokens, L: int, max_windows: int | None = None) -> Windows:
     """Cut every row into windows of at most L input tokens, latest first (see module doc).

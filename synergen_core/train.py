@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from synergen_core import checkpoint, distributed
+from synergen_core import checkpoint, distributed, warm_start
 from synergen_core.config import Config, TrainConfig
 from synergen_core.data import N_ACTIONS, N_SURFACES, SplitData, Windows, to_batch
 from synergen_core.errors import PipelineError
@@ -289,15 +289,17 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def train(
     cfg: Config, data: SplitData, feats: Features, out_dir: Path,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None, daily: tuple[str, warm_start.Champion | None] | None = None,
 ) -> dict:
     """Train one model on ``data`` into ``out_dir`` (see ``checkpoint``); returns the run summary.
 
     ``on_step(step)`` runs after every optimizer step and its checkpoint (tests raise from it to
-    simulate a kill). Under ``torchrun`` (several processes) it trains data-parallel.
+    simulate a kill). Under ``torchrun`` (several processes) it trains data-parallel. ``daily``: (ds, the
+    champion or None) for the model the daily job registers, which starts warm from the champion when
+    ``warm_start.plan`` allows (the plan is the summary's ``start``).
     """
     with distributed.session(cfg.train) as ranks:
-        return _train(cfg, data, feats, out_dir, on_step, ranks)
+        return _train(cfg, data, feats, out_dir, on_step, ranks, daily)
 
 
 @dataclass
@@ -318,6 +320,7 @@ class _Run:
     horizon: int
     state: dict
     step_losses_of: Callable | None = None
+    start: warm_start.Plan | None = None
 
     @property
     def kept(self) -> SynerGen:
@@ -326,17 +329,19 @@ class _Run:
 
 
 def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
-           on_step: Callable[[int], None] | None, ranks: distributed.Ranks) -> dict:
+           on_step: Callable[[int], None] | None, ranks: distributed.Ranks,
+           daily: tuple[str, warm_start.Champion | None] | None = None) -> dict:
     out_dir = Path(out_dir)
     if len(data.windows) == 0:  # 0 steps would still write an untrained model.pt for evaluation and promotion
         raise PipelineError(f"nothing to train {out_dir} on: the {data.protocol} training split has no windows "
                             f"({len(data.train.lengths)} user sequences); the day's upstream data is empty")
-    run = _start(cfg, data, feats, out_dir, ranks)
+    run = _start(cfg, data, feats, out_dir, ranks, daily)
     resumed = _resume(run)
-    negatives = {"retrieval_negatives": retrieval_negatives(cfg.train, run.model.n_items)}
+    negatives = {"retrieval_negatives": retrieval_negatives(cfg.train, run.model.n_items),
+                 **({"start": run.start.note()} if run.start is not None else {})}
     if run.state["done"]:
         return _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main, extra=negatives)
-    tcfg = cfg.train
+    cfg, tcfg = run.cfg, run.cfg.train  # a warm start's epochs and learning rate
     run.step_losses_of = lambda batch: step_losses(run.model, batch, tcfg, run.sampler)
     if ranks.active:
         if not resumed:
@@ -352,14 +357,24 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
     return summary
 
 
-def _start(cfg: Config, data: SplitData, feats: Features, out_dir: Path, ranks: distributed.Ranks) -> _Run:
-    """A fresh run: the seeded model, optimizer, sampler, moving average and fingerprint (what resumes)."""
+def _start(cfg: Config, data: SplitData, feats: Features, out_dir: Path, ranks: distributed.Ranks,
+           daily: tuple[str, warm_start.Champion | None] | None = None) -> _Run:
+    """A fresh run: the seeded model (or the champion's weights in it, for a warm start), optimizer,
+    sampler, moving average and fingerprint (what resumes)."""
     tcfg = cfg.train
     device = distributed.device(pick_device(tcfg), ranks)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg, data, feats).to(device)
+    start = None
+    if daily is not None:
+        start = warm_start.plan(tcfg, daily[0], model, data.windows.next_ts, daily[1])
+        if start.mode == warm_start.WARM:
+            warm_start.transfer(model, start.champion.state_dict)
+            tcfg = tcfg.model_copy(update={"epochs": tcfg.warm_epochs, "lr": tcfg.warm_lr or tcfg.lr})
+            cfg = cfg.model_copy(update={"train": tcfg})
+            data = replace(data, windows=data.windows.take(data.windows.next_ts >= start.since_ts))
     dims = model_dims(data, feats)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                             weight_decay=tcfg.weight_decay)
@@ -368,12 +383,15 @@ def _start(cfg: Config, data: SplitData, feats: Features, out_dir: Path, ranks: 
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": -math.inf, "best_epoch": None,
              "bad_epochs": 0, "done": False, "history": [], "train_seconds": 0.0}
     fingerprint = _fingerprint(cfg, data, dims)
+    if start is not None:
+        fingerprint["start"] = start.note()
     if ranks.active:  # a rank's share of an epoch depends on the number of ranks
         fingerprint["world_size"] = ranks.world_size
     horizon = _horizon(tcfg, len(data.windows), ranks)
     if tcfg.lr_schedule != "constant":  # then epochs and max_steps change every step's rate
         fingerprint["lr_horizon"] = horizon
-    return _Run(cfg, data, out_dir, ranks, device, model, dims, opt, sampler, ema, fingerprint, horizon, state)
+    return _Run(cfg, data, out_dir, ranks, device, model, dims, opt, sampler, ema, fingerprint, horizon, state,
+                start=start)
 
 
 def _resume(run: _Run) -> bool:

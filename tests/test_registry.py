@@ -14,6 +14,8 @@ Not the MovieLens slice of the other end-to-end tests: two thirds of its last da
 movies nobody engaged with before, so every trained model ranks them below seen items (AUC < 0.5), and
 which of v2 and its reversal wins depended on the machine's floating-point rounding.
 """
+import datetime as dt
+import json
 import shutil
 from pathlib import Path
 
@@ -199,6 +201,25 @@ def test_download_model_by_alias_and_version(trained, gate):
         registry.download_model(cfg, "models:/synergen@nobody")
     with pytest.raises(registry.RegistryError, match="bad model reference"):
         registry.download_model(cfg, "synergen/2")
+
+
+def test_a_warm_start_begins_from_the_latest_champion_trained_before_its_day(trained, gate):
+    """The champion is version 2 (d2; version 1 was refused). The day after d2 starts from it; a rerun of
+    d2 itself after its own model was promoted does not (nothing older was champion: a full retrain, as its
+    first run was)."""
+    from jobs.train import FULL_RETRAIN_TAG, champion_before
+
+    cfg, d1, d2, _ = trained
+    after = (dt.date.fromisoformat(d2) + dt.timedelta(days=1)).isoformat()
+    champ = champion_before(cfg, after)
+    assert (champ.version, champ.ds, champ.full_retrain_ds) == ("synergen/2", d2, d2)  # trained in full on d2
+    saved = checkpoint.load(cfg.layout.model_dir(d2, "temporal", "synergen") / checkpoint.MODEL)["state_dict"]
+    assert saved.keys() == champ.state_dict.keys() and all(torch.equal(saved[k], v) for k, v in champ.state_dict.items())
+    assert champion_before(cfg, d2) is None and champion_before(cfg, d1) is None
+    c = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    assert c.get_model_version("synergen", "2").tags[FULL_RETRAIN_TAG] == d2
+    summary = json.loads((cfg.layout.model_dir(d2, "temporal", "synergen") / checkpoint.SUMMARY).read_text())
+    assert summary["start"]["mode"] == "full" and summary["start"]["reason"] == "no champion to start from"
 
 
 def test_pyfunc_loads_and_predicts_the_models_top_items(trained, gate):
