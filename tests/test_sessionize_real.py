@@ -1,6 +1,6 @@
 """Sessionize on real data (jobs.sessionize, jobs.splits), each input built once per module and shared:
 
-* ``ml``: MovieLens through ingest + validate (catalog day + 2018-01-01..2018-05-06: validating all
+* ``ml``: MovieLens through ingest + validate (catalog day + 2018-04-01..2018-05-06: validating all
   4,000 days takes minutes), bulk to 05-04 then 05-05 and 05-06 one by one (both days have tags, so
   new queries), against one bulk run over the whole window; 05-06 rerun.
 * ``beauty``: Amazon Beauty (P5 split) through ingest, read from ``raw`` (its derived times are
@@ -31,7 +31,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # ---------------------------------------------------------------------------------------------
 # MovieLens: real timestamps, tags as queries
 
-ML_FIRST, ML_X, ML_D1, ML_D2 = "2018-01-01", "2018-05-04", "2018-05-05", "2018-05-06"
+ML_FIRST, ML_X, ML_D1, ML_D2 = "2018-04-01", "2018-05-04", "2018-05-05", "2018-05-06"
 
 
 @pytest.fixture(scope="module")
