@@ -75,6 +75,13 @@ def test_main_job_runs_the_dag_for_two_days_then_stops_a_broken_day(tmp_path, mo
     # the first day's collaborative vectors come from ALS; once a champion exists, from its ID embeddings
     assert first["item_embeddings"].data.tags["synergen.collab.mode"] == "als"
     assert second["item_embeddings"].data.tags["synergen.collab.mode"] == "champion"
+    # the first day trains in full (no champion); the second would start warm from the first's model, but
+    # the switch from ALS to the champion's vectors re-coded the semantic IDs, so it trains in full too
+    start = "synergen.temporal.synergen.start"
+    assert first["train"].data.tags[start] == "full"
+    assert first["train"].data.tags[f"{start}_reason"] == "no champion to start from"
+    assert second["train"].data.tags[start] == "full"
+    assert "champion's items changed" in second["train"].data.tags[f"{start}_reason"]
     # the second day's evaluation measures what the first day published
     assert first["evaluate"].data.metrics["served.available"] == 0
     assert second["evaluate"].data.metrics["served.available"] == 1
