@@ -42,9 +42,11 @@ class ModelScorer:
 
     @torch.no_grad()
     def catalog(self, req: Requests) -> Tensor:
+        """[N, n_items] float32 on the scorer's device (the training device): ranks are counted there, so an
+        [N x catalog] matrix never crosses to the host."""
         batch = self._batch(req)
         hidden = self.model(batch)
-        return self.model.request_logits(batch, hidden, self.items).float().cpu()
+        return self.model.request_logits(batch, hidden, self.items).float()
 
     @torch.no_grad()
     def retrieval_candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
@@ -113,12 +115,12 @@ def catalog_ranks(
             part = sub.select(chunk)
             scores = scorer.catalog(part)  # [n, n_items]
             if exclude:  # out of place: a scorer may return a broadcast view; column 0 is padding anyway
-                consumed = torch.from_numpy(part.consumed).long()  # [n, M] scatter indices
+                consumed = torch.from_numpy(part.consumed).long().to(scores.device)  # [n, M] scatter indices
                 consumed = consumed.masked_fill(consumed >= scores.shape[1], 0)  # items the scorer cannot rank
                 scores = scores.scatter(1, consumed, float("-inf"))
-            g, t = rank_stats(scores, torch.from_numpy(part.target))
-            greater.append(g.numpy())
-            ties.append(t.numpy())
+            g, t = rank_stats(scores, torch.from_numpy(part.target).to(scores.device))  # on the scores' device
+            greater.append(g.cpu().numpy())
+            ties.append(t.cpu().numpy())
         return np.concatenate(greater), np.concatenate(ties)
 
     return _by_task(scorer, req, compute)
@@ -296,15 +298,16 @@ class OlderVocabScorer(ModelScorer):
         scores = super().catalog(req)
         extra = self.n_items - scores.shape[1]
         if extra > 0:
-            scores = torch.cat([scores, torch.full((len(req), extra), float("-inf"))], 1)
-        miss = np.nonzero(req.target >= self.known_items)[0]
+            scores = torch.cat([scores, torch.full((len(req), extra), float("-inf"), device=scores.device)], 1)
+        miss = torch.from_numpy(np.nonzero(req.target >= self.known_items)[0]).to(scores.device)
         if len(miss):
             scores[miss] = 0.0
-            scores[miss, req.target[miss]] = float("-inf")
+            scores[miss, torch.from_numpy(req.target).to(scores.device)[miss]] = float("-inf")
         return scores
 
     def retrieval_candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(self.catalog(req).numpy(), cand, 1)  # catalog's rules for unknown targets
+        scores = self.catalog(req).gather(1, torch.from_numpy(cand).to(self.device))  # catalog's rules for unknown targets
+        return scores.cpu().numpy()
 
     def candidates(self, req: Requests, cand: np.ndarray) -> np.ndarray:
         known = cand < self.known_items
