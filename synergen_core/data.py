@@ -212,8 +212,8 @@ class Windows:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def take(self, rows: np.ndarray) -> Windows:
-        """The windows at ``rows`` (indices or a boolean mask)."""
+    def select(self, rows: np.ndarray) -> Windows:
+        """The windows at ``rows`` (indices or a boolean mask), as ``Requests.select``."""
         return Windows({k: v[rows] for k, v in self.history.items()}, self.target[rows], self.next_ts[rows],
                        self.lengths[rows], self.shown[rows])
 

@@ -374,7 +374,7 @@ def _start(cfg: Config, data: SplitData, feats: Features, out_dir: Path, ranks: 
             warm_start.transfer(model, start.champion.state_dict)
             tcfg = tcfg.model_copy(update={"epochs": tcfg.warm_epochs, "lr": tcfg.warm_lr or tcfg.lr})
             cfg = cfg.model_copy(update={"train": tcfg})
-            data = replace(data, windows=data.windows.take(data.windows.next_ts >= start.since_ts))
+            data = replace(data, windows=data.windows.select(data.windows.next_ts >= start.since_ts))
     dims = model_dims(data, feats)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                             weight_decay=tcfg.weight_decay)
