@@ -9,6 +9,10 @@
   This is what evaluation and serving read.
 * ``train.json``: the run's summary (history, best epoch, timings).
 
+``serving_record`` turns a model record into what serving needs: the item and query content vectors
+precomputed into two tables (``TokenEmbedding.content_tables``) instead of the ID tables, text buffers
+and code embeddings they are made from; ``build_from_record`` builds either kind.
+
 Every file is written to a hidden sibling and renamed into place, so a kill never leaves half a file.
 
 Every file is read with ``torch.load(weights_only=True)``: a model file is input that may come from
@@ -82,9 +86,9 @@ def save_json(obj, path: Path) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
-def _load(source, name: str, device):
+def _load(source, name: str, device, mmap: bool = False):
     try:
-        return torch.load(source, map_location=device, weights_only=True)
+        return torch.load(source, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message says which global it met, e.g. "Trying to load unsupported GLOBAL posix.system"
         found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
@@ -109,13 +113,14 @@ def _unreadable(name: str, e: Exception) -> PipelineError:
                          "write it again (synergen train --ds D --fresh for a model or checkpoint)")
 
 
-def load(path: Path, device="cpu") -> dict:
-    """A file written by ``save``; a file that would unpickle code is refused (``PipelineError``)."""
+def load(path: Path, device="cpu", mmap: bool = False) -> dict:
+    """A file written by ``save``; a file that would unpickle code is refused (``PipelineError``).
+    ``mmap``: tensors stay in the file, mapped copy-on-write (processes mapping it share its pages)."""
     path = Path(path)
     if not path.is_file():
         day = next((part[3:] for part in reversed(path.parts) if part.startswith("ds=")), "D")
         raise PipelineError(f"{path}: no such file (training writes it: run `synergen train --ds {day}`)")
-    return _load(path, str(path), device)
+    return _load(path, str(path), device, mmap)
 
 
 def from_bytes(data: bytes, name: str, device="cpu") -> dict:
@@ -132,10 +137,42 @@ def model_record(model: SynerGen, dims: dict) -> dict:
     }
 
 
+CONTENT_TABLES = ("embed.item_table", "embed.query_table")
+# what the content tables are computed from (prefixes of state-dict keys)
+_CONTENT_SOURCES = ("embed.id_emb.", "embed.item_text", "embed.query_text", "embed.query_id_emb.", "embed.code_emb.")
+_SEMANTIC_IDS = ("embed.codes_", "semantic.")  # semantic IDs and their heads: generative retrieval only
+_TEXT_BUFFERS = ("embed.item_text", "embed.query_text")
+
+
+def serving_record(record: dict, semantic_ids: bool = True, keep_weights: bool = False) -> dict:
+    """``record`` with its item and query content precomputed (``CONTENT_TABLES``, [n_items, d] and
+    [n_queries, d]) in place of what they are computed from; without ``semantic_ids`` also without the
+    semantic IDs and their heads (dense retrieval reads neither). The model it builds scores exactly as
+    ``record``'s does and cannot be trained. ``keep_weights``: keep the trained weights the tables come
+    from and drop only the text buffers (what the registry holds: it serves, and it starts the next day's
+    warm start, which takes today's text vectors anyway). Computed in chunks; the record is catalog-sized."""
+    sd = record["state_dict"]
+    config = dict(record["model_config"])
+    keep = dict(sd)
+    if "embed.item_table" not in sd:
+        items, queries = build_from_record(record).embed.content_tables()
+        keep["embed.item_table"] = items
+        if queries is not None:
+            keep["embed.query_table"] = queries
+    drop = _TEXT_BUFFERS if keep_weights else _CONTENT_SOURCES
+    keep = {k: v for k, v in keep.items() if not k.startswith(drop)}
+    if not semantic_ids:
+        keep = {k: v for k, v in keep.items() if not k.startswith(_SEMANTIC_IDS)}
+        config["semantic_head"] = False
+    return {**record, "model_config": config, "state_dict": keep}
+
+
 def build_from_record(record: dict, device="cpu") -> SynerGen:
-    """Rebuild a model from ``model_record`` output; side inputs come back from the state dict."""
+    """Rebuild a model from ``model_record`` or ``serving_record`` output; side inputs come back from
+    the state dict. Content tables are used as given (not copied): memory-mapped ones stay mapped."""
     sd = record["state_dict"]
     dims = record["dims"]
+    text_proj = sd.get("embed.text_proj.weight")
     model = SynerGen(
         ModelConfig(**record["model_config"]),
         n_items=dims["n_items"], n_queries=dims["n_queries"], n_actions=dims["n_actions"],
@@ -143,8 +180,17 @@ def build_from_record(record: dict, device="cpu") -> SynerGen:
         item_text=sd.get("embed.item_text"), query_text=sd.get("embed.query_text"),
         item_codes=sd.get("embed.codes_rec"), search_codes=sd.get("embed.codes_search"),
         codebook_size=dims.get("codebook_size"),
+        item_table=sd.get("embed.item_table"), query_table=sd.get("embed.query_table"),
+        text_dim=None if text_proj is None else text_proj.shape[1],
     )
-    model.load_state_dict(sd)
+    if "embed.item_table" not in sd:
+        model.load_state_dict(sd)
+    else:  # the tables are the model's buffers already; weights they were computed from are not read
+        weights = {k: v for k, v in sd.items() if k not in CONTENT_TABLES and not k.startswith(_CONTENT_SOURCES)}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if set(missing) - set(CONTENT_TABLES) or unexpected:
+            raise PipelineError(f"a serving record that does not fit its model: missing {missing}, "
+                                f"unexpected {unexpected}")
     return model.to(device).eval()
 
 

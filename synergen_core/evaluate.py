@@ -262,6 +262,8 @@ def model_vocab(model: SynerGen) -> tuple[int, int | None]:
     emb = model.embed
     if emb.query_id_emb is not None:
         return model.n_items, emb.query_id_emb.num_embeddings
+    if emb.query_table is not None:  # a model built from content tables (serving)
+        return model.n_items, int(emb.query_table.shape[0])
     return model.n_items, None if emb.query_text is None else int(emb.query_text.shape[0])
 
 

@@ -18,6 +18,12 @@ Linear as item text (one text space for queries and items; new queries can come 
 
 Index 0 is padding in every table (items, queries, actions, surfaces): vocabulary sizes count it, so
 real items are 1 .. n_items - 1 and buffers have n_items rows whose row 0 is ignored.
+
+Serving needs the content vectors only, not how they were made: ``content_tables`` computes them once
+for the whole catalog ([n_items, d] and [n_queries, d]), and a ``TokenEmbedding`` built from them
+(``item_table`` / ``query_table``) reads rows of those tables instead of summing ID, text and code
+embeddings. At d = 64 and 384-d text that is a sixth of the text buffer alone, and the tables can be
+memory-mapped (see ``synergen_core.serving``). Such an embedding cannot be trained.
 """
 from __future__ import annotations
 
@@ -50,15 +56,32 @@ class TokenEmbedding(nn.Module):
         item_codes: Tensor | None = None,  # [n_items, levels] long in [0, codebook_size): rec-view IDs
         search_codes: Tensor | None = None,  # [n_items, levels'] search-view IDs (optional)
         codebook_size: int | None = None,
+        item_table: Tensor | None = None,  # [n_items, d] precomputed item_content (serving: see content_tables)
+        query_table: Tensor | None = None,  # [n_queries, d] precomputed query_content
+        text_dim: int | None = None,  # d_text of a text model built from tables (new query texts are projected)
     ):
         super().__init__()
         d = cfg.d_model
         self.cfg, self.n_items = cfg, n_items
         if not (cfg.use_id_emb or cfg.use_text_emb or cfg.use_semantic_ids):
             raise ValueError("model: at least one of use_id_emb, use_text_emb, use_semantic_ids must be on")
-        self.id_emb = nn.Embedding(n_items, d, padding_idx=0) if cfg.use_id_emb else None
+        self.from_tables = item_table is not None
+        tables = {"item_table": (item_table, n_items), "query_table": (query_table, n_queries)}
+        for name, (t, rows) in tables.items():
+            if t is not None and (t.ndim != 2 or t.shape != (rows, d)):
+                raise ValueError(f"{name} must be [{rows}, {d}], got {tuple(t.shape)}")
+            # registered as given (no copy): a memory-mapped table stays mapped
+            self.register_buffer(name, t if t is None or t.dtype == torch.float32 else t.float())
+        self.id_emb = nn.Embedding(n_items, d, padding_idx=0) if cfg.use_id_emb and not self.from_tables else None
         self.text_proj = None
-        if cfg.use_text_emb:
+        if self.from_tables:
+            self.register_buffer("item_text", None)
+            self.register_buffer("query_text", None)
+            if cfg.use_text_emb:
+                if text_dim is None:
+                    raise ValueError("a text model built from content tables needs text_dim")
+                self.text_proj = nn.Linear(text_dim, d)
+        elif cfg.use_text_emb:
             if item_text is None:
                 raise ValueError("model.use_text_emb is on but no item text embeddings were given")
             _check_rows("item_text", item_text, n_items)
@@ -69,7 +92,7 @@ class TokenEmbedding(nn.Module):
             self.register_buffer("item_text", item_text.float())
             self.register_buffer("query_text", None if query_text is None else query_text.float())
             self.text_proj = nn.Linear(item_text.shape[1], d)
-        self.query_id_emb = None if cfg.use_text_emb else nn.Embedding(n_queries, d, padding_idx=0)
+        self.query_id_emb = None if cfg.use_text_emb or self.from_tables else nn.Embedding(n_queries, d, padding_idx=0)
         # Codes are kept even with the input part off: the semantic-ID heads and decoding read them here.
         if search_codes is not None and item_codes is None:
             raise ValueError("search_codes need item_codes (the recommendation view) too")
@@ -83,7 +106,7 @@ class TokenEmbedding(nn.Module):
             self.register_buffer(f"codes_{view}", None if codes is None else codes.long())
         self.codebook_size = codebook_size
         self.code_emb = None
-        if cfg.use_semantic_ids:
+        if cfg.use_semantic_ids and not self.from_tables:
             if not self.views:
                 raise ValueError("model.use_semantic_ids is on but no item_codes / codebook_size were given")
             self.code_emb = nn.ModuleDict({v: self._code_tables(self.codes(v).shape[1], d) for v in self.views})
@@ -93,6 +116,8 @@ class TokenEmbedding(nn.Module):
 
     def item_content(self, item_idx: Tensor) -> Tensor:
         """item_idx: [...] long -> [..., d]: the item parts only (no type, action or surface)."""
+        if self.from_tables:
+            return self.item_table[item_idx]
         parts = []
         if self.id_emb is not None:
             parts.append(self.id_emb(item_idx))
@@ -116,6 +141,8 @@ class TokenEmbedding(nn.Module):
 
     def query_content(self, query_idx: Tensor, query_text: Tensor | None = None) -> Tensor:
         """query_idx: [...] long; query_text: [..., d_text] overriding the buffer -> [..., d]."""
+        if self.query_table is not None and query_text is None:
+            return self.query_table[query_idx]
         if self.text_proj is None:
             return self.query_id_emb(query_idx)
         if query_text is None:
@@ -123,6 +150,22 @@ class TokenEmbedding(nn.Module):
                 raise ValueError("no query text embeddings: give query_text to the model or in the batch")
             query_text = self.query_text[query_idx]
         return self.text_proj(query_text.float())
+
+    @torch.no_grad()
+    def content_tables(self, chunk: int = 65536) -> tuple[Tensor, Tensor | None]:
+        """-> (item_content of every item [n_items, d], query_content of every query the model holds
+        [n_queries, d], or None for a text model without a query buffer). Chunked: the text buffer is
+        the only catalog-sized input, nothing [n_items, d_text]-sized is made."""
+        items = torch.cat([self.item_content(torch.arange(i, min(i + chunk, self.n_items), device=self.type_emb.weight.device))
+                           for i in range(0, self.n_items, chunk)])
+        if self.query_id_emb is not None:
+            return items, self.query_id_emb.weight.detach().clone()
+        if self.query_text is None:
+            return items, self.query_table
+        n = self.query_text.shape[0]
+        queries = torch.cat([self.query_content(torch.arange(i, min(i + chunk, n), device=items.device))
+                             for i in range(0, n, chunk)])
+        return items, queries
 
     def forward(
         self,

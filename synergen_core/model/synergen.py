@@ -103,6 +103,9 @@ class SynerGen(nn.Module):
         item_codes: Tensor | None = None,  # [n_items, levels] rec-view semantic IDs from the RQ-VAE
         search_codes: Tensor | None = None,  # [n_items, levels'] search-view semantic IDs (optional)
         codebook_size: int | None = None,
+        item_table: Tensor | None = None,  # [n_items, d] precomputed item content (serving; embeddings.py)
+        query_table: Tensor | None = None,  # [n_queries, d]
+        text_dim: int | None = None,
     ):
         super().__init__()
         if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -114,7 +117,7 @@ class SynerGen(nn.Module):
         self.embed = TokenEmbedding(
             cfg, n_items=n_items, n_queries=n_queries, n_actions=n_actions, n_surfaces=n_surfaces,
             item_text=item_text, query_text=query_text, item_codes=item_codes, search_codes=search_codes,
-            codebook_size=codebook_size,
+            codebook_size=codebook_size, item_table=item_table, query_table=query_table, text_dim=text_dim,
         )
         self.rope = RotaryEmbedding(
             d // cfg.n_heads, cfg.rope, cfg.rope_base, cfg.rope_min_period_s, cfg.rope_max_period_s
