@@ -25,23 +25,30 @@ Requests (the sessionized tables of ds):
 
 Both are scored at the end of ds (the lists serve the next day). Retrieval, by ``score.retriever``:
 ``dense`` searches the candidate index (``synergen_core.index``: exact up to ``score.exact_max_items``
-items, else IVF whose recall is measured on real request vectors) with the model's request vector;
+items, else IVF, IVF-PQ from ``score.pq_min_items``, whose recall is measured on real request vectors)
+with the model's request vector;
 ``generative`` decodes semantic IDs with trie-constrained beam search (``SynerGen.generate``). The
 ``score.retrieve_n`` best items not consumed (where excluded) are re-scored by the ranking head, for the
 tasks whose lists it orders (``score.order``; default: the choice recorded with the model on validation,
 ``synergen_core.list_order``; the others keep the retrieval order), and the ``score.top_k`` best kept.
 Consumed = every item of the user's ``events`` history up to ds, read from the ``consumed`` snapshot of ds.
 
-Inference runs in Spark (``mapInArrow``): the model record and the serialized index are broadcast, built
-once per Python worker (``_scorer``), and every Arrow batch is scored in vectorized chunks of
+Inference runs in Spark (``mapInArrow``) from a serving payload (``_broadcast``): the driver turns the model
+into a ``checkpoint.serving_record`` (item and query content vectors precomputed into two tables; no ID
+tables, text buffers or, for dense retrieval, semantic IDs), writes the tables and the candidate index as
+files under ``<lake>/<score.output>/_payload/`` that the workers memory-map, and broadcasts only the rest
+of the weights (encoder and heads: catalog-independent). ``_score.json``'s ``payload`` counts the bytes.
+A worker builds its scorer once (``_scorer``), and every Arrow batch is scored in vectorized chunks of
 ``score.batch_size`` requests (torch and numpy; no per-request Python loop). Requests are hash-partitioned
 by user into a fixed number of partitions and sorted within them, so the chunks, and so the floats, are
 the same on any master: a rerun and a cluster run give the same lists.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -103,23 +110,30 @@ def _model_file(p: Path, ref: str) -> Path:
 
 
 def with_queries(record: dict, vectors: np.ndarray) -> dict:
-    """The model record with ``vectors`` [m, d_text] appended to its query text table: new queries get
-    indices n_queries .. n_queries + m - 1 (a text model reads a query through its text vector only)."""
+    """The model record with ``vectors`` [m, d_text] appended to its query text table (or, for a serving
+    record, their content vectors to its query table): new queries get indices n_queries .. n_queries +
+    m - 1 (a text model reads a query through its text vector only)."""
     if len(vectors) == 0:
         return record
-    sd = dict(record["state_dict"])
-    old = sd["embed.query_text"]
-    if vectors.shape[1] != old.shape[1]:
-        raise ValueError(f"query vectors of width {vectors.shape[1]} for a model whose text is {old.shape[1]}-d: "
-                         "text_encoder must be the encoder the model was trained with")
     import torch
 
-    sd["embed.query_text"] = torch.cat([old, torch.from_numpy(vectors.astype(np.float32))])
-    return {**record, "state_dict": sd, "dims": {**record["dims"], "n_queries": int(sd["embed.query_text"].shape[0])}}
+    sd = dict(record["state_dict"])
+    width = sd["embed.text_proj.weight"].shape[1]
+    if vectors.shape[1] != width:
+        raise ValueError(f"query vectors of width {vectors.shape[1]} for a model whose text is {width}-d: "
+                         "text_encoder must be the encoder the model was trained with")
+    new = torch.from_numpy(vectors.astype(np.float32))
+    key = "embed.query_table" if "embed.query_table" in sd else "embed.query_text"
+    if key == "embed.query_table":  # a serving record: the queries' content, as the model computes it
+        new = torch.nn.functional.linear(new, sd["embed.text_proj.weight"], sd["embed.text_proj.bias"])
+    sd[key] = torch.cat([sd[key], new])
+    return {**record, "state_dict": sd, "dims": {**record["dims"], "n_queries": int(sd[key].shape[0])}}
 
 
 def reads_text(record: dict) -> bool:
-    return bool(record["model_config"]["use_text_emb"]) and record["state_dict"].get("embed.query_text") is not None
+    sd = record["state_dict"]
+    return bool(record["model_config"]["use_text_emb"]) and any(sd.get(k) is not None for k in
+                                                                 ("embed.query_text", "embed.query_table"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,26 +278,26 @@ def _query_indices(cfg: Config, ds: str, record: dict, pairs: DataFrame):
     """Search pairs with the query index the model reads: a text model gets text vectors for the queries it
     has not seen (vocabulary queries after its training, then new request queries, in sorted order); an
     ID-only model cannot read them and their requests are dropped. -> (record, n_queries, pairs, dropped)."""
-    from synergen_core.data import read_table, vocab_size
-
     n_model = record["dims"]["n_queries"]
     if not reads_text(record):
         known = F.col(C.QUERY_INDEX).isNotNull() & (F.col(C.QUERY_INDEX) < n_model)
         n_unknown = pairs.where(~known).count()
         return record, n_model, pairs.where(known), {"search_unknown_query": n_unknown} if n_unknown else {}
-    vocab = read_table(cfg.layout.part(cfg.layout.sessions("query_vocab"), ds))
-    n_vocab = max(vocab_size(vocab, C.QUERY_INDEX), n_model)
+    spark = pairs.sparkSession
+    vocab = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("query_vocab"), ds, QUERY_VOCAB)
+    # Collected: the queries the vocabulary gained since the model's training (the model has the older
+    # ones' vectors) and the day's requests' queries it lacks, bounded by days since training, not by history.
+    later = vocab.where(F.col(C.QUERY_INDEX) >= n_model).select(C.QUERY_INDEX, C.QUERY).collect()
+    n_vocab = max([n_model] + [r[C.QUERY_INDEX] + 1 for r in later])
     fresh = sorted(r[C.QUERY] for r in pairs.where(F.col(C.QUERY_INDEX).isNull()).select(C.QUERY).distinct().collect())
     texts = [""] * (n_vocab - n_model) + fresh  # indices n_model .. n_vocab - 1, then the fresh ones
-    for i, q in zip(vocab[C.QUERY_INDEX].to_pylist(), vocab[C.QUERY].to_pylist()):
-        if i >= n_model:
-            texts[i - n_model] = q or ""
+    for r in later:
+        texts[r[C.QUERY_INDEX] - n_model] = r[C.QUERY] or ""
     if texts:
         from synergen_core.text_encoder import load_text_encoder
 
         record = with_queries(record, load_text_encoder(cfg.text_encoder).encode(texts))
     if fresh:
-        spark = pairs.sparkSession
         new = spark.createDataFrame([(q, n_vocab + j) for j, q in enumerate(fresh)], f"{C.QUERY} string, _new int")
         pairs = pairs.join(F.broadcast(new), C.QUERY, "left").select(
             C.USER_ID, C.QUERY, F.coalesce(C.QUERY_INDEX, "_new").alias(C.QUERY_INDEX))
@@ -320,7 +334,8 @@ def build_index(scorer: Scorer, cfg: Config, sample: pa.Table):
             req, _ = scorer.requests(sample.combine_chunks().to_batches()[0])
             q = np.concatenate([scorer.request_vectors(req, np.arange(i, min(i + sc.batch_size, len(req))))
                                 for i in range(0, len(req), sc.batch_size)]) if len(req) else None
-    return index.build(vecs, ids, q, sc.retrieve_n, sc.exact_max_items, sc.min_ann_recall, sc.ann_nlist, sc.seed)
+    return index.build(vecs, ids, q, sc.retrieve_n, sc.exact_max_items, sc.min_ann_recall, sc.ann_nlist, sc.seed,
+                       sc.pq_min_items, sc.pq_refine)
 
 
 def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None = None) -> dict:
@@ -330,25 +345,30 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
     t0 = time.perf_counter()
     ref = resolve_model(cfg, model_dir)
     record = checkpoint.load(ref.path)
+    n_model_queries = record["dims"]["n_queries"]
     require_inputs(cfg, ds)
     prep = prepare(spark, cfg, ds, record)
     settings = _settings(cfg, ds, prep.n_queries, record)
+    # what the workers need: content tables instead of ID tables, text buffers and code embeddings
+    serving = checkpoint.serving_record(prep.record, semantic_ids=cfg.score.retriever == "generative")
+    del record, prep.record  # catalog-sized: the serving record replaces them
     reqs = prep.requests.cache()  # read by the recall sample, the scoring and the counts
     try:
         t1 = time.perf_counter()
-        cand_index = _candidate_index(cfg, reqs, prep.record, settings)
+        cand_index = _candidate_index(cfg, reqs, serving, settings)
         index_s = time.perf_counter() - t1
         figures = {
             "ds": ds, "model": {"name": ref.name, "version": ref.version, "path": str(ref.path)},
             "retriever": cfg.score.retriever, "top_k": cfg.score.top_k, "retrieve_n": cfg.score.retrieve_n,
             "exclude_consumed": {SURFACE_REC: cfg.score.exclude_consumed,
                                  SURFACE_SEARCH: cfg.score.exclude_consumed_search},
-            "catalog_items": int(record["dims"]["n_items"] - 1), "n_items": int(record["dims"]["n_items"]),
-            "queries_added": prep.n_queries - record["dims"]["n_queries"], "request_ts": settings.request_ts,
+            "catalog_items": int(serving["dims"]["n_items"] - 1), "n_items": int(serving["dims"]["n_items"]),
+            "queries_added": prep.n_queries - n_model_queries, "request_ts": settings.request_ts,
             "index": cand_index.report if cand_index is not None else {"kind": "generative"},
             "dropped": prep.dropped, "list_order": {"setting": cfg.score.order, **settings.list_order},
         }
-        payload = _broadcast(spark, prep.record, cand_index, settings, str(ref.path))
+        payload, payload_dir = _broadcast(spark, cfg, ds, serving, cand_index, settings, str(ref.path))
+        figures["payload"] = _payload_bytes(payload, payload_dir)
         try:
             t2 = time.perf_counter()
 
@@ -366,6 +386,9 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
             candidates.write_staged(cfg, ds, _lists(spark, cfg, ds, reqs, payload, ref), finish)
         finally:
             payload.destroy()
+            shutil.rmtree(payload_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the table's folder too, unless another day's run is using it
+                payload_dir.parent.rmdir()
     finally:
         reqs.unpersist()
     log.info("score %s: %s", ds, figures["surfaces"])
@@ -378,6 +401,7 @@ def _candidate_index(cfg: Config, reqs: DataFrame, record: dict, settings: Setti
         return None
     scorer = Scorer(checkpoint.build_from_record(record), None, settings)
     big = scorer.model.n_items - 1 > cfg.score.exact_max_items
+    # ann_sample requests (configured) for the recall measurement
     sample = (reqs.orderBy(F.xxhash64(C.SURFACE, C.USER_ID, C.QUERY)).limit(cfg.score.ann_sample).toArrow()
               if big else pa.table({}))
     cand_index = build_index(scorer, cfg, sample)
@@ -385,16 +409,28 @@ def _candidate_index(cfg: Config, reqs: DataFrame, record: dict, settings: Setti
     return cand_index
 
 
-def _broadcast(spark: SparkSession, record: dict, cand_index, settings: Settings, source: str):
-    """What every Python worker builds its ``Scorer`` from (``_scorer``): model record bytes (``source``: the
-    model file they came from, named if they are refused), index, settings.
+def _broadcast(spark: SparkSession, cfg: Config, ds: str, record: dict, cand_index, settings: Settings, source: str):
+    """What every Python worker builds its ``Scorer`` from (``_scorer``): the serving record's content
+    tables and the index as files in the lake, memory-mapped by the workers (one copy in each machine's
+    page cache, not one per worker), and a broadcast of the rest: the encoder's and heads' weights
+    (catalog-independent), settings and the files' paths (``serving.write_payload``). The record is plain
+    tensors (``checkpoint.to_bytes``) and the workers read it weights-only. -> (broadcast, payload folder:
+    remove it when the lists are written; a killed run's is removed by the next run of the stage)."""
+    from synergen_core.serving import write_payload
 
-    Its size grows with the catalog (ID embeddings, text buffers, the index): bounded by the catalog, not
-    by users or events; shipping precomputed item vectors instead is issue 30's lean payload. The record
-    is plain tensors (``checkpoint.to_bytes``) and the workers read it weights-only."""
-    return spark.sparkContext.broadcast({"key": uuid.uuid4().hex, "record": checkpoint.to_bytes(record),
-                                         "source": source, "settings": settings,
-                                         "index": cand_index.dumps() if cand_index is not None else None})
+    table = cfg.layout.scoring_payload_table
+    lake.remove_stale(cfg.lake.root, table)
+    folder = lake.staging_dir(cfg.layout.part(table, ds))
+    value = write_payload(record, cand_index, settings, folder, source)
+    return spark.sparkContext.broadcast({"key": uuid.uuid4().hex, **value}), folder
+
+
+def _payload_bytes(payload, folder: Path) -> dict:
+    """What the executors receive: the broadcast's bytes and the files they map (all of them counted, as if
+    every page were read)."""
+    files = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    broadcast = len(payload.value["record"])
+    return {"broadcast_bytes": broadcast, "file_bytes": files, "total_bytes": broadcast + files}
 
 
 def _lists(spark: SparkSession, cfg: Config, ds: str, reqs: DataFrame, payload, ref: ModelRef) -> DataFrame:

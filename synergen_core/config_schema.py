@@ -426,6 +426,10 @@ class ScoreConfig(_Section):
     min_ann_recall: float = Field(0.95, gt=0.0, le=1.0)  # IVF recall@N vs exact below this: exact is used
     ann_sample: int = Field(1000, ge=1)  # real request vectors the IVF recall is measured on
     ann_nlist: int | None = Field(None, ge=1)  # IVF lists; null: about sqrt(catalog)
+    # IVF-PQ (32 bytes an item at d = 64) from this catalog size on, IVF-Flat below; it fetches pq_refine x N
+    # items and re-scores them exactly from the model's item table (synergen_core.index)
+    pq_min_items: int | None = Field(1_000_000, ge=1)
+    pq_refine: int = Field(2, ge=1)
     batch_size: int = Field(256, ge=1)  # requests per model forward
     threads: int = Field(1, ge=1)  # torch and faiss threads per Spark task (tasks already run in parallel)
     # The model's passes in float32, or under bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16

@@ -95,6 +95,11 @@ class Layout:
         return self.part(self.candidates_staging_table, ds)
 
     @property
+    def scoring_payload_table(self) -> str:
+        """Where a scoring run leaves the files its workers map (content tables, index) while it runs."""
+        return f"{self.candidates}/_payload"
+
+    @property
     def registry_cache(self) -> Path:
         """Where registered model versions are downloaded to, by default (``registry.cache_dir``)."""
         return Path(self.root) / "_registry_cache"

@@ -182,7 +182,7 @@ class Scorer:
         else:
             search = self._search(req, chunk)
             q = self.model.retrieval.query(h, search).float().numpy()
-            scores, items = self.index.search(q, self.settings.retrieve_n + extra)
+            scores, items = self.index.search(q, self.settings.retrieve_n + extra, self.exact_scores)
             temperature = self.model.temperature(search).detach().float().numpy()  # [] or [r, 1]
             retr = scores / temperature  # the model's retrieval logit
         cand, retr, valid = _first_valid(items, retr, _consumed_mask(items, consumed, self.model.n_items),
@@ -193,6 +193,15 @@ class Scorer:
         order = np.argsort(-ranking, axis=1, kind="stable")[:, : self.settings.top_k]  # ties keep the retrieval order
         take = lambda a: np.take_along_axis(a, order, 1)  # noqa: E731
         return chunk, take(cand), take(retr), take(ranking), take(valid)
+
+    def exact_scores(self, queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """queries [r, d] unit request vectors, items [r, w] -> [r, w] their inner products with the items'
+        vectors (what an IVF-PQ index re-ranks its approximate hits by)."""
+        import torch
+
+        with torch.no_grad():
+            vectors = self.model.item_vectors(torch.from_numpy(items)).float()  # [r, w, d]
+            return torch.einsum("rd,rwd->rw", torch.from_numpy(queries), vectors).numpy()
 
     def _generate(self, h, task: np.ndarray, beam: int) -> tuple[np.ndarray, np.ndarray]:
         """Beam search per semantic-ID view -> (items [r, w], log-probabilities [r, w]; 0 / -inf when missing)."""
@@ -279,8 +288,27 @@ def _output(batch: pa.RecordBatch, kept: np.ndarray, parts: list[tuple]) -> pa.R
         schema=scored_arrow_schema())
 
 
+TABLES_FILE, INDEX_DIR = "tables.pt", "index"
+
+
+def write_payload(record: dict, cand_index, settings: Settings, folder, source: str) -> dict:
+    """What scoring's workers build their ``Scorer`` from (``build_scorer``): a ``checkpoint.serving_record``
+    split into files they memory-map (its content tables; the candidate index) in ``folder`` (a path every
+    worker reads: the lake) and the small value to broadcast (the other weights, settings, the paths).
+    ``source``: the model file the record came from, named if a worker refuses it."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    sd = record["state_dict"]
+    checkpoint.save({k: sd[k] for k in checkpoint.CONTENT_TABLES if k in sd}, folder / TABLES_FILE)
+    rest = {**record, "state_dict": {k: v for k, v in sd.items() if k not in checkpoint.CONTENT_TABLES}}
+    return {"record": checkpoint.to_bytes(rest), "source": source, "settings": settings,
+            "tables": str(folder / TABLES_FILE),
+            "index": None if cand_index is None else str(cand_index.write(folder / INDEX_DIR))}
+
+
 def build_scorer(payload: dict) -> Scorer:
-    """The ``Scorer`` of a broadcast payload: model record bytes, serialized index, settings."""
+    """The ``Scorer`` of a ``write_payload`` value: model weights, content tables and index memory-mapped."""
     import faiss
     import torch
 
@@ -291,8 +319,9 @@ def build_scorer(payload: dict) -> Scorer:
     faiss.omp_set_num_threads(s.threads)
     # weights only: the bytes are a model file's record, and a pickled object in it would run code here
     record = checkpoint.from_bytes(payload["record"], payload.get("source", "the model record"))
+    record["state_dict"].update(checkpoint.load(payload["tables"], mmap=True))
     model = checkpoint.build_from_record(record)
-    index = CandidateIndex.loads(payload["index"]) if payload["index"] is not None else None
+    index = CandidateIndex.read(payload["index"]) if payload["index"] is not None else None
     return Scorer(model, index, s)
 
 

@@ -320,7 +320,51 @@ def test_search_requests_use_the_search_tower_and_its_temperature():
         assert set(items[row]) <= set(logits[row].topk(8).indices.tolist())
 
 
-def test_index_exact_ivf_and_fallback():
+@pytest.mark.parametrize("overrides", [{}, {"use_text_emb": False, "ranking": "on_retrieval", "task_towers": True}])
+def test_workers_score_from_mapped_content_tables_as_the_trained_model_does(tmp_path, overrides):
+    from synergen_core import checkpoint
+    from synergen_core.data import Requests
+    from synergen_core.model import RECOMMEND, SEARCH
+    from tiny_synergen import tiny_batch, tiny_model
+
+    model = tiny_model(**overrides).eval()
+    record = checkpoint.model_record(model, {"n_items": model.n_items, "n_queries": 10, "n_actions": 5,
+                                             "n_surfaces": 4, "codebook_size": 8})
+    lean = checkpoint.serving_record(record, semantic_ids=False)
+    gone = ("embed.item_text", "embed.query_text", "embed.id_emb.weight", "embed.codes_rec", "embed.query_id_emb.weight")
+    assert not set(gone) & set(lean["state_dict"]) and not any(k.startswith("semantic.") for k in lean["state_dict"])
+    assert lean["state_dict"]["embed.item_table"].shape == (model.n_items, 32)
+    vectors = model.item_vectors()[1:].detach().numpy()
+    index = cindex.CandidateIndex(cindex.exact_index(vectors), np.arange(1, len(vectors) + 1), cindex.EXACT)
+    settings = serving.Settings(top_k=5, retrieve_n=8, retriever="dense", batch_size=3, request_ts=0.0,
+                                n_queries=10, threads=1, progress=False)
+    payload = serving.write_payload(lean, index, settings, tmp_path / "payload", "test")
+    assert "embed.item_table" not in checkpoint.from_bytes(payload["record"], "test")["state_dict"]
+    worker = serving.build_scorer(payload)
+    # the worker's table is the file, mapped, not a copy
+    assert _mapped_from(worker.model.embed.item_table, tmp_path / "payload" / serving.TABLES_FILE)
+    batch = tiny_batch(with_candidates=False)
+    req = Requests({k: v.numpy() for k, v in batch.items()}, np.zeros(3, np.int64),
+                   np.array([SEARCH, RECOMMEND, RECOMMEND]), np.zeros(3, np.int64), np.zeros(3), np.array([6, 4, 4]))
+    none = pa.array([[], [], []], pa.list_(pa.int64()))
+    with torch.no_grad():
+        want = serving.Scorer(model, index, settings)._score_chunk(req, np.arange(3), none)
+        got = worker._score_chunk(req, np.arange(3), none)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _mapped_from(t: torch.Tensor, path: Path) -> bool:
+    """The tensor's memory lies in a mapping of ``path`` (Linux: /proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= t.data_ptr() < hi:
+                return True
+    return False
+
+
+def test_index_exact_ivf_and_fallback(tmp_path):
     items, queries = clustered(4000, 16, 0), clustered(200, 16, 1)
     ids = np.arange(1, 4001)
     exact = cindex.build(items, ids, None, 20, exact_max_items=4000, min_recall=0.95)
@@ -329,8 +373,8 @@ def test_index_exact_ivf_and_fallback():
     assert ivf.kind == cindex.IVF and ivf.report["ann_recall"] >= 0.9 and ivf.report["nprobe"] >= 1
     truth = exact.search(queries, 20)[1]
     assert cindex.recall_at_k(ivf.search(queries, 20)[1], truth) == pytest.approx(ivf.report["ann_recall"])
-    # the build is deterministic, and survives shipping to an executor
-    again = cindex.CandidateIndex.loads(cindex.build(items, ids, queries, 20, 1000, 0.9, seed=3).dumps())
+    # the build is deterministic, and the files workers map give the same searches
+    again = cindex.CandidateIndex.read(cindex.build(items, ids, queries, 20, 1000, 0.9, seed=3).write(tmp_path / "ivf"))
     np.testing.assert_array_equal(again.search(queries, 20)[1], ivf.search(queries, 20)[1])
     assert again.report == ivf.report and set(np.unique(again.search(queries, 5)[1])) <= set(ids)
     # a request deeper than its probed lists hold is searched in all of them: never a short list
@@ -342,6 +386,27 @@ def test_index_exact_ivf_and_fallback():
     fallback = cindex.build(noise, ids, rng.normal(size=(50, 16)), 20, 1000, min_recall=0.999)
     assert fallback.kind == cindex.EXACT and "fell back to exact" in fallback.report["why"]
     assert fallback.report["ann_recall"] < 0.999
+
+
+def test_ivf_pq_reranks_exactly_and_is_mapped_from_a_fraction_of_the_bytes(tmp_path):
+    items, queries = clustered(4000, 16, 0), clustered(200, 16, 1)
+    ids = np.arange(1, 4001)
+    exact_scores = cindex.exact_scores(items, ids)
+    truth = cindex.build(items, ids, None, 20, exact_max_items=4000, min_recall=0.95).search(queries, 20)
+    pq = cindex.build(items, ids, queries, 20, exact_max_items=1000, min_recall=0.9, seed=3, pq_min_items=2000)
+    assert pq.kind == cindex.IVFPQ and pq.report["ann_recall"] >= 0.9 and pq.report["pq_refine"] == 2
+    with pytest.raises(ValueError, match="exact scores"):
+        pq.search(queries, 20)
+    scores, found = pq.search(queries, 20, exact_scores)
+    assert cindex.recall_at_k(found, truth[1]) == pytest.approx(pq.report["ann_recall"])
+    # the scores are the exact inner products, best first, not PQ's approximations
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, items[found - 1]), rtol=1e-5, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    mapped = cindex.CandidateIndex.read(pq.write(tmp_path / "pq"))
+    np.testing.assert_array_equal(mapped.search(queries, 20, exact_scores)[1], found)
+    ivf = cindex.build(items, ids, queries, 20, exact_max_items=1000, min_recall=0.9, seed=3).write(tmp_path / "ivf")
+    size = lambda d: (d / cindex.INDEX_FILE).stat().st_size  # noqa: E731
+    assert size(tmp_path / "pq") < 0.6 * size(ivf)  # 8 bytes an item against 64 (plus lists' ids and centroids)
 
 
 # ---------------------------------------------------------------------------------------------
