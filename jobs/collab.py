@@ -122,8 +122,8 @@ def champion_from_registry(cfg: Config, ds: str) -> ChampionVectors | None:
 
     Only items the champion saw engaged before its training day (item vocabulary count > 0 on the day its
     version was trained) are returned: the ID rows of the others were never trained. The version is the
-    registry version, so a promotion is a new vector space for the semantic-ID stage. The whole model is
-    loaded here, so its ID table (and the vocabulary it was trained on) is held in this process: bounded
+    registry version, so a promotion is a new vector space for the semantic-ID stage. The whole model file
+    is loaded here, so its ID table (and the vocabulary it was trained on) is held in this process: bounded
     by the model, which the train stage holds in one process too."""
     from synergen_core import checkpoint, registry
 
@@ -132,15 +132,16 @@ def champion_from_registry(cfg: Config, ds: str) -> ChampionVectors | None:
         path, _, version = registry.download_model(cfg, f"models:/{name}@{registry.CHAMPION}")
     except registry.RegistryError:
         return None  # no registered model, or no champion yet: the first run
-    model = checkpoint.load_model(path)
-    if model.embed.id_emb is None:
+    record = checkpoint.load(path / checkpoint.MODEL if path.is_dir() else path)
+    id_table = record["state_dict"].get("embed.id_emb.weight")  # [n_items, d]
+    if id_table is None:
         return None  # an ID-free champion has no collaborative vectors
     trained_ds = registry.client(cfg).get_model_version(name, version).tags.get("synergen.ds")
     vocab_part = lake.partition(cfg.lake.root, cfg.layout.sessions("item_vocab"), trained_ds or ds)
     vocab = pq.read_table(vocab_part, columns=[C.ITEM_INDEX, C.ITEM_ID, C.COUNT])
     idx = vocab[C.ITEM_INDEX].to_numpy().astype(np.int64)
-    keep = (vocab[C.COUNT].to_numpy() > 0) & (idx < model.n_items)
-    weights = model.embed.id_emb.weight.detach().cpu().numpy()
+    keep = (vocab[C.COUNT].to_numpy() > 0) & (idx < id_table.shape[0])
+    weights = id_table.float().numpy()
     return ChampionVectors(f"{name}/{version}", list(np.asarray(vocab[C.ITEM_ID].to_pylist(), object)[keep]),
                            weights[idx[keep]].astype(np.float32))
 

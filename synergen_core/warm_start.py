@@ -117,7 +117,8 @@ def plan(tcfg, ds: str, model: nn.Module, next_ts: np.ndarray, champion: Champio
         return full(f"{age} days since the last full retrain ({champion.full_retrain_ds}): "
                     f"train.full_retrain_days is {tcfg.full_retrain_days}", days_since_full=age)
     sd, n_now = champion.state_dict, model.embed.n_items
-    n_then = next((sd[k].shape[0] for k in ("embed.id_emb.weight", "embed.codes_rec", "embed.item_text") if k in sd),
+    n_then = next((sd[k].shape[0] for k in ("embed.id_emb.weight", "embed.codes_rec", "embed.item_text",
+                                            "embed.item_table") if k in sd),
                   n_now)
     new_share = (n_now - n_then) / max(n_now - 1, 1)
     figs = {"days_since_full": age, "new_item_share": round(new_share, 6)}
