@@ -199,9 +199,10 @@ class Scorer:
         vectors (what an IVF-PQ index re-ranks its approximate hits by)."""
         import torch
 
-        with torch.no_grad():
+        # float32 even under score.precision bfloat16: these scores order the list and are written out
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             vectors = self.model.item_vectors(torch.from_numpy(items)).float()  # [r, w, d]
-            return torch.einsum("rd,rwd->rw", torch.from_numpy(queries), vectors).numpy()
+            return torch.einsum("rd,rwd->rw", torch.from_numpy(queries).float(), vectors).numpy()
 
     def _generate(self, h, task: np.ndarray, beam: int) -> tuple[np.ndarray, np.ndarray]:
         """Beam search per semantic-ID view -> (items [r, w], log-probabilities [r, w]; 0 / -inf when missing)."""

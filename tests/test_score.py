@@ -10,6 +10,7 @@ lists on ``local[*]`` and on a standalone cluster on 127.0.0.1.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -352,6 +353,14 @@ def test_workers_score_from_mapped_content_tables_as_the_trained_model_does(tmp_
         got = worker._score_chunk(req, np.arange(3), none)
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the exact scores an IVF-PQ search is re-ranked by stay float32 under bfloat16 autocast
+    bf16 = serving.Scorer(model, index, dataclasses.replace(settings, precision="bfloat16"))
+    cand = got[1]
+    queries = worker.request_vectors(req, np.arange(3))
+    with bf16.autocast():
+        exact = bf16.exact_scores(queries, cand)
+    assert exact.dtype == np.float32
+    np.testing.assert_allclose(exact, np.einsum("rd,rwd->rw", queries, vectors[cand - 1]), atol=1e-5)
 
 
 def _mapped_from(t: torch.Tensor, path: Path) -> bool:
