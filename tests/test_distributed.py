@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from jobs import stages
 from synergen_core import checkpoint, distributed
+from synergen_core import train as train_mod
 from synergen_core.lake import Layout
-from synergen_core.train import batch_order
 
 TESTS = Path(__file__).parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -23,15 +24,12 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 # ---- the pieces, in this process ----------------------------------------------------------------
 
 
-def test_shard_gives_every_rank_the_same_count_and_covers_every_batch():
-    batches = [f"b{i}" for i in range(7)]
-    parts = [distributed.shard(batches, r, 3) for r in range(3)]
-    assert [len(p) for p in parts] == [3, 3, 3]
-    assert parts[0] == ["b0", "b3", "b6"] and parts[1] == ["b1", "b4", "b0"] and parts[2] == ["b2", "b5", "b1"]
-    assert {b for p in parts for b in p} == set(batches)
-    assert distributed.shard(batches, 0, 1) == batches
-    assert [distributed.shard(["only"], r, 2) for r in range(2)] == [["only"], ["only"]]
-    assert distributed.shard([], 1, 2) == []
+def test_part_splits_a_batch_into_contiguous_parts_in_rank_order():
+    parts = lambda n, w: [distributed.part(n, distributed.Ranks(r, w)) for r in range(w)]  # noqa: E731
+    assert parts(7, 3) == [(0, 3), (3, 5), (5, 7)]  # np.array_split's sizes
+    assert [np.arange(7)[lo:hi].tolist() for lo, hi in parts(7, 3)] == [a.tolist() for a in np.array_split(np.arange(7), 3)]
+    assert parts(8, 2) == [(0, 4), (4, 8)] and parts(5, 1) == [(0, 5)]
+    assert parts(1, 2) == [(0, 1), (1, 1)]  # rank 1 has nothing: make_batch gives it a stand-in row
 
 
 def test_launch_detection_reads_torchrun_environment():
@@ -161,10 +159,10 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
     kept = checkpoint.load(run_dir / checkpoint.MODEL)["state_dict"]  # the average, not the raw weights
     assert final["ema"] is not None and any(not torch.equal(kept[k], v) for k, v in final["model"].items())
 
-    # Each rank took half of every epoch's batches (rounded up), in step with the other.
+    # Each rank took a part of every batch of every epoch: one process's steps.
     data = synthetic_split()
     cfg = synthetic_config(epochs=epochs)
-    per_epoch = [-(-len(batch_order(data.windows.lengths, cfg.train, e)) // 2) for e in range(epochs)]
+    per_epoch = [len(train_mod.batch_order(data.windows.lengths, cfg.train, e)) for e in range(epochs)]
     for r in ranks:
         s = r["summary"]
         assert s["world_size"] == 2 and s["epochs_run"] == epochs and s["steps"] == sum(per_epoch)
