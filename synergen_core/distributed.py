@@ -2,18 +2,30 @@
 
 ``synergen train`` started by ``torchrun --nproc_per_node N`` (which sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``) trains one model with N processes: gloo on the CPU, nccl on CUDA (process r on GPU
-``LOCAL_RANK``). Every rank builds the same model (same seed; DDP also broadcasts rank 0's weights),
-cuts the same seeded batch order of an epoch and takes every N-th batch of it, padded by wrapping around
-so that all ranks take the same number of steps (``shard``). DDP averages the gradients, so the weights
-stay identical on every rank. Rank 0 alone validates, writes ``model.pt``, ``checkpoint.pt`` and
-``train.json`` and tells the others its early-stopping state; all ranks meet at a barrier at every epoch
-end. Started any other way (or with ``WORLD_SIZE=1``) nothing here changes what ``train`` does.
+``LOCAL_RANK``). Every rank builds the same model (same seed; DDP also broadcasts rank 0's weights) and
+takes the same steps as one process: at each step the batch one process would take (the seeded
+``batch_order``, ``train.batch_size`` windows) is split into N contiguous parts, one per rank (``part``;
+a rank left without rows by a short last batch forwards a stand-in row with no targets, because DDP needs
+every rank's backward). Every loss term is a sum over the rank's targets divided by the whole batch's
+count of them (counts, and the in-batch positives of sampled InfoNCE, are gathered from all ranks each
+step: ``train.gather_targets``), so the ranks' losses add up to one process's mean loss; each rank
+back-propagates N times its loss, so DDP's average of the gradients is their sum: one process's gradient.
+Steps per epoch, the learning-rate schedule, the epoch loss (the sum of the ranks' shares), validation
+(rank 0 alone, which tells the others its early-stopping state) and early stopping are one process's.
+Rank 0 alone writes ``model.pt``, ``checkpoint.pt`` and ``train.json``; all ranks meet at a barrier at
+every epoch end. Started any other way (or with ``WORLD_SIZE=1``) nothing here changes what ``train`` does.
 
-Randomness: each rank draws dropout masks and negatives from its own stream (seeded by ``(seed, rank)``);
-a checkpoint keeps every rank's RNG state and running epoch loss, so a resumed run (same number of
-processes: it is part of the checkpoint's fingerprint) ends with the same weights and losses as one never
-stopped. The mean epoch loss is over all ranks' steps. ``find_unused_parameters`` is on because a batch
-may leave some heads unused; torch warns once per process when a run happens not to.
+Randomness: the negatives (retrieval's sampled negatives, ranking's popularity-sampled ones) are drawn
+for the whole batch from a stream seeded by ``(seed, step)`` on every rank, which keeps its rows' share:
+the ones one process draws. Dropout cannot match one process (a rank's masks are drawn for its part of
+the batch): each rank draws them from its own stream (seeded by ``(seed, rank)``). So with
+``model.dropout`` 0 the N ranks train one process's model, to float rounding (sums in another order;
+tests/test_distributed.py checks the loss curve and weights); with dropout, the same model up to the
+masks. Hard ranking negatives (nearest items) follow the weights, so a near-tie may break differently.
+A checkpoint keeps every rank's dropout RNG state and share of the running epoch loss, so a resumed
+run (same number of processes: it is part of the checkpoint's fingerprint) ends with the same weights
+and losses as one never stopped. ``find_unused_parameters`` is on because a part may leave some heads
+unused; torch warns once per process when a run happens not to.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -106,18 +118,17 @@ def device(base: torch.device, ranks: Ranks) -> torch.device:
     return base
 
 
-def shard(batches: Sequence, rank: int, world_size: int) -> list:
-    """Every ``world_size``-th batch from ``rank`` on, wrapped around so that every rank gets
-    ceil(len / world_size) of them (all ranks step together; every batch is seen at least once)."""
-    n = len(batches)
-    if world_size == 1 or n == 0:
-        return list(batches)
-    per_rank = -(-n // world_size)
-    return [batches[(rank + i * world_size) % n] for i in range(per_rank)]
+def part(n: int, ranks: Ranks) -> tuple[int, int]:
+    """This rank's rows [lo, hi) of a batch of ``n``: contiguous, in rank order (so the parts' targets, put
+    together in rank order, are the batch's, in its order), sizes differing by at most one
+    (``np.array_split``'s); empty for the last ranks when ``n`` < world size."""
+    q, r = divmod(n, ranks.world_size)
+    lo = ranks.rank * q + min(ranks.rank, r)
+    return lo, lo + q + int(ranks.rank < r)
 
 
 def seed_rank(seed: int, ranks: Ranks) -> None:
-    """Give each rank its own RNG stream for dropout and negatives (after the shared model init)."""
+    """Give each rank its own RNG stream for dropout (after the shared model init)."""
     torch.manual_seed(int(np.random.SeedSequence((seed, ranks.rank)).generate_state(1, np.uint64)[0] >> 1))
 
 
@@ -129,12 +140,12 @@ class _Step(nn.Module):
         self.model = model
         self.loss_fn, self.tcfg, self.sampler = loss_fn, tcfg, sampler
 
-    def forward(self, batch: dict) -> dict:
-        return self.loss_fn(self.model, batch, self.tcfg, self.sampler)
+    def forward(self, batch: dict, whole: dict) -> dict:
+        return self.loss_fn(self.model, batch, self.tcfg, self.sampler, whole)
 
 
-def wrap_step(model: nn.Module, loss_fn: Callable, tcfg, sampler, dev: torch.device) -> Callable[[dict], dict]:
-    """``batch -> losses`` through DistributedDataParallel (gradients averaged over ranks in backward).
+def wrap_step(model: nn.Module, loss_fn: Callable, tcfg, sampler, dev: torch.device) -> Callable[[dict, dict], dict]:
+    """``(batch, whole) -> losses`` through DistributedDataParallel (gradients averaged over ranks in backward).
 
     Unused parameters are expected (a batch without search events does not touch the search heads);
     buffers (text vectors, semantic IDs) never change, so they are not re-broadcast every step.
@@ -153,13 +164,13 @@ def wrap_step(model: nn.Module, loss_fn: Callable, tcfg, sampler, dev: torch.dev
     )
 
 
-def mean_over_ranks(total: float, count: int) -> float:
-    """sum(total) / sum(count) over all ranks (every rank gets it)."""
-    t = torch.tensor([float(total), float(count)], dtype=torch.float64)
+def sum_over_ranks(value: float) -> float:
+    """The sum of ``value`` over all ranks (every rank gets it)."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return float(t[0] / max(float(t[1]), 1.0))
+    return float(t[0])
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:

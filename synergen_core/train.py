@@ -13,15 +13,18 @@ One step (shapes for a batch of B windows trimmed to width L, C ranking candidat
   impressions (``Windows.shown``), else popularity-sampled items and hard negatives, i.e. the
   catalog items nearest the target in the current retrieval space.
 
-Reproducibility: model init and every random draw of a step (dropout, negatives) use torch's global
-RNG, seeded by ``train.seed``; the batch order of epoch e comes from ``numpy.random.default_rng((seed,
-e))``. A checkpoint holds the RNG states with the weights and optimizer, so stopping after any step
-and resuming gives the same weights as an uninterrupted run (on the same device and thread count).
+Reproducibility: model init and dropout use torch's global RNG, seeded by ``train.seed``; the negatives
+of step s are drawn from a generator seeded by ``(seed, s)`` (``negative_stream``), so that data-parallel
+ranks draw the same ones; the batch order of epoch e comes from ``numpy.random.default_rng((seed, e))``.
+A checkpoint holds the RNG state with the weights and optimizer, so stopping after any step and
+resuming gives the same weights as an uninterrupted run (on the same device and thread count).
 Early stopping keeps the weights of the best validation epoch (``checkpoint.MODEL``); with
 ``train.ema_decay`` those are the moving average of the weights (validated and kept in their place).
 
 Started by ``torchrun`` with several processes, the same loop trains data-parallel
-(``synergen_core.distributed``: DDP, each rank a share of every epoch's batches, rank 0 writes the files).
+(``synergen_core.distributed``: DDP, each rank a part of every step's batch, rank 0 writes the files),
+the same steps as one process; each loss is then a part's sum over the whole batch's count of targets
+(``whole_batch``).
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ from synergen_core.errors import PipelineError
 from synergen_core.evaluate import ModelScorer, evaluate_catalog, validation_requests
 from synergen_core.features import Features
 from synergen_core.model import RECOMMEND, SEARCH, SynerGen, prediction_task
+from synergen_core.model.losses import Whole, ranking_counts
+
+TASKS = (("search", SEARCH), ("rec", RECOMMEND))  # retrieval tasks: name, prediction_task code
 
 
 def pick_device(tcfg: TrainConfig) -> torch.device:
@@ -98,23 +104,52 @@ class Sampler:
         return cls(p, torch.log(p.clamp_min(1e-30)))
 
 
-def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfig, sampler: Sampler, device) -> dict:
-    """Windows ``rows`` -> the model's batch with targets and (when ranking is trained) candidates."""
-    batch = to_batch(win.history, rows, win.lengths, device)
+def negative_stream(seed: int, step: int, kind: int, device) -> torch.Generator:
+    """The generator of step ``step``'s negatives of one kind (0 ranking, 1 retrieval): a function of its
+    arguments alone, so every data-parallel rank draws what one process draws and a resumed run what an
+    uninterrupted one drew, whatever dropout took from the global RNG."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence((seed, step, kind)).generate_state(1, np.uint64)[0] >> 1))
+    return g
+
+
+def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfig, sampler: Sampler, device,
+               step: int = 0, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
+    """Windows ``rows`` (step ``step``'s batch) -> the model's batch of this rank's part of them (all of
+    them in one process) with targets, the retrieval negatives (``negatives`` [n_negatives], when sampled)
+    and (when ranking is trained) candidates.
+
+    Negatives are drawn for the whole batch from ``negative_stream``, then cut to the part's rows. A rank
+    whose part is empty (a last batch shorter than the world size) gets the batch's first row as a stand-in
+    with no targets and no candidates: DDP needs a forward and backward on every rank, and it adds nothing.
+    """
+    lo, hi = distributed.part(len(rows), ranks)
+    stand_in = lo == hi
+    if stand_in:
+        lo, hi = 0, 1
+    mine = rows[lo:hi]
+    batch = to_batch(win.history, mine, win.lengths, device)
     L = batch["token_type"].shape[1]
-    batch["target"] = torch.from_numpy(win.target[rows, -L:]).to(device)  # [B, L]
-    shown = torch.from_numpy(win.shown[rows, :tcfg.rank_impression_negatives]).to(device)  # [B, M]
+    batch["target"] = torch.from_numpy(win.target[mine, -L:]).to(device)  # [B, L]
+    if stand_in:
+        batch["target"].zero_()
+    if retrieval_negatives(tcfg, model.n_items) == "sampled":
+        g = negative_stream(tcfg.seed, step, 1, device)
+        batch["negatives"] = torch.multinomial(sampler.probs, tcfg.n_negatives, replacement=True, generator=g)  # [M]
+    shown = torch.from_numpy(win.shown[mine, :tcfg.rank_impression_negatives]).to(device)  # [B, M]
     if model.cfg.w_ranking == 0 or shown.shape[1] + tcfg.rank_pop_negatives + tcfg.rank_hard_negatives == 0:
         return batch
-    pos = batch["target"][:, -1]  # [B] the request's engaged item
+    pos = batch["target"][:, -1]  # [B] the request's engaged item (0 for a stand-in: no candidates)
     task = prediction_task(batch)[:, -1]
     weight = torch.where(task == SEARCH, tcfg.w_search, tcfg.w_rec)
-    B = len(rows)
+    B = hi - lo
     sampled = []
     logged = (shown > 0).any(1, keepdim=True)  # [B, 1]
     need_sampled = not bool(logged.all())  # else skip the draws and the [B, n_items] similarity search
     if tcfg.rank_pop_negatives and need_sampled:
-        sampled.append(torch.multinomial(sampler.probs, B * tcfg.rank_pop_negatives, replacement=True).view(B, -1))
+        g, k = negative_stream(tcfg.seed, step, 0, device), tcfg.rank_pop_negatives
+        drawn = torch.multinomial(sampler.probs, len(rows) * k, replacement=True, generator=g)
+        sampled.append(drawn.view(len(rows), k)[lo:hi])  # [B, k] the part's rows of the whole batch's draws
     if tcfg.rank_hard_negatives and need_sampled:
         with torch.no_grad():
             items = model.item_vectors()  # [n_items, d]
@@ -130,7 +165,7 @@ def make_batch(model: SynerGen, win: Windows, rows: np.ndarray, tcfg: TrainConfi
     cand = cand.masked_fill(((pos == 0) | (weight == 0))[:, None], 0)
     labels = torch.zeros(cand.shape, device=device)
     labels[:, 0] = 1.0
-    batch.update(candidates=cand, labels=labels, request_ts=torch.from_numpy(win.next_ts[rows]).to(device))
+    batch.update(candidates=cand, labels=labels, request_ts=torch.from_numpy(win.next_ts[mine]).to(device))
     return batch
 
 
@@ -142,8 +177,46 @@ def retrieval_negatives(tcfg: TrainConfig, n_items: int) -> str:
     return "full" if n_items <= tcfg.full_softmax_max_items else "sampled"
 
 
-def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sampler) -> dict[str, Tensor]:
-    """One forward pass -> named losses and their weighted ``total``."""
+def batch_targets(batch: dict) -> dict:
+    """A batch's (or a rank's part's) targets of each loss term: each retrieval task's items, in batch
+    order ([N_task]), and the ranking loss's ``ranking_counts``."""
+    target, task = batch["target"], prediction_task(batch)
+    out: dict = {name: target[(target > 0) & (task == code)] for name, code in TASKS}
+    out["ranking"] = ranking_counts(batch["labels"], batch["candidates"] > 0) if "candidates" in batch else (0, 0)
+    return out
+
+
+def whole_batch(parts: list[dict], rank: int) -> dict:
+    """The whole batch's targets from its parts' ``batch_targets`` (in rank order), for part ``rank``'s
+    losses: each task's ``Whole`` and the ranking counts."""
+    out: dict = {}
+    for name, _ in TASKS:
+        ids = [p[name] for p in parts]
+        out[name] = Whole(sum(len(i) for i in ids), torch.cat(ids), sum(len(i) for i in ids[:rank]))
+    out["ranking"] = tuple(sum(p["ranking"][j] for p in parts) for j in range(2))
+    return out
+
+
+def gather_targets(batch: dict, ranks: distributed.Ranks) -> dict:
+    """``whole_batch`` of this rank's part: every rank's ``batch_targets``, gathered (one collective)."""
+    mine = batch_targets(batch)
+    if not ranks.active:
+        return whole_batch([mine], 0)
+    parts = distributed.gather({k: v.cpu() if torch.is_tensor(v) else v for k, v in mine.items()})
+    dev = batch["target"].device
+    return {k: v._replace(positives=v.positives.to(dev)) if isinstance(v, Whole) else v
+            for k, v in whole_batch(parts, ranks.rank).items()}
+
+
+def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sampler,
+                whole: dict | None = None) -> dict[str, Tensor]:
+    """One forward pass -> named losses and their weighted ``total``.
+
+    ``whole``: ``whole_batch`` when ``batch`` is a rank's part of a batch (default: the batch is whole);
+    every term is then a sum over the part's targets divided by the whole batch's count, so the ranks'
+    losses add up to the whole batch's."""
+    if whole is None:
+        whole = whole_batch([batch_targets(batch)], 0)
     mcfg = model.cfg
     hidden = model(batch)  # [B, L + C, d]
     L = batch["token_type"].shape[1]
@@ -152,28 +225,26 @@ def step_losses(model: SynerGen, batch: dict, tcfg: TrainConfig, sampler: Sample
     out: dict[str, Tensor] = {}
     negatives = retrieval_negatives(tcfg, model.n_items)
     items = model.item_vectors() if negatives == "full" else None  # [n_items, d]
-    neg = None
-    if negatives == "sampled":
-        neg = torch.multinomial(sampler.probs, tcfg.n_negatives, replacement=True)  # [M]
-    for name, code, w in (("search", SEARCH, tcfg.w_search), ("rec", RECOMMEND, tcfg.w_rec)):
-        sel = (target > 0) & (task == code)  # [B, L]
-        if w == 0 or not bool(sel.any()):
+    for (name, code), w in zip(TASKS, (tcfg.w_search, tcfg.w_rec)):
+        n = whole[name].count  # the task's targets in the whole batch (this part may have none)
+        if w == 0 or n == 0:
             continue
+        sel = (target > 0) & (task == code)  # [B, L]
         sub = {**batch, "target": target * sel}
         if items is not None:
             search = torch.full((int(sel.sum()),), code == SEARCH, device=sel.device)  # [N]
             logits = model.retrieval_logits(hidden[:, :L][sel], items, search).float()  # [N, n_items]
-            ret = F.cross_entropy(logits, target[sel])
+            ret = F.cross_entropy(logits, target[sel], reduction="sum") / n
         else:
-            ret = model.retrieval_loss(sub, hidden, neg, sampler.log_q)
+            ret = model.retrieval_loss(sub, hidden, batch["negatives"], sampler.log_q, whole[name])
         out[f"retrieval_{name}"] = ret
         loss = mcfg.w_retrieval * ret
         if model.semantic is not None:
-            out[f"semantic_{name}"] = model.semantic_loss(sub, hidden)
+            out[f"semantic_{name}"] = model.semantic_loss(sub, hidden, n)
             loss = loss + mcfg.w_semantic * out[f"semantic_{name}"]
         total = total + w * loss
-    if "candidates" in batch and bool((batch["candidates"] > 0).any()):
-        out["ranking"] = model.ranking_loss(batch, hidden)
+    if "candidates" in batch and whole["ranking"][0] > 0:
+        out["ranking"] = model.ranking_loss(batch, hidden, whole["ranking"])
         total = total + mcfg.w_ranking * out["ranking"]
     out["total"] = total
     return out
@@ -252,11 +323,10 @@ def learning_rate(tcfg: TrainConfig, step: int, horizon: int) -> float:
     return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def _horizon(tcfg: TrainConfig, n_windows: int, ranks: distributed.Ranks) -> int:
-    """Optimizer steps of a run that is not stopped early (the cosine schedule's length)."""
+def _horizon(tcfg: TrainConfig, n_windows: int) -> int:
+    """Optimizer steps of a run that is not stopped early (the cosine schedule's length; data-parallel
+    ranks split each step's batch, so the same)."""
     per_epoch = len(batch_order(np.zeros(n_windows, np.int64), tcfg, 0))
-    if ranks.active:
-        per_epoch = -(-per_epoch // ranks.world_size)
     steps = tcfg.epochs * per_epoch
     return min(steps, tcfg.max_steps) if tcfg.max_steps else steps
 
@@ -342,7 +412,7 @@ def _train(cfg: Config, data: SplitData, feats: Features, out_dir: Path,
     if run.state["done"]:
         return _summary(run.state, out_dir, resumed, run.device, write=ranks.is_main, extra=negatives)
     cfg, tcfg = run.cfg, run.cfg.train  # a warm start's epochs and learning rate
-    run.step_losses_of = lambda batch: step_losses(run.model, batch, tcfg, run.sampler)
+    run.step_losses_of = lambda batch, whole: step_losses(run.model, batch, tcfg, run.sampler, whole)
     if ranks.active:
         if not resumed:
             distributed.seed_rank(tcfg.seed, ranks)
@@ -385,9 +455,9 @@ def _start(cfg: Config, data: SplitData, feats: Features, out_dir: Path, ranks: 
     fingerprint = _fingerprint(cfg, data, dims)
     if start is not None:
         fingerprint["start"] = start.note()
-    if ranks.active:  # a rank's share of an epoch depends on the number of ranks
+    if ranks.active:  # the checkpoint holds each rank's dropout RNG and share of the epoch loss
         fingerprint["world_size"] = ranks.world_size
-    horizon = _horizon(tcfg, len(data.windows), ranks)
+    horizon = _horizon(tcfg, len(data.windows))
     if tcfg.lr_schedule != "constant":  # then epochs and max_steps change every step's rate
         fingerprint["lr_horizon"] = horizon
     return _Run(cfg, data, out_dir, ranks, device, model, dims, opt, sampler, ema, fingerprint, horizon, state,
@@ -431,9 +501,7 @@ def _epoch(run: _Run, on_step: Callable[[int], None] | None) -> bool:
     from tqdm.auto import tqdm
 
     tcfg, state = run.cfg.train, run.state
-    batches = batch_order(run.data.windows.lengths, tcfg, state["epoch"])
-    if run.ranks.active:
-        batches = distributed.shard(batches, run.ranks.rank, run.ranks.world_size)
+    batches = batch_order(run.data.windows.lengths, tcfg, state["epoch"])  # every rank takes a part of each
     run.model.train()
     bar = tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {state['epoch']}",
                disable=not tcfg.progress or not run.ranks.is_main, leave=False, dynamic_ncols=True)
@@ -458,14 +526,16 @@ def _epoch(run: _Run, on_step: Callable[[int], None] | None) -> bool:
 
 
 def _step(run: _Run, rows: np.ndarray) -> tuple[float, float]:
-    """One optimizer step on the windows ``rows``: (its loss, its seconds)."""
+    """One optimizer step on the windows ``rows``: (its loss, this rank's share under torchrun; its seconds)."""
     tcfg = run.cfg.train
     t0 = time.perf_counter()
-    batch = make_batch(run.model, run.data.windows, rows, tcfg, run.sampler, run.device)
+    batch = make_batch(run.model, run.data.windows, rows, tcfg, run.sampler, run.device, run.state["step"], run.ranks)
+    whole = gather_targets(batch, run.ranks)
     with autocast(run.device, tcfg.amp):
-        losses = run.step_losses_of(batch)
+        losses = run.step_losses_of(batch, whole)
     run.opt.zero_grad(set_to_none=True)
-    losses["total"].backward()
+    # The ranks' losses add up to the batch's; DDP averages their gradients, so world_size x the mean is the sum.
+    (losses["total"] * run.ranks.world_size).backward()
     for group in run.opt.param_groups:
         group["lr"] = learning_rate(tcfg, run.state["step"], run.horizon)
     if tcfg.clip_grad:
@@ -482,7 +552,7 @@ def _end_epoch(run: _Run, stop: bool) -> bool:
     one and checkpoint; True when the run stops."""
     loss_sum, loss_n = run.state.get("loss_sum", 0.0), run.state.get("loss_n", 0)
     if run.ranks.active:  # rank 0 validates and decides; every rank continues with its state
-        run.state["epoch_loss"] = distributed.mean_over_ranks(loss_sum, loss_n)
+        run.state["epoch_loss"] = distributed.sum_over_ranks(loss_sum) / max(loss_n, 1)  # ranks' shares of each step
         verdict = _keep_best(run) if run.ranks.is_main else None
         # pickled between this job's own ranks (no file): counters and the per-epoch history, bounded by epochs
         run.state, verdict = distributed.broadcast((run.state, verdict))

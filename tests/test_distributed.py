@@ -6,15 +6,17 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from jobs import stages
 from synergen_core import checkpoint, distributed
+from synergen_core import train as train_mod
 from synergen_core.lake import Layout
-from synergen_core.train import batch_order
 
 TESTS = Path(__file__).parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -23,15 +25,44 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 # ---- the pieces, in this process ----------------------------------------------------------------
 
 
-def test_shard_gives_every_rank_the_same_count_and_covers_every_batch():
-    batches = [f"b{i}" for i in range(7)]
-    parts = [distributed.shard(batches, r, 3) for r in range(3)]
-    assert [len(p) for p in parts] == [3, 3, 3]
-    assert parts[0] == ["b0", "b3", "b6"] and parts[1] == ["b1", "b4", "b0"] and parts[2] == ["b2", "b5", "b1"]
-    assert {b for p in parts for b in p} == set(batches)
-    assert distributed.shard(batches, 0, 1) == batches
-    assert [distributed.shard(["only"], r, 2) for r in range(2)] == [["only"], ["only"]]
-    assert distributed.shard([], 1, 2) == []
+def test_part_splits_a_batch_into_contiguous_parts_in_rank_order():
+    parts = lambda n, w: [distributed.part(n, distributed.Ranks(r, w)) for r in range(w)]  # noqa: E731
+    assert parts(7, 3) == [(0, 3), (3, 5), (5, 7)]  # np.array_split's sizes
+    assert [np.arange(7)[lo:hi].tolist() for lo, hi in parts(7, 3)] == [a.tolist() for a in np.array_split(np.arange(7), 3)]
+    assert parts(8, 2) == [(0, 4), (4, 8)] and parts(5, 1) == [(0, 5)]
+    assert parts(1, 2) == [(0, 1), (1, 1)]  # rank 1 has nothing: make_batch gives it a stand-in row
+
+
+def _grads(model, batch, tcfg, sampler, whole) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    total = train_mod.step_losses(model, batch, tcfg, sampler, whole)["total"]
+    total.backward()
+    return float(total.detach()), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("negatives", ["full", "sampled"])
+def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs(negatives):
+    """What each rank computes (its part of the batch, over the whole batch's target counts) sums to one
+    process's loss and gradient: retrieval (full softmax, or InfoNCE whose in-batch candidates are the whole
+    batch's positives), semantic IDs and ranking (with the whole batch's sampled negatives)."""
+    from synthetic_training import synthetic_config, synthetic_features, synthetic_split
+
+    data, cfg = synthetic_split(), synthetic_config(negatives=negatives, n_negatives=5)
+    cfg.model.dropout = 0.0
+    torch.manual_seed(0)
+    model = train_mod.build_model(cfg, data, synthetic_features())
+    sampler = train_mod.Sampler.from_counts(data.counts, "cpu")
+    for rows in (np.arange(10, 15), np.array([7])):  # 3 + 2 rows; 1 + a stand-in
+        one = train_mod.make_batch(model, data.windows, rows, cfg.train, sampler, "cpu", step=3)
+        loss, grads = _grads(model, one, cfg.train, sampler, None)
+        parts = [train_mod.make_batch(model, data.windows, rows, cfg.train, sampler, "cpu", 3, distributed.Ranks(r, 2))
+                 for r in range(2)]
+        targets = [train_mod.batch_targets(p) for p in parts]
+        got = [_grads(model, p, cfg.train, sampler, train_mod.whole_batch(targets, r)) for r, p in enumerate(parts)]
+        assert sum(g[0] for g in got) == pytest.approx(loss, rel=1e-5)
+        for k, g in grads.items():
+            summed = sum(p[1].get(k, torch.zeros_like(g)) for p in got)
+            torch.testing.assert_close(summed, g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=k)
 
 
 def test_launch_detection_reads_torchrun_environment():
@@ -112,15 +143,33 @@ with open(os.path.join({lake!r}, f"rank{{rank}}.json"), "w") as f:
 """
 
 
-def _torchrun(tmp_path: Path, epochs: int, kill_at: int | None = None, ema: float | None = None,
-              nodes: int = 1) -> tuple[subprocess.CompletedProcess, float]:
+# Trains ``_one_process_runs`` data-parallel (one process group for both) and writes what each rank ended with.
+EQUAL_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_distributed import _one_process_runs
+from synergen_core import distributed
+from synergen_core.config import TrainConfig
+
+with distributed.session(TrainConfig(device="cpu")):
+    runs = _one_process_runs(Path({lake!r}))
+with open(os.path.join({lake!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(runs, f)
+"""
+
+
+def _torchrun(tmp_path: Path, epochs: int = 0, kill_at: int | None = None, ema: float | None = None,
+              nodes: int = 1, script_text: str = RANK_SCRIPT) -> tuple[subprocess.CompletedProcess, float]:
     """2 ranks: one node of 2 processes (``--standalone``), or ``nodes=2`` nodes of one process each, two
     torchrun agents meeting at a c10d rendezvous on 127.0.0.1 (with the options the train stage uses)."""
     from synergen_core.config import TrainConfig
 
     script = tmp_path / "rank.py"
     (tmp_path / "lake").mkdir(parents=True, exist_ok=True)
-    script.write_text(RANK_SCRIPT.format(tests=str(TESTS), lake=str(tmp_path / "lake"), epochs=epochs,
+    script.write_text(script_text.format(tests=str(TESTS), lake=str(tmp_path / "lake"), epochs=epochs,
                                          kill_at=kill_at, ema=ema))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -161,10 +210,10 @@ def test_torchrun_two_cpu_ranks_train_one_model(tmp_path):
     kept = checkpoint.load(run_dir / checkpoint.MODEL)["state_dict"]  # the average, not the raw weights
     assert final["ema"] is not None and any(not torch.equal(kept[k], v) for k, v in final["model"].items())
 
-    # Each rank took half of every epoch's batches (rounded up), in step with the other.
+    # Each rank took a part of every batch of every epoch: one process's steps.
     data = synthetic_split()
     cfg = synthetic_config(epochs=epochs)
-    per_epoch = [-(-len(batch_order(data.windows.lengths, cfg.train, e)) // 2) for e in range(epochs)]
+    per_epoch = [len(train_mod.batch_order(data.windows.lengths, cfg.train, e)) for e in range(epochs)]
     for r in ranks:
         s = r["summary"]
         assert s["world_size"] == 2 and s["epochs_run"] == epochs and s["steps"] == sum(per_epoch)
@@ -201,6 +250,50 @@ def test_two_nodes_train_the_model_of_one_node_and_resume_after_a_kill_with_the_
     assert b["resumed"] and b["steps"] == a["steps"]
     assert b["weights_digest"] == a["weights_digest"]
     assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
+
+
+def _one_process_runs(out: Path) -> dict:
+    """Trains the synthetic split into ``out/<negatives>`` with full-softmax and with sampled retrieval
+    negatives, without dropout (a rank's masks cannot be one process's), with a cosine schedule (its horizon
+    counts the steps), gradient clipping (the gradient's norm) and a moving average; under torchrun
+    data-parallel. 41 windows in batches of 5: parts of 3 and 2 rows, and a last batch of one row, where
+    rank 1 forwards a stand-in. -> {negatives: (summary, final weights as lists)}."""
+    from synthetic_training import synthetic_config, synthetic_features, synthetic_split
+
+    data = synthetic_split()
+    data = replace(data, windows=data.windows.select(np.arange(41)))
+    runs = {}
+    for negatives in ("full", "sampled"):
+        cfg = synthetic_config(epochs=2, patience=2, batch_size=5, negatives=negatives, n_negatives=6,
+                               lr=3e-3, lr_schedule="cosine", clip_grad=0.5, ema_decay=0.8, device="cpu")
+        cfg.model.dropout = 0.0
+        summary = train_mod.train(cfg, data, synthetic_features(), out / negatives)
+        weights = checkpoint.load(out / negatives / checkpoint.CHECKPOINT)["model"]
+        runs[negatives] = (summary, {k: v.tolist() for k, v in weights.items()})
+    return runs
+
+
+@pytest.mark.slow
+def test_two_nodes_train_the_model_of_one_process(tmp_path):
+    """Two single-process "nodes" (c10d rendezvous on 127.0.0.1, gloo) split every batch of one process: the
+    same steps, epoch losses, validation and final weights as one process on the same data, to float
+    rounding, with full-softmax and with sampled retrieval negatives."""
+    alone = _one_process_runs(tmp_path / "alone")
+    proc, seconds = _torchrun(tmp_path / "ddp", nodes=2, script_text=EQUAL_SCRIPT)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ranks = [json.loads((tmp_path / "ddp" / "lake" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for negatives, (one, weights) in alone.items():
+        two, two_weights = ranks[0][negatives]
+        assert two["world_size"] == 2 and two["steps"] == one["steps"] == 2 * 9
+        assert two["weights_digest"] == ranks[1][negatives][0]["weights_digest"]
+        assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]]
+        np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=1e-4)
+        np.testing.assert_allclose([h["ndcg@10"] for h in two["history"]], [h["ndcg@10"] for h in one["history"]],
+                                   rtol=1e-4)
+        assert two["best_epoch"] == one["best_epoch"]
+        for k, w in weights.items():
+            np.testing.assert_allclose(two_weights[k], w, rtol=1e-4, atol=1e-6, err_msg=f"{negatives}: {k}")
+    print(f"2 nodes x 2 runs: {seconds:.1f} s; losses {[h['loss'] for h in alone['full'][0]['history']]}")
 
 
 def test_multi_node_launch_options():

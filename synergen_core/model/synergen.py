@@ -51,7 +51,7 @@ from synergen_core.model.backbone import Backbone
 from synergen_core.model.decoding import BeamResult, SemanticIdTrie, constrained_beam_search
 from synergen_core.model.embeddings import TokenEmbedding, TokenType
 from synergen_core.model.heads import RankingHead, RetrievalHead, SemanticIdHead
-from synergen_core.model.losses import hybrid_ranking_loss, info_nce, semantic_id_loss
+from synergen_core.model.losses import Whole, hybrid_ranking_loss, info_nce, semantic_id_loss
 from synergen_core.model.masks import attention_mask, last_valid_index
 from synergen_core.model.rope import RotaryEmbedding
 
@@ -251,19 +251,24 @@ class SynerGen(nn.Module):
         return self.scaled_query(self.last_hidden(batch, hidden), self.request_is_search(batch))
 
     def retrieval_loss(
-        self, batch: dict[str, Tensor], hidden: Tensor, neg_idx: Tensor | None = None, log_q: Tensor | None = None
+        self, batch: dict[str, Tensor], hidden: Tensor, neg_idx: Tensor | None = None, log_q: Tensor | None = None,
+        whole: Whole | None = None,
     ) -> Tensor:
         """InfoNCE at every position with a target, against in-batch positives and ``neg_idx`` [M].
 
         log_q: [n_items] log sampling probability of each item as a candidate (e.g. log popularity),
-        used for both in-batch and sampled columns.
+        used for both in-batch and sampled columns. ``whole``: when ``batch`` is a part of a batch
+        (data-parallel), that batch's targets: its positives are the in-batch candidates, and the loss
+        is this part's sum over its count (``info_nce``).
         """
         L = batch["token_type"].shape[1]
         target = next_item_targets(batch)
         sel = target > 0
         if not sel.any():
             return hidden.sum() * 0.0
-        pos_ids = target[sel]  # [N]
+        if whole is None:
+            whole = Whole(int(sel.sum()), target[sel])
+        pos_ids = whole.positives  # [K]
         search = prediction_task(batch)[sel] == SEARCH  # [N]
         q = self.retrieval.query(hidden[:, :L][sel], search)  # [N, d]
         neg = None if neg_idx is None else self.item_vectors(neg_idx)
@@ -272,6 +277,7 @@ class SynerGen(nn.Module):
         return info_nce(
             q, self.item_vectors(pos_ids), pos_ids, neg, neg_idx,
             temperature=self.temperature(search), pos_log_q=pos_lq, neg_log_q=neg_lq,
+            first=whole.first, count=whole.count,
         )
 
     # ---- ranking -------------------------------------------------------------------------------
@@ -288,10 +294,11 @@ class SynerGen(nn.Module):
             return None
         return torch.einsum("bd,bcd->bc", query, self.item_vectors(cand))
 
-    def ranking_loss(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+    def ranking_loss(self, batch: dict[str, Tensor], hidden: Tensor, counts: tuple[int, int] | None = None) -> Tensor:
+        """``counts``: the whole batch's ``ranking_counts`` when ``batch`` is a part of it (data-parallel)."""
         valid = batch["candidates"] > 0
         return hybrid_ranking_loss(
-            self.ranking_scores(batch, hidden), batch["labels"], valid, self.cfg.w_point, self.cfg.w_pair
+            self.ranking_scores(batch, hidden), batch["labels"], valid, self.cfg.w_point, self.cfg.w_pair, counts
         )
 
     # ---- semantic IDs (GenSAR) -----------------------------------------------------------------
@@ -304,13 +311,15 @@ class SynerGen(nn.Module):
         """Teacher-forced. hidden: [N, d]; codes: [N, levels] of ``view`` -> [N, levels, K]."""
         return self.semantic[view](hidden, codes)
 
-    def semantic_loss(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+    def semantic_loss(self, batch: dict[str, Tensor], hidden: Tensor, count: int | None = None) -> Tensor:
         """Cross-entropy of the target item's codes (mean over levels), averaged over all target
-        positions; search positions use the search view when the model has one."""
+        positions; search positions use the search view when the model has one. ``count``: the whole
+        batch's target positions when ``batch`` is a part of it (data-parallel): then the sum over this
+        part's positions divided by it."""
         L = batch["token_type"].shape[1]
         target = next_item_targets(batch)
         task = prediction_task(batch)
-        total, count = hidden.sum() * 0.0, 0
+        total, n_part = hidden.sum() * 0.0, 0
         for name, code in (("search", SEARCH), ("rec", RECOMMEND)):
             sel = (target > 0) & (task == code)
             n = int(sel.sum())
@@ -319,8 +328,8 @@ class SynerGen(nn.Module):
             view = self.view_of(name)
             codes = self.embed.codes(view)[target[sel]]  # [N, levels]
             ce = semantic_id_loss(self.semantic_logits(hidden[:, :L][sel], codes, view), codes)  # [levels]
-            total, count = total + ce.mean() * n, count + n
-        return total / max(count, 1)
+            total, n_part = total + ce.mean() * n, n_part + n
+        return total / max(n_part if count is None else count, 1)
 
     @torch.no_grad()
     def generate(
