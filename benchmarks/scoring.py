@@ -3,21 +3,24 @@ generated catalog of 1M items; end-to-end users/s next to bare faiss exact searc
 
 1. The Beauty lake (``benchmarks.quality.prepare``: ingest -> validate -> sessionize, cached under ``--work``)
    and two models trained on its leave-one-out split for ``--train-steps`` steps: ``synergen`` (the full
-   model) and ``no_text`` (its ablation without item text, which is what grows to 1M items below: a text
-   buffer of 1M x 256 floats would be 1 GiB of model to ship to every executor).
+   model) and ``no_text`` (its ablation without item text).
 2. Real catalog, dense vs generative retrieval: every user scored from the training split's histories
    (everything before the held-out validation item), so the lists' quality is Recall / NDCG of that
    item; users/s of each retriever.
-3. 1M items: the ``no_text`` model grown to 1,000,000 items (each generated item = a real item's ID
-   embedding plus Gaussian noise, and its semantic IDs), a lake whose item vocabulary holds them, then the
-   production run: every user's latest sequence, consumed items excluded, K = 100 of N = 200 (then again
-   with N = 100: retrieval depth is the main cost of the ranking pass, see ``--retrieve-n``; and at N = 200
-   under bfloat16 autocast, ``score.precision``). The stage
-   chooses its index on its own measurement (IVF above ``score.exact_max_items``) and we report it, users/s
-   end to end (Spark already started; everything else counted: requests, model, index build and recall
-   measurement, inference, writing) and the validation's time. In the same run, bare faiss exact search
+3. 1M items: the ``--big-model`` (default ``synergen``, the model the DAG trains, with item text) grown to
+   1,000,000 items (each generated item = a real item's ID embedding and text vector plus Gaussian noise,
+   and its semantic IDs), a lake whose item vocabulary holds them, then the production run: every user's
+   latest sequence, consumed items excluded, K = 100 of N = 200 (then again with N = 100: retrieval depth
+   is the main cost of the ranking pass, see ``--retrieve-n``; and at N = 200 under bfloat16 autocast,
+   ``score.precision``). The stage chooses its index on its own measurement (IVF above
+   ``score.exact_max_items``, IVF-PQ from ``score.pq_min_items``) and we report it, users/s end to end
+   (Spark already started; everything else counted: requests, model, index build and recall measurement,
+   inference, writing) and the validation's time. In the same run, bare faiss exact search
    (``IndexFlatIP``, all cores) over the same 1M item vectors with real request vectors of the same model
    is the machine's limit; the approximate index's recall@100 against it is measured on those requests.
+   What the executors receive (``_score.json``'s ``payload``: the broadcast and the files they map) is
+   set against what the stage broadcast before the serving payload: the whole model record and the
+   serialized IVF-Flat index, measured on the same grown model (``shipped_before``).
 
     .venv/bin/python -m benchmarks.scoring                                  # the full run
     .venv/bin/python -m benchmarks.scoring --items 20000 --max-users 2000 --train-steps 20   # a quick check
@@ -212,19 +215,35 @@ def bare_faiss(items: np.ndarray, queries: np.ndarray, report: dict, seed: int) 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     flat = index.exact_index(items)
     t0 = time.perf_counter()
-    truth = index.search(flat, queries, K_LIST)[1]
+    truth = index.search(flat, queries, K_LIST)[1] + 1  # rows -> item indices (item i is row i - 1)
     exact_s = time.perf_counter() - t0
     out = {"queries": len(queries), "items": len(items), "threads": faiss.omp_get_max_threads(),
            "seconds": round(exact_s, 3), "queries_per_s": round(len(queries) / exact_s, 1)}
-    if report.get("kind") == index.IVF:
-        ivf = index.ivf_index(items, report["nlist"], seed)  # deterministic: the stage's index
-        ivf.nprobe = report["nprobe"]
+    if report.get("kind") in (index.IVF, index.IVFPQ):
+        ids = np.arange(1, len(items) + 1)
+        pq = report["kind"] == index.IVFPQ
+        built = (index.ivfpq_index if pq else index.ivf_index)(items, report["nlist"], seed)  # the stage's index
+        ann = index.CandidateIndex(built, ids, report["kind"], refine=report.get("pq_refine", 1))
+        faiss.extract_index_ivf(built).nprobe = report["nprobe"]
         t0 = time.perf_counter()
-        found = index.search(ivf, queries, K_LIST)[1]
-        out["ivf"] = {"nlist": report["nlist"], "nprobe": report["nprobe"],
+        found = ann.search(queries, K_LIST, index.exact_scores(items, ids))[1]
+        out["ivf"] = {"kind": report["kind"], "nlist": report["nlist"], "nprobe": report["nprobe"],
                       "recall@100": round(index.recall_at_k(found, truth), 4),
                       "queries_per_s": round(len(queries) / (time.perf_counter() - t0), 1)}
     return out
+
+
+def shipped_before(record: dict, items: np.ndarray, report: dict, seed: int) -> dict:
+    """The bytes the stage broadcast to executors before the serving payload (revision 75e5b03): the whole
+    model record (ID tables, text buffers, semantic IDs) and the IVF-Flat index serialized, at the nlist
+    the stage chose now (IVF-Flat was the index above score.exact_max_items then)."""
+    import faiss
+
+    from synergen_core import index
+
+    ivf = index.ivf_index(items, report["nlist"], seed) if "nlist" in report else index.exact_index(items)
+    model, idx = len(checkpoint.to_bytes(record)), int(faiss.serialize_index(ivf).nbytes) + 8 * len(items)
+    return {"model_record_bytes": model, "index_bytes": idx, "total_bytes": model + idx}
 
 
 def list_overlap(a: Config, b: Config, ds: str) -> float:
@@ -264,8 +283,17 @@ def summary(fig: dict) -> str:
         lines.append(f"| {name} | {r['users_per_s']:.1f} | {r['quality']['recall@10']:.4f} | "
                      f"{r['quality']['recall@100']:.4f} | {r['quality']['ndcg@10']:.4f} |")
     b, ix = big["bare_faiss"], big["index"]
-    lines += ["", f"**{big['catalog_items']:,} items** (no_text model, generated items), consumed items excluded:", "",
+    sh = big["shipped"]
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    lines += ["", f"**{big['catalog_items']:,} items** ({big['model']} model, generated items), consumed items "
+              "excluded:", "",
               "| | figure |", "|---|---|",
+              f"| shipped to executors: broadcast + files they map (content tables, index) | "
+              f"{mib(sh['now']['broadcast_bytes'])} + {mib(sh['now']['file_bytes'])} = {mib(sh['now']['total_bytes'])} |",
+              f"| shipped before (75e5b03): model record broadcast + IVF-Flat index broadcast | "
+              f"{mib(sh['before']['model_record_bytes'])} + {mib(sh['before']['index_bytes'])} = "
+              f"{mib(sh['before']['total_bytes'])} |",
+              f"| now / before | {sh['ratio']:.3f} (target <= 0.2) |",
               f"| end-to-end scoring (Spark started; requests, model, index, inference, write) | "
               f"{big['users_per_s']:.1f} users/s ({big['seconds']['total']:.1f} s) |",
               f"| bare faiss exact search, {b['threads']} threads, same vectors | {b['queries_per_s']:.1f} queries/s |",
@@ -275,7 +303,7 @@ def summary(fig: dict) -> str:
                 f"{r['ratio_to_bare_exact']:.2f} of bare exact |" for n, r in big.get("by_retrieve_n", {}).items()],
               f"| index chosen by the stage | {ix.get('kind')}: {ix.get('why')} |"]
     if "ivf" in b:
-        lines.append(f"| IVF recall@100 vs exact ({b['queries']} real requests) | {b['ivf']['recall@100']:.4f} "
+        lines.append(f"| {b['ivf']['kind']} recall@100 vs exact ({b['queries']} real requests) | {b['ivf']['recall@100']:.4f} "
                      f"(nprobe {b['ivf']['nprobe']} of {b['ivf']['nlist']}; "
                      f"{b['ivf']['queries_per_s']:.0f} queries/s) |")
     if "bf16_list_overlap" in big:
@@ -299,10 +327,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "bench" / "scoring", help="lakes and models")
     ap.add_argument("--exact-max-items", type=int, default=Config().score.exact_max_items,
                     help="score.exact_max_items of the scale run (IVF above it)")
+    ap.add_argument("--pq-min-items", type=int, default=Config().score.pq_min_items,
+                    help="score.pq_min_items of the scale run (IVF-PQ from it)")
     ap.add_argument("--retrieve-n", type=int, nargs="+", default=[N_RETRIEVE, K_LIST],
                     help="N of the scale run, one run per value in this order (the first is the headline)")
     ap.add_argument("--bf16", type=int, choices=(0, 1), default=1,
                     help="1: one more run at the first N with score.precision=bfloat16")
+    ap.add_argument("--big-model", choices=VARIANTS, default="synergen",
+                    help="the model grown to --items items (synergen: the default model, with item text)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -329,7 +361,7 @@ def main() -> None:
         print(retriever, json.dumps(fig["real_catalog"][retriever]), flush=True)
 
     broot = big_lake(src, args.work, ds, args.items + 1, args.max_users)  # index 0 is padding
-    record = grow(checkpoint.load(models["no_text"] / checkpoint.MODEL), args.items + 1, args.seed)
+    record = grow(checkpoint.load(models[args.big_model] / checkpoint.MODEL), args.items + 1, args.seed)
     grown = args.work / f"model-{args.items}"
     grown.mkdir(parents=True, exist_ok=True)
     checkpoint.save(record, grown / checkpoint.MODEL)
@@ -337,19 +369,23 @@ def main() -> None:
     variants = [(n, "float32") for n in args.retrieve_n] + [(args.retrieve_n[0], "bfloat16")] * args.bf16
     for n, precision in variants:  # the same lake, model and users, one run after another
         cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n,
-                           precision=precision, output=f"candidates-{n}-{precision}")
+                           pq_min_items=args.pq_min_items, precision=precision, output=f"candidates-{n}-{precision}")
         key = str(n) if precision == "float32" else f"{n} {precision}"
         runs[key] = score.run(spark, cfg, ds, model_dir=grown)
         print(f"N = {key}:", json.dumps(runs[key]["seconds"]), flush=True)
     n0 = args.retrieve_n[0]
     out = runs[str(n0)]
     cfg = score_config(broot, args.work, seed=args.seed, exact_max_items=args.exact_max_items, retrieve_n=n0,
-                       output=f"candidates-{n0}-float32")
+                       pq_min_items=args.pq_min_items, output=f"candidates-{n0}-float32")
     big = {"users": out["users"], "catalog_items": out["catalog_items"], "seconds": out["seconds"],
            "users_per_s": out["users"] / out["seconds"]["total"], "index": out["index"],
            "rows": out["surfaces"]["rec"]["rows"], "validate_seconds": validate_seconds(cfg, ds)}
     queries = request_vectors(cfg, ds, record, args.bare_queries, args.seed)
-    big["bare_faiss"] = bare_faiss(item_vectors(record), queries, out["index"], args.seed)
+    items = item_vectors(record)
+    big["bare_faiss"] = bare_faiss(items, queries, out["index"], args.seed)
+    big["model"] = args.big_model
+    big["shipped"] = {"now": out["payload"], "before": shipped_before(record, items, out["index"], args.seed)}
+    big["shipped"]["ratio"] = big["shipped"]["now"]["total_bytes"] / big["shipped"]["before"]["total_bytes"]
     big["ratio_to_bare_exact"] = big["users_per_s"] / big["bare_faiss"]["queries_per_s"]
     if args.bf16:
         big["bf16_list_overlap"] = list_overlap(cfg, score_config(broot, args.work, output=f"candidates-{n0}-bfloat16"),
