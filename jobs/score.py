@@ -38,6 +38,9 @@ into a ``checkpoint.serving_record`` (item and query content vectors precomputed
 tables, text buffers or, for dense retrieval, semantic IDs), writes the tables and the candidate index as
 files under ``<lake>/<score.output>/_payload/`` that the workers memory-map, and broadcasts only the rest
 of the weights (encoder and heads: catalog-independent). ``_score.json``'s ``payload`` counts the bytes.
+With ``score.task_cpus`` a scoring task takes that many CPUs (Spark stage-level scheduling, on cluster
+masters), so an executor runs fewer Python workers, each with ``score.threads`` threads; ``_score.json``'s
+``task_cpus`` counts the tasks by the CPUs they had.
 A worker builds its scorer once (``_scorer``), and every Arrow batch is scored in vectorized chunks of
 ``score.batch_size`` requests (torch and numpy; no per-request Python loop). Requests are hash-partitioned
 by user into a fixed number of partitions and sorted within them, so the chunks, and so the floats, are
@@ -56,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -151,8 +155,9 @@ def _scorer(payload) -> Scorer:
     return _WORKER[value["key"]]
 
 
-def _score_partition(payload):
-    """The ``mapInArrow`` function: request batches -> scored rows, with a progress bar per task."""
+def _score_partition(payload, task_cpus=None):
+    """The ``mapInArrow`` function: request batches -> scored rows, with a progress bar per task.
+    ``task_cpus``: an accumulator of the CPUs each task was given ({cpus: tasks})."""
 
     def score(batches):
         from pyspark import TaskContext
@@ -160,6 +165,8 @@ def _score_partition(payload):
 
         scorer = _scorer(payload)
         ctx = TaskContext.get()
+        if task_cpus is not None and ctx is not None:
+            task_cpus.add({ctx.cpus(): 1})
         with tqdm(desc=f"score partition {ctx.partitionId() if ctx else 0}", unit=" requests", mininterval=5,
                   disable=not scorer.settings.progress) as bar:
             for b in batches:
@@ -372,7 +379,10 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
         try:
             t2 = time.perf_counter()
 
+            task_cpus = spark.sparkContext.accumulator({}, _CountsParam())  # {CPUs a scoring task had: tasks}
+
             def finish(counts: dict) -> dict:  # the figures, once the lists are written (before the rename)
+                figures["task_cpus"] = {str(k): n for k, n in sorted(task_cpus.value.items())}
                 requests = {r[C.SURFACE]: r["count"] for r in reqs.groupBy(C.SURFACE).count().collect()}
                 figures["surfaces"] = {s: {"requests": requests.get(s, 0), **counts.get(s, {"lists": 0, "rows": 0})}
                                        for s in cfg.score.surfaces}
@@ -383,7 +393,7 @@ def run(spark: SparkSession, cfg: Config, ds: str, model_dir: str | Path | None 
                 figures["users_per_s"] = round(counts["users"] / total, 1)
                 return figures
 
-            candidates.write_staged(cfg, ds, _lists(spark, cfg, ds, reqs, payload, ref), finish)
+            candidates.write_staged(cfg, ds, _lists(spark, cfg, ds, reqs, payload, ref, task_cpus), finish)
         finally:
             payload.destroy()
             shutil.rmtree(payload_dir, ignore_errors=True)
@@ -433,9 +443,37 @@ def _payload_bytes(payload, folder: Path) -> dict:
     return {"broadcast_bytes": broadcast, "file_bytes": files, "total_bytes": broadcast + files}
 
 
-def _lists(spark: SparkSession, cfg: Config, ds: str, reqs: DataFrame, payload, ref: ModelRef) -> DataFrame:
-    """The scored rows with item ids and the model's name and version (contract columns + surface)."""
-    scored = reqs.mapInArrow(_score_partition(payload), SCORED_SCHEMA)
+class _CountsParam(AccumulatorParam):
+    """Accumulates {key: count} dicts."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, a: dict, b: dict) -> dict:
+        for k, n in b.items():
+            a[k] = a.get(k, 0) + n
+        return a
+
+
+def task_profile(spark: SparkSession, cfg: Config):
+    """The scoring stage's ``ResourceProfile``: ``score.task_cpus`` CPUs a task, or None (Spark's default:
+    ``spark.task.cpus``) when unset or on a local master, where Spark has no stage-level scheduling."""
+    n = cfg.score.task_cpus
+    if n is None:
+        return None
+    if spark.sparkContext.master.startswith("local"):
+        log.info("score.task_cpus %d ignored on a local master (tasks take spark.task.cpus)", n)
+        return None
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(n)).build
+
+
+def _lists(spark: SparkSession, cfg: Config, ds: str, reqs: DataFrame, payload, ref: ModelRef,
+           task_cpus=None) -> DataFrame:
+    """The scored rows with item ids and the model's name and version (contract columns + surface);
+    ``task_cpus``: ``_score_partition``'s accumulator."""
+    scored = reqs.mapInArrow(_score_partition(payload, task_cpus), SCORED_SCHEMA, profile=task_profile(spark, cfg))
     vocab = spark_partition(spark, cfg.lake.root, cfg.layout.sessions("item_vocab"), ds, ITEM_VOCAB)
     out = scored.join(vocab.select(C.ITEM_INDEX, C.ITEM_ID), C.ITEM_INDEX).select(
         *[F.lit(ref.name).alias(c) if c == C.MODEL_NAME else F.lit(ref.version).alias(c) if c == C.MODEL_VERSION

@@ -432,6 +432,10 @@ class ScoreConfig(_Section):
     pq_refine: int = Field(2, ge=1)
     batch_size: int = Field(256, ge=1)  # requests per model forward
     threads: int = Field(1, ge=1)  # torch and faiss threads per Spark task (tasks already run in parallel)
+    # CPUs each scoring task takes (Spark stage-level scheduling: spark.task.cpus for this stage only).
+    # With task_cpus = threads = spark.executor.cores an executor runs one Python worker using every core.
+    # Standalone, YARN and Kubernetes masters with dynamic allocation off; ignored on a local master.
+    task_cpus: int | None = Field(None, ge=1)
     # The model's passes in float32, or under bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16
     # (slower without), and near-ties may swap places (BENCHMARKS.md "scoring" measures both); float32
     # keeps lists identical across machines.

@@ -118,6 +118,9 @@ def test_contract_publication_and_tracking(published, trained, spark):
     version = f"path:{(trained[2] / 'model.pt').resolve()}"
     assert set(df[C.MODEL_VERSION]) == {version}
     assert out["index"]["kind"] == cindex.EXACT and out["catalog_items"] == 1190
+    # executors got the encoder by broadcast and the catalog-sized parts as files; tasks one CPU each
+    assert 0 < out["payload"]["broadcast_bytes"] and 0 < out["payload"]["file_bytes"]
+    assert set(out["task_cpus"]) == {"1"}
 
     # the three tasks are tracked MLflow runs with the run's counts and durations
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
@@ -154,9 +157,10 @@ def test_consumed_items_are_excluded(published, spark, trained):
 
 def test_rerun_gives_the_same_lists(published, spark, trained):
     cfg, ds, *_, df = published
-    again = with_score(cfg, output="rerun")
+    again = with_score(cfg, output="rerun", task_cpus=2)  # a local master has no stage-level scheduling
     for _ in range(2):  # the second run replaces the first's staged day
-        score.run(spark, again, ds, model_dir=trained[2])
+        figures = score.run(spark, again, ds, model_dir=trained[2])
+    assert set(figures["task_cpus"]) == {"1"}
     staged = candidates.staged_dir(again, ds)
     assert [p.name for p in staged.parent.iterdir()] == [staged.name]  # no leftovers of the first run
     pd.testing.assert_frame_equal(lists_of(staged), df)
@@ -441,12 +445,15 @@ def test_same_lists_on_local_and_standalone_cluster(published, trained, tmp_path
     cfg, ds, *_, local = published
     settings = cfg.to_dict()
     settings["spark"] = {**settings["spark"], "driver_memory": "1g"}
-    settings["score"] = {**settings["score"], "output": "cluster"}
+    # scoring tasks take both of the worker's cores (stage-level scheduling): one Python worker at a time
+    settings["score"] = {**settings["score"], "output": "cluster", "task_cpus": 2}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(settings))
-    with standalone_cluster(tmp_path / "spark") as c:
+    with standalone_cluster(tmp_path / "spark", cores=2) as c:
         run_scoring(tmp_path / "cluster.yaml", c.master_url, ds, trained[2])
         apps = c.status().get("completedapps", []) + c.status().get("activeapps", [])
         assert apps, "the job did not run on the cluster"
     remote = lists_of(candidates.staged_dir(with_score(cfg, output="cluster"), ds))
     pd.testing.assert_frame_equal(local, remote)
+    ran = json.loads((candidates.staged_dir(with_score(cfg, output="cluster"), ds) / candidates.SCORE_FILE).read_text())
+    assert set(ran["task_cpus"]) == {"2"}
     assert len(local) > 0
