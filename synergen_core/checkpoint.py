@@ -138,6 +138,8 @@ def model_record(model: SynerGen, dims: dict) -> dict:
 
 
 CONTENT_TABLES = ("embed.item_table", "embed.query_table")
+# every catalog-sized tensor a serving record may hold (what scoring maps from files instead of broadcasting)
+CATALOG_TENSORS = CONTENT_TABLES + ("embed.codes_rec", "embed.codes_search")
 # what the content tables are computed from (prefixes of state-dict keys)
 _CONTENT_SOURCES = ("embed.id_emb.", "embed.item_text", "embed.query_text", "embed.query_id_emb.", "embed.code_emb.")
 _SEMANTIC_IDS = ("embed.codes_", "semantic.")  # semantic IDs and their heads: generative retrieval only

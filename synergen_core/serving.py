@@ -294,15 +294,16 @@ TABLES_FILE, INDEX_DIR = "tables.pt", "index"
 
 def write_payload(record: dict, cand_index, settings: Settings, folder, source: str) -> dict:
     """What scoring's workers build their ``Scorer`` from (``build_scorer``): a ``checkpoint.serving_record``
-    split into files they memory-map (its content tables; the candidate index) in ``folder`` (a path every
-    worker reads: the lake) and the small value to broadcast (the other weights, settings, the paths).
+    split into files they memory-map (its catalog-sized tensors: content tables, semantic IDs; the
+    candidate index) in ``folder`` (a path every worker reads: the lake) and the small value to broadcast
+    (the other weights, whose size does not grow with the catalog, settings, the paths).
     ``source``: the model file the record came from, named if a worker refuses it."""
     from pathlib import Path
 
     folder = Path(folder)
     sd = record["state_dict"]
-    checkpoint.save({k: sd[k] for k in checkpoint.CONTENT_TABLES if k in sd}, folder / TABLES_FILE)
-    rest = {**record, "state_dict": {k: v for k, v in sd.items() if k not in checkpoint.CONTENT_TABLES}}
+    checkpoint.save({k: sd[k] for k in checkpoint.CATALOG_TENSORS if k in sd}, folder / TABLES_FILE)
+    rest = {**record, "state_dict": {k: v for k, v in sd.items() if k not in checkpoint.CATALOG_TENSORS}}
     return {"record": checkpoint.to_bytes(rest), "source": source, "settings": settings,
             "tables": str(folder / TABLES_FILE),
             "index": None if cand_index is None else str(cand_index.write(folder / INDEX_DIR))}

@@ -357,6 +357,11 @@ def test_workers_score_from_mapped_content_tables_as_the_trained_model_does(tmp_
         got = worker._score_chunk(req, np.arange(3), none)
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # generative retrieval's semantic IDs are mapped from the file too: the broadcast does not grow with the catalog
+    semantic = checkpoint.serving_record(record, semantic_ids=True)
+    gen = serving.write_payload(semantic, None, settings, tmp_path / "generative", "test")
+    assert not any(k.startswith("embed.codes_") for k in checkpoint.from_bytes(gen["record"], "test")["state_dict"])
+    assert torch.equal(serving.build_scorer(gen).model.embed.codes("rec"), model.embed.codes("rec"))
     # the exact scores an IVF-PQ search is re-ranked by stay float32 under bfloat16 autocast
     bf16 = serving.Scorer(model, index, dataclasses.replace(settings, precision="bfloat16"))
     cand = got[1]
